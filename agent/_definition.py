@@ -1,0 +1,368 @@
+"""Workflow definitions: YAML parsed into pydantic models, every dotted path imported and checked."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent._errors import DefinitionError
+
+StepType = Literal["STANDARD", "DECISION", "HUMAN_INPUT", "DELAY", "PARALLEL"]
+#: Step types this version can execute; the others are reserved by the schema for later versions.
+SUPPORTED_STEP_TYPES = frozenset({"STANDARD"})
+
+
+class RetryPolicy(BaseModel):
+    """How often a step (or compensation) that raises is tried, and how long to wait in between."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int = Field(1, ge=1, le=1000)
+    initial_delay: float = Field(0.5, ge=0)
+    multiplier: float = Field(2.0, ge=1)
+    max_delay: float = Field(30.0, ge=0)
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failed attempt (1-based)."""
+        exponent = max(0, failures - 1)
+        raw = self.initial_delay * math.pow(self.multiplier, min(exponent, 64))
+        return min(self.max_delay, raw)
+
+
+DEFAULT_COMPENSATE_RETRY = RetryPolicy(max_attempts=3)
+
+
+class StepDefinition(BaseModel):
+    """One step of a workflow, as written in YAML."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    type: StepType = "STANDARD"
+    function: str = Field(min_length=1)
+    compensate_function: str | None = None
+    automate_next: bool = False
+    params: dict[str, Any] = Field(default_factory=dict)
+    retry: RetryPolicy = RetryPolicy()
+    compensate_retry: RetryPolicy = DEFAULT_COMPENSATE_RETRY
+    max_interrupts: int = Field(3, ge=1, le=1000)
+    timeout: float | None = Field(None, gt=0)
+    description: str | None = None
+
+
+class WorkflowDefinition(BaseModel):
+    """A whole workflow definition, as written in YAML."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workflow_type: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    workflow_version: str = Field(min_length=1)
+    initial_state_model: str = Field(min_length=1)
+    description: str | None = None
+    saga_mode: bool = False
+    resources: list[str] = Field(default_factory=list)
+    steps: list[StepDefinition] = Field(min_length=1)
+
+    @field_validator("workflow_version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        # `workflow_version: 1.0` in YAML is a float; keep what the user wrote as text.
+        return str(value) if isinstance(value, int | float) else value
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedStep:
+    """A step with its functions imported."""
+
+    spec: StepDefinition
+    function: Callable[..., Any]
+    compensate: Callable[..., Any] | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedDefinition:
+    """A validated definition with every dotted path resolved.
+
+    ``snapshot`` is the canonical JSON stored with each instance; ``hash`` its SHA-256.
+    """
+
+    spec: WorkflowDefinition
+    state_model: type[BaseModel]
+    steps: tuple[LoadedStep, ...]
+    source: str
+    snapshot: str
+    hash: str
+
+    @property
+    def workflow_type(self) -> str:
+        return self.spec.workflow_type
+
+    @property
+    def version(self) -> str:
+        return self.spec.workflow_version
+
+    def step(self, name: str) -> LoadedStep:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
+    """The 1-based line of the YAML node at ``loc`` (a pydantic error location), or its parent's."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+            key = next((k for k, _ in node.value if getattr(k, "value", None) == part), None)
+            if nxt is None:
+                return line
+            node, line = nxt, (key or nxt).start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DefinitionError(f"cannot read the file ({exc.strerror or exc}).", path=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise DefinitionError("the file is not UTF-8 text.", path=str(path)) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise DefinitionError(
+            f"malformed YAML: {problem}. Fix the syntax at that line.",
+            path=str(path),
+            line=mark.line + 1 if mark else None,
+        ) from exc
+    return data, node
+
+
+def import_dotted(path: str) -> Any:
+    """Import ``package.module.attr`` and return the attribute."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ImportError(f"{path!r} is not a dotted path of the form package.module.name")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+class _Placeholder:
+    """Stands in for state and context when a step's signature is checked."""
+
+
+def _check_callable(
+    dotted: str, params: dict[str, Any], *, path: str, step: str, key: str, line: int | None
+) -> Callable[..., Any]:
+    try:
+        func = import_dotted(dotted)
+    except Exception as exc:  # ImportError, SyntaxError in the step module, ...
+        raise DefinitionError(
+            f"cannot import {dotted!r}: {exc}. Check the dotted path and that the module is "
+            "importable (on PYTHONPATH or installed).",
+            path=path,
+            step=step,
+            key=key,
+            line=line,
+        ) from exc
+    if not callable(func):
+        raise DefinitionError(
+            f"{dotted!r} is not callable.", path=path, step=step, key=key, line=line
+        )
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return func  # builtins without a signature: trust them
+    try:
+        sig.bind(_Placeholder(), _Placeholder(), **params)
+    except TypeError as exc:
+        raise DefinitionError(
+            f"{dotted!r} cannot be called as f(state, context, **params) with params "
+            f"{sorted(params)}: {exc}.",
+            path=path,
+            step=step,
+            key=key,
+            line=line,
+        ) from exc
+    return func
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def build_definition(raw: Any, *, source: str, node: yaml.Node | None = None) -> LoadedDefinition:
+    """Validate ``raw`` (parsed YAML or a stored snapshot) and import every dotted path."""
+    if not isinstance(raw, dict):
+        raise DefinitionError(
+            "a workflow definition must be a YAML mapping with workflow_type, steps, ...",
+            path=source,
+            line=_line_of(node, ()),
+        )
+    try:
+        spec = WorkflowDefinition.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        step_name = None
+        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+            steps = raw.get("steps")
+            if isinstance(steps, list) and loc[1] < len(steps) and isinstance(steps[loc[1]], dict):
+                step_name = steps[loc[1]].get("name") or f"#{loc[1] + 1}"
+            else:
+                step_name = f"#{loc[1] + 1}"
+        key = str(loc[-1]) if loc and isinstance(loc[-1], str) else None
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key {key!r}; remove it or fix its spelling"
+        elif err["type"] == "literal_error" and key == "type":
+            msg = (
+                f"unknown step type {err.get('input')!r}; use one of STANDARD, DECISION, "
+                "HUMAN_INPUT, DELAY, PARALLEL"
+            )
+        else:
+            msg = err["msg"]
+        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+        raise DefinitionError(
+            f"{msg}{more}.", path=source, step=step_name, key=key, line=_line_of(node, loc)
+        ) from None
+
+    seen: set[str] = set()
+    steps: list[LoadedStep] = []
+    for index, step in enumerate(spec.steps):
+        loc: tuple[int | str, ...] = ("steps", index)
+        if step.name in seen:
+            raise DefinitionError(
+                "duplicate step name; step names must be unique within a workflow.",
+                path=source,
+                step=step.name,
+                key="name",
+                line=_line_of(node, (*loc, "name")),
+            )
+        seen.add(step.name)
+        if step.type not in SUPPORTED_STEP_TYPES:
+            raise DefinitionError(
+                f"step type {step.type} is reserved but not supported by this version of "
+                "edgesaga; use STANDARD.",
+                path=source,
+                step=step.name,
+                key="type",
+                line=_line_of(node, (*loc, "type")),
+            )
+        func = _check_callable(
+            step.function,
+            step.params,
+            path=source,
+            step=step.name,
+            key="function",
+            line=_line_of(node, (*loc, "function")),
+        )
+        comp = None
+        if step.compensate_function:
+            comp = _check_callable(
+                step.compensate_function,
+                step.params,
+                path=source,
+                step=step.name,
+                key="compensate_function",
+                line=_line_of(node, (*loc, "compensate_function")),
+            )
+        steps.append(LoadedStep(spec=step, function=func, compensate=comp))
+
+    try:
+        model = import_dotted(spec.initial_state_model)
+    except Exception as exc:
+        raise DefinitionError(
+            f"cannot import the state model {spec.initial_state_model!r}: {exc}.",
+            path=source,
+            key="initial_state_model",
+            line=_line_of(node, ("initial_state_model",)),
+        ) from exc
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise DefinitionError(
+            f"{spec.initial_state_model!r} is not a pydantic BaseModel subclass.",
+            path=source,
+            key="initial_state_model",
+            line=_line_of(node, ("initial_state_model",)),
+        )
+    snapshot = canonical_json(spec.model_dump(mode="json"))
+    digest = hashlib.sha256(snapshot.encode()).hexdigest()
+    return LoadedDefinition(
+        spec=spec,
+        state_model=model,
+        steps=tuple(steps),
+        source=source,
+        snapshot=snapshot,
+        hash=digest,
+    )
+
+
+def load_definition(path: str | Path) -> LoadedDefinition:
+    """Load one YAML definition file; raise :class:`DefinitionError` naming file, step and key."""
+    p = Path(path)
+    data, node = _read_yaml(p)
+    return build_definition(data, source=str(p), node=node)
+
+
+def _is_workflow_file(path: Path) -> bool:
+    """In a directory scan, only YAML files with a top-level ``workflow_type`` are definitions
+    (device maps and agent configs may live beside them)."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return any(line.startswith("workflow_type:") for line in fh)
+    except (OSError, UnicodeDecodeError):
+        return True  # let load_definition report it
+
+
+def discover(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand files and directories (searched recursively for *.yaml / *.yml) into definition files."""
+    found: list[Path] = []
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted([*p.rglob("*.yaml"), *p.rglob("*.yml")]):
+                if f.is_file() and _is_workflow_file(f):
+                    found.append(f)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise DefinitionError(
+                "no such file or directory; check the definition path.", path=str(p)
+            )
+    return found
+
+
+def bundled_definitions_dir() -> Path:
+    """The directory of the workflows shipped with edgesaga (package ``workflows``)."""
+    import workflows
+
+    return Path(workflows.__file__).parent

@@ -1,0 +1,764 @@
+"""The async runner: drives the pure saga state machine, runs step functions, commits the journal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import inspect
+import json
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from agent import _saga as saga
+from agent._context import StepContext
+from agent._definition import (
+    LoadedDefinition,
+    LoadedStep,
+    build_definition,
+    discover,
+    load_definition,
+)
+from agent._errors import (
+    DefinitionError,
+    DiskFull,
+    InvalidData,
+    InvalidTransition,
+    StepTimeout,
+    UnknownWorkflowType,
+    WorkflowNotActive,
+    WorkflowNotFound,
+)
+from agent._leases import LeaseManager
+from agent._status import RESUMABLE, WorkflowStatus
+from agent._store import (
+    InstanceRecord,
+    JournalEnd,
+    JournalStart,
+    NewInstance,
+    SQLiteStore,
+    Transition,
+    iso,
+)
+from agent._threads import DaemonPool
+
+log = logging.getLogger("edgesaga.workflow")
+
+_INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
+
+
+def _plan(definition: LoadedDefinition) -> saga.Plan:
+    steps = []
+    for s in definition.steps:
+        spec = s.spec
+        steps.append(
+            saga.StepPlan(
+                name=spec.name,
+                compensable=s.compensate is not None,
+                max_attempts=spec.retry.max_attempts,
+                compensate_max_attempts=spec.compensate_retry.max_attempts,
+                max_interrupts=spec.max_interrupts,
+                automate_next=spec.automate_next,
+                retry_delays=tuple(
+                    spec.retry.delay(n) for n in range(1, min(spec.retry.max_attempts, 64))
+                ),
+                compensate_retry_delays=tuple(
+                    spec.compensate_retry.delay(n)
+                    for n in range(1, min(spec.compensate_retry.max_attempts, 64))
+                ),
+            )
+        )
+    return saga.Plan(tuple(steps))
+
+
+@dataclasses.dataclass(slots=True)
+class _Outcome:
+    ok: bool
+    state: BaseModel | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+class _Pending:
+    """Journal rows and events waiting for the next commit."""
+
+    __slots__ = ("events", "journal")
+
+    def __init__(self) -> None:
+        self.journal: list[JournalStart | JournalEnd] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+
+class Workflow:
+    """One workflow instance: its state model, status and progress, bound to a store.
+
+    Create one with :meth:`WorkflowBuilder.create_workflow` or load one with
+    :meth:`WorkflowBuilder.load_workflow`.
+    """
+
+    def __init__(
+        self,
+        *,
+        builder: WorkflowBuilder,
+        definition: LoadedDefinition,
+        store: SQLiteStore,
+        workflow_id: str,
+        state: BaseModel,
+        progress: saga.Progress,
+        created_at: float,
+    ) -> None:
+        self.id = workflow_id
+        self.definition = definition
+        self.store = store
+        self.state = state
+        self.created_at = created_at
+        self._builder = builder
+        self._plan = builder._plan_for(definition)
+        self._progress = progress
+        self._state_json = state.model_dump_json()
+        self._lock = asyncio.Lock()
+        self._cancel = asyncio.Event()
+        self._cancel_reason = "cancelled on request"
+        self._last_status = progress.status
+        self._finished = asyncio.Event()
+        if progress.status.is_terminal:
+            self._finished.set()
+
+    # -- public attributes -------------------------------------------------------------------------
+    @property
+    def workflow_type(self) -> str:
+        return self.definition.workflow_type
+
+    @property
+    def status(self) -> WorkflowStatus:
+        return self._progress.status
+
+    @property
+    def current_step(self) -> str | None:
+        return self._progress.current_step
+
+    @property
+    def error(self) -> str | None:
+        return self._progress.error
+
+    @property
+    def saga_mode(self) -> bool:
+        return self._progress.saga
+
+    @property
+    def progress(self) -> saga.Progress:
+        """The saga progress (completed steps, compensations, counters), read-only."""
+        return self._progress
+
+    @property
+    def waiting_for(self) -> list[str]:
+        """Resources this workflow waits to lease (empty when it does not wait)."""
+        return sorted(self._builder.leases.waiting(self.id))
+
+    @property
+    def is_running(self) -> bool:
+        """True while a coroutine drives this workflow."""
+        return self._lock.locked()
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.workflow_type} {self.id} {self.status.value} step={self.current_step}>"
+
+    def enable_saga_mode(self) -> None:
+        """Turn on saga mode: a failure compensates the completed steps, newest first.
+
+        The flag is stored with the next commit (pass ``saga=True`` to ``create_workflow`` to store it
+        with the instance row itself)."""
+        if not self._progress.saga:
+            self._progress = dataclasses.replace(self._progress, saga=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The JSON snapshot published on the retained state topic."""
+        return {
+            "workflow_id": self.id,
+            "workflow_type": self.workflow_type,
+            "status": self.status.value,
+            "current_step": self.current_step,
+            "error": self.error,
+        }
+
+    async def wait(self) -> WorkflowStatus:
+        """Wait until the workflow reaches a terminal status."""
+        await self._finished.wait()
+        return self.status
+
+    # -- driving -----------------------------------------------------------------------------------
+    async def next_step(self) -> dict[str, Any] | None:
+        """Run the next step (retries included) and, with ``automate_next``, the ones after it.
+
+        A step failure is recorded, not raised: in saga mode the rollback runs to its end before this
+        returns. Returns the last completed step's result. Raises :class:`WorkflowNotActive` when the
+        workflow is not ``ACTIVE``.
+        """
+        if self.status is not WorkflowStatus.ACTIVE:
+            raise WorkflowNotActive(self.id, self.status.value)
+        async with self._lock:
+            if self.status is not WorkflowStatus.ACTIVE:
+                raise WorkflowNotActive(self.id, self.status.value)
+            return await self._drive(single=True)
+
+    async def run(self) -> WorkflowStatus:
+        """Drive the workflow until it is no longer ``ACTIVE`` (or ``COMPENSATING``)."""
+        async with self._lock:
+            while self.status in RESUMABLE:
+                await self._drive(single=False)
+        return self.status
+
+    async def cancel(self, reason: str = "cancelled on request") -> WorkflowStatus:
+        """Cancel: in saga mode the completed steps are compensated first; ends in ``CANCELLED``.
+
+        When another task is driving the workflow, the cancel is handed to it (an async step in
+        flight is stopped and, since it may have taken effect, compensated) and this returns at once;
+        otherwise the rollback runs here.
+        """
+        if self.status not in (WorkflowStatus.ACTIVE, WorkflowStatus.PAUSED):
+            raise InvalidTransition(
+                self.id,
+                self.status.value,
+                f"Workflow {self.id} is {self.status.value}; only ACTIVE or PAUSED workflows can be "
+                "cancelled.",
+            )
+        self._cancel_reason = reason
+        self._cancel.set()
+        if not self._lock.locked():
+            await self.run()
+        return self.status
+
+    async def retry(self) -> WorkflowStatus:
+        """Retry a ``FAILED`` workflow from its failed step, or the failed compensations of a
+        ``COMPENSATION_FAILED`` one; then drive it."""
+        async with self._lock:
+            try:
+                progress = saga.retry(self._plan, self._progress)
+            except ValueError as exc:
+                raise InvalidTransition(self.id, self.status.value, str(exc)) from None
+            self._progress = progress
+            self._finished.clear()
+            self._cancel.clear()
+            pending = _Pending()
+            self._status_event(pending, time.time())
+            await self._commit(pending, time.time())
+        return await self.run()
+
+    async def _drive(self, *, single: bool) -> dict[str, Any] | None:
+        pending = _Pending()
+        result: dict[str, Any] | None = None
+        try:
+            await self._hold_resources()
+            while True:
+                now = time.time()
+                if self._cancel.is_set() and self.status is WorkflowStatus.ACTIVE:
+                    self._progress = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
+                    self._status_event(pending, now)
+                action = saga.next_action(self._progress)
+                if isinstance(action, saga.Stop):
+                    break
+                if action.not_before is not None and action.not_before > now:
+                    await self._commit(pending, now)
+                    await self._sleep_until(action.not_before)
+                    continue
+                step = self.definition.step(action.step)
+                before = saga.begin(self._progress, action.step, action.phase)
+                fl = before.inflight
+                assert fl is not None
+                self._progress = before
+                pending.journal.append(JournalStart(fl.seq, fl.step, fl.phase, fl.attempt, now))
+                started = "step_started" if fl.phase == "forward" else "compensation_started"
+                self._event(pending, started, now, step=fl.step, attempt=fl.attempt)
+                await self._commit(pending, now)  # "started, attempt n" before the side effect
+
+                outcome = await self._execute(step, fl)
+                now = time.time()
+                if outcome.ok:
+                    assert outcome.state is not None
+                    self.state = outcome.state
+                    result = outcome.result
+                    self._progress = saga.succeeded(self._plan, before)
+                    pending.journal.append(JournalEnd(fl.seq, "completed", now))
+                    done = "step_completed" if fl.phase == "forward" else "compensation_completed"
+                    self._event(pending, done, now, step=fl.step, attempt=fl.attempt)
+                    self._status_event(pending, now)
+                    if single and fl.phase == "forward" and not saga.continues(
+                        self._plan, before, self._progress
+                    ):
+                        break
+                    continue
+                if outcome.cancelled:
+                    self._progress = saga.cancel_inflight(self._plan, before, self._cancel_reason)
+                    pending.journal.append(JournalEnd(fl.seq, "cancelled", now, self._cancel_reason))
+                else:
+                    self._progress = saga.failed(self._plan, before, outcome.error or "failed", now=now)
+                    pending.journal.append(JournalEnd(fl.seq, "failed", now, outcome.error))
+                failed = "step_failed" if fl.phase == "forward" else "compensation_failed"
+                self._event(pending, failed, now, step=fl.step, attempt=fl.attempt, error=outcome.error)
+                if fl.phase == "compensate" and fl.step in self._progress.compensation_failed:
+                    self._alert(pending, now, fl.step, outcome.error)
+                self._status_event(pending, now)
+                log.warning(
+                    "workflow %s step %s (%s) attempt %d failed: %s",
+                    self.id, fl.step, fl.phase, fl.attempt, outcome.error,
+                )
+        finally:
+            if pending.journal or pending.events:
+                # Normal exit, or an exception (cancellation included) after a transition that was
+                # not yet committed: commit it unless the loop itself is being torn down.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(self._commit(pending, time.time()))
+            if self.status.is_terminal:
+                self._on_terminal()
+        return result
+
+    async def _sleep_until(self, when: float) -> None:
+        delay = max(0.0, when - time.time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cancel.wait(), delay)
+
+    async def _hold_resources(self) -> None:
+        resources = self.definition.spec.resources
+        if resources:
+            await self._builder.leases.acquire(self.id, resources)
+
+    def _on_terminal(self) -> None:
+        resources = self.definition.spec.resources
+        hw = self._builder.hardware
+        if resources and hw is not None and self.status is not WorkflowStatus.COMPLETED:
+            try:
+                hw.safe_state(resources)
+            except Exception:
+                log.exception("workflow %s: could not drive %s to their safe values", self.id, resources)
+        self._builder.leases.release(self.id)
+        self._finished.set()
+
+    # -- executing a step ----------------------------------------------------------------------------
+    async def _execute(self, step: LoadedStep, fl: saga.Inflight) -> _Outcome:
+        compensating = fl.phase == "compensate"
+        func = step.compensate if compensating else step.function
+        assert func is not None
+        params = step.spec.params
+        key = f"{self.id}:{step.name}" + (":compensate" if compensating else "")
+        ctx = StepContext(
+            workflow_id=self.id,
+            workflow_type=self.workflow_type,
+            step_name=step.name,
+            attempt=fl.attempt,
+            idempotency_key=key,
+            params=dict(params),
+            hardware=self._builder.hardware,
+            compensating=compensating,
+            logger=logging.getLogger(f"edgesaga.step.{self.workflow_type}.{step.name}"),
+        )
+        state = self.state  # the step may change it in place; a failure restores the committed copy
+        timeout = step.spec.timeout
+        is_async = inspect.iscoroutinefunction(func)
+        if is_async:
+            task: asyncio.Future[Any] = asyncio.ensure_future(func(state, ctx, **params))
+        else:
+            task = self._builder._threads.run(functools.partial(func, state, ctx, **params))
+        # Only an async forward step can be stopped by a cancel; sync steps and compensations finish.
+        waiter = asyncio.ensure_future(self._cancel.wait()) if is_async and not compensating else None
+        try:
+            done, _ = await asyncio.wait(
+                {task} if waiter is None else {task, waiter},
+                timeout=timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            if waiter is not None:
+                waiter.cancel()
+        if task in done:
+            return self._outcome(task, step, state)
+        self._restore_state()
+        if is_async:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        else:
+            task.add_done_callback(functools.partial(_late_result, self.id, step.name))
+        if not done and timeout is not None:  # timed out
+            return _Outcome(False, error=str(StepTimeout(self.id, step.name, timeout)))
+        return _Outcome(False, cancelled=True, error=self._cancel_reason)
+
+    def _outcome(self, task: asyncio.Future[Any], step: LoadedStep, state: BaseModel) -> _Outcome:
+        if task.cancelled():
+            self._restore_state()
+            return _Outcome(False, error=f"step {step.name!r} cancelled itself")
+        exc = task.exception()
+        if exc is not None:
+            self._restore_state()
+            return _Outcome(False, error=f"{type(exc).__name__}: {exc}")
+        result = task.result()
+        try:
+            new_state = self._merge(state, result, step)
+        except InvalidData as err:
+            self._restore_state()
+            return _Outcome(False, error=str(err))
+        return _Outcome(True, state=new_state, result=result)
+
+    def _merge(self, state: BaseModel, result: Any, step: LoadedStep) -> BaseModel:
+        model = type(state)
+        if result is None:
+            result = {}
+        if not isinstance(result, dict):
+            raise InvalidData(
+                f"Step {step.name!r} returned {type(result).__name__}; a step returns a dict of "
+                "state fields to update, or None."
+            )
+        data = state.model_dump()
+        if result:
+            if model.model_config.get("extra") != "allow":
+                unknown = sorted(set(result) - set(model.model_fields))
+                if unknown:
+                    raise InvalidData(
+                        f"Step {step.name!r} returned field(s) {unknown} that {model.__name__} does "
+                        "not have; add them to the state model or stop returning them."
+                    )
+            data.update(result)
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise InvalidData(
+                f"Step {step.name!r} left the state invalid: {where}: {first['msg']}."
+            ) from None
+
+    def _restore_state(self) -> None:
+        self.state = type(self.state).model_validate_json(self._state_json)
+
+    # -- journal and events ----------------------------------------------------------------------------
+    def _event(
+        self,
+        pending: _Pending,
+        name: str,
+        at: float,
+        *,
+        step: str | None = None,
+        attempt: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        pending.events.append(
+            (
+                "event",
+                {
+                    "seq": None,
+                    "at": iso(at),
+                    "workflow_id": self.id,
+                    "workflow_type": self.workflow_type,
+                    "event": name,
+                    "step": step,
+                    "attempt": attempt,
+                    "status": self.status.value,
+                    "error": error,
+                },
+            )
+        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "workflow %s %s %s%s%s",
+                self.id,
+                name,
+                f"step={step} " if step else "",
+                f"attempt={attempt} " if attempt else "",
+                f"status={self.status.value}" + (f" error={error}" if error else ""),
+            )
+
+    def _status_event(self, pending: _Pending, at: float) -> None:
+        if self.status is not self._last_status:
+            self._last_status = self.status
+            self._event(pending, "status_changed", at, step=self.current_step, error=self.error)
+
+    def _alert(self, pending: _Pending, at: float, step: str, error: str | None) -> None:
+        message = (
+            f"Compensation of step {step!r} of workflow {self.id} ({self.workflow_type}) failed after "
+            f"its retries: {error}. The rollback went on with the others; undo this step by hand, "
+            "then `edgesaga retry` the workflow or leave it COMPENSATION_FAILED."
+        )
+        log.error(message)
+        pending.events.append(
+            (
+                "alert",
+                {
+                    "seq": None,
+                    "at": iso(at),
+                    "alert": "compensation_failed",
+                    "workflow_id": self.id,
+                    "workflow_type": self.workflow_type,
+                    "step": step,
+                    "error": error,
+                    "message": message,
+                },
+            )
+        )
+
+    def _transition(self, pending: _Pending, at: float) -> Transition:
+        state_json = self.state.model_dump_json()
+        return Transition(
+            workflow_id=self.id,
+            status=self.status,
+            current_step=self.current_step,
+            error=self.error,
+            state_json=state_json,
+            progress_json=json.dumps(self._progress.to_json(), separators=(",", ":")),
+            at=at,
+            journal=pending.journal,
+            events=pending.events,
+        )
+
+    async def _commit(self, pending: _Pending, at: float) -> None:
+        tr = self._transition(pending, at)
+        delay = 0.5
+        while True:
+            try:
+                await self.store.commit(tr)
+                break
+            except DiskFull as exc:
+                # Nothing was written; the in-memory transition waits for space, then commits.
+                log.error("workflow %s: %s Retrying in %.0f s.", self.id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self._state_json = tr.state_json
+        pending.journal = []
+        pending.events = []
+        if self.status.is_terminal:
+            self._finished.set()
+
+    async def _recover_inflight(self) -> None:
+        """Mark an attempt cut short by the agent dying as interrupted (§6)."""
+        fl = self._progress.inflight
+        if fl is None:
+            return
+        now = time.time()
+        pending = _Pending()
+        self._progress = saga.interrupted(self._plan, self._progress)
+        pending.journal.append(JournalEnd(fl.seq, "interrupted", now, _INTERRUPTED))
+        name = "step_failed" if fl.phase == "forward" else "compensation_failed"
+        self._event(pending, name, now, step=fl.step, attempt=fl.attempt, error=_INTERRUPTED)
+        if fl.phase == "compensate" and fl.step in self._progress.compensation_failed:
+            self._alert(pending, now, fl.step, self._progress.error)
+        self._status_event(pending, now)
+        log.warning("workflow %s: %s step %s attempt %d was interrupted", self.id, fl.phase, fl.step, fl.attempt)
+        await self._commit(pending, now)
+
+
+def _late_result(workflow_id: str, step: str, fut: asyncio.Future[Any]) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    log.warning(
+        "workflow %s: step %s finished after its timeout or cancel (%s); the late result is "
+        "discarded",
+        workflow_id,
+        step,
+        f"raised {exc!r}" if exc else "returned",
+    )
+
+
+class WorkflowBuilder:
+    """Loads workflow definitions and creates, loads, recovers and cancels instances.
+
+    ``definitions`` are YAML files or directories (searched recursively); everything is validated
+    and every dotted path imported here, so a typo fails now, not at 3 a.m. ``hardware`` is the HAL
+    board handed to steps as ``context.hardware``.
+    """
+
+    def __init__(
+        self,
+        definitions: Iterable[str | Path] = (),
+        *,
+        hardware: Any = None,
+    ) -> None:
+        self.hardware = hardware
+        self.leases = LeaseManager()
+        self._threads = DaemonPool()
+        self._definitions: dict[str, LoadedDefinition] = {}
+        self._by_hash: dict[str, LoadedDefinition] = {}
+        self._plans: dict[str, saga.Plan] = {}
+        self._live: weakref.WeakValueDictionary[str, Workflow] = weakref.WeakValueDictionary()
+        for path in discover(definitions):
+            self.add_definition(load_definition(path))
+
+    def add_definition(self, definition: LoadedDefinition) -> None:
+        """Register an already loaded definition."""
+        known = self._definitions.get(definition.workflow_type)
+        if known is not None and known.hash != definition.hash:
+            raise DefinitionError(
+                f"workflow type {definition.workflow_type!r} is also defined in {known.source}; "
+                "each type must be defined once.",
+                path=definition.source,
+            )
+        self._definitions[definition.workflow_type] = definition
+        self._by_hash[definition.hash] = definition
+
+    @property
+    def workflow_types(self) -> list[str]:
+        """The loaded workflow types, sorted."""
+        return sorted(self._definitions)
+
+    def definition(self, workflow_type: str) -> LoadedDefinition:
+        try:
+            return self._definitions[workflow_type]
+        except KeyError:
+            raise UnknownWorkflowType(workflow_type, list(self._definitions)) from None
+
+    def _plan_for(self, definition: LoadedDefinition) -> saga.Plan:
+        plan = self._plans.get(definition.hash)
+        if plan is None:
+            plan = self._plans[definition.hash] = _plan(definition)
+        return plan
+
+    def live(self, workflow_id: str) -> Workflow | None:
+        """The in-memory workflow object for ``workflow_id`` if this builder has one."""
+        return self._live.get(workflow_id)
+
+    def validate_data(self, workflow_type: str, initial_data: dict[str, Any] | None) -> BaseModel:
+        """Build the initial state; raise :class:`InvalidData` with a readable sentence."""
+        definition = self.definition(workflow_type)
+        try:
+            return definition.state_model.model_validate(initial_data or {})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(data)'}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            raise InvalidData(
+                f"Initial data does not fit {definition.state_model.__name__}: {problems}.",
+                workflow_type=workflow_type,
+            ) from None
+
+    async def create_workflow(
+        self,
+        workflow_type: str,
+        initial_data: dict[str, Any] | None = None,
+        *,
+        store: SQLiteStore,
+        workflow_id: str | None = None,
+        saga_mode: bool | None = None,
+        request: tuple[str, dict[str, Any]] | None = None,
+    ) -> Workflow:
+        """Create and persist a new instance; it is committed before this returns.
+
+        A ``workflow_id`` that already exists returns the existing workflow (idempotent start).
+        ``saga_mode`` overrides the definition's ``saga_mode``. ``request`` is a
+        ``(request_id, reply)`` pair stored in the same transaction (command dedupe).
+        """
+        definition = self.definition(workflow_type)
+        if workflow_id is not None:
+            existing = self._live.get(workflow_id)
+            if existing is not None and existing.store is store:
+                return existing
+        state = self.validate_data(workflow_type, initial_data)
+        wid = workflow_id or str(uuid.uuid4())
+        saga_on = definition.spec.saga_mode if saga_mode is None else saga_mode
+        progress = saga.start(self._plan_for(definition), saga=saga_on)
+        now = time.time()
+        wf = Workflow(
+            builder=self,
+            definition=definition,
+            store=store,
+            workflow_id=wid,
+            state=state,
+            progress=progress,
+            created_at=now,
+        )
+        pending = _Pending()
+        wf._event(pending, "workflow_started", now, step=progress.next_step)
+        tr = wf._transition(pending, now)
+        if request is not None:
+            request = (request[0], {**request[1], "workflow_id": wid})
+        created = await store.create_instance(
+            NewInstance(
+                id=wid,
+                workflow_type=workflow_type,
+                workflow_version=definition.version,
+                definition_hash=definition.hash,
+                definition=definition.snapshot,
+                first=tr,
+                request=request,
+            )
+        )
+        if not created:
+            return await self.load_workflow(wid, store)
+        self._live[wid] = wf
+        return wf
+
+    async def load_workflow(self, workflow_id: str, store: SQLiteStore) -> Workflow:
+        """Load an instance from the store (the live object when this builder has one)."""
+        live = self._live.get(workflow_id)
+        if live is not None and live.store is store:
+            return live
+        rec = await store.load_instance(workflow_id)
+        if rec is None:
+            raise WorkflowNotFound(workflow_id)
+        wf = self._from_record(rec, store)
+        self._live[workflow_id] = wf
+        return wf
+
+    def _from_record(self, rec: InstanceRecord, store: SQLiteStore) -> Workflow:
+        definition = self._by_hash.get(rec.definition_hash)
+        if definition is None:
+            assert rec.definition is not None
+            definition = build_definition(
+                json.loads(rec.definition),
+                source=f"<definition stored with workflow {rec.id}, {rec.workflow_type}>",
+            )
+            self._by_hash[definition.hash] = definition
+        state = definition.state_model.model_validate(rec.state)
+        return Workflow(
+            builder=self,
+            definition=definition,
+            store=store,
+            workflow_id=rec.id,
+            state=state,
+            progress=saga.Progress.from_json(rec.progress),
+            created_at=rec.created_at,
+        )
+
+    async def recover(self, store: SQLiteStore, *, run: bool = True) -> list[Workflow]:
+        """Resume every ``ACTIVE`` and ``COMPENSATING`` instance (§6).
+
+        An attempt cut short by the agent dying is recorded as interrupted first. With ``run=True``
+        (the default) the workflows are driven to a terminal status concurrently before this
+        returns; with ``run=False`` they are returned for the caller to drive.
+        """
+        records = await store.list_instances(status=[s.value for s in RESUMABLE], limit=1_000_000)
+        workflows = []
+        for rec in sorted(records, key=lambda r: (r.created_at, r.id)):
+            live = self._live.get(rec.id)
+            if live is not None and live.store is store and live.is_running:
+                continue
+            wf = self._from_record(rec, store)
+            self._live[rec.id] = wf
+            await wf._recover_inflight()
+            workflows.append(wf)
+        if run:
+            await asyncio.gather(*(wf.run() for wf in workflows))
+        return workflows
+
+    async def cancel(
+        self, workflow_id: str, store: SQLiteStore, *, reason: str = "cancelled on request"
+    ) -> Workflow:
+        """Cancel a workflow (see :meth:`Workflow.cancel`) and return it."""
+        wf = await self.load_workflow(workflow_id, store)
+        await wf.cancel(reason)
+        return wf
+
+    async def retry(self, workflow_id: str, store: SQLiteStore) -> Workflow:
+        """Retry a FAILED or COMPENSATION_FAILED workflow (see :meth:`Workflow.retry`)."""
+        wf = await self.load_workflow(workflow_id, store)
+        await wf.retry()
+        return wf

@@ -1,0 +1,122 @@
+"""One error tree for the agent, rooted at :class:`AgentError`."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every error edgesaga raises on purpose."""
+
+
+class DefinitionError(AgentError, ValueError):
+    """Raised when a workflow definition (YAML) is malformed, unknown keys included.
+
+    ``path`` is the file, ``step`` the step name (or None), ``key`` the offending key (or None),
+    ``line`` the 1-based line in the file when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        step: str | None = None,
+        key: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.path = path
+        self.step = step
+        self.key = key
+        self.line = line
+        where = []
+        if path:
+            where.append(f"{path}:{line}" if line else path)
+        if step:
+            where.append(f"step {step!r}")
+        if key:
+            where.append(f"key {key!r}")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.reason = message
+
+
+class UnknownWorkflowType(AgentError, KeyError):
+    """Raised when a workflow type is not among the loaded definitions."""
+
+    def __init__(self, workflow_type: str, known: list[str]) -> None:
+        self.workflow_type = workflow_type
+        self.known = known
+        super().__init__(workflow_type)
+
+    def __str__(self) -> str:
+        known = ", ".join(sorted(self.known)) or "none"
+        return (
+            f"Unknown workflow type {self.workflow_type!r}. Loaded types: {known}. "
+            "Add its YAML to the definition paths and restart."
+        )
+
+
+class InvalidData(AgentError, ValueError):
+    """Raised when initial data or a step's result does not fit the workflow's state model."""
+
+    def __init__(self, message: str, *, workflow_type: str | None = None) -> None:
+        self.workflow_type = workflow_type
+        super().__init__(message)
+
+
+class WorkflowNotFound(AgentError, LookupError):
+    """Raised when no workflow instance has the given id in the store."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"No workflow with id {workflow_id!r} in this database.")
+
+
+class WorkflowNotActive(AgentError, RuntimeError):
+    """Raised when ``next_step()`` (or another forward operation) is called on a workflow that is not
+    ``ACTIVE``."""
+
+    def __init__(self, workflow_id: str, status: str, action: str = "run the next step") -> None:
+        self.workflow_id = workflow_id
+        self.status = status
+        super().__init__(
+            f"Workflow {workflow_id} is {status}, so it cannot {action}; "
+            "only ACTIVE workflows move forward."
+        )
+
+
+class InvalidTransition(AgentError, RuntimeError):
+    """Raised when an operator request (cancel, retry, resume) does not apply to the workflow's status."""
+
+    def __init__(self, workflow_id: str, status: str, message: str) -> None:
+        self.workflow_id = workflow_id
+        self.status = status
+        super().__init__(message)
+
+
+class StepTimeout(AgentError, TimeoutError):
+    """Raised (and recorded as the step's error) when a step outlives its ``timeout``."""
+
+    def __init__(self, workflow_id: str, step: str, timeout: float) -> None:
+        self.workflow_id = workflow_id
+        self.step = step
+        self.timeout = timeout
+        super().__init__(f"Step {step!r} did not finish within its timeout of {timeout:g} s.")
+
+
+class StoreError(AgentError, RuntimeError):
+    """Raised when the database cannot be used (locked by another agent, newer schema, disk full)."""
+
+
+class DatabaseLocked(StoreError):
+    """Raised when another process already drives this database."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(
+            f"Another edgesaga process already drives {path}. Stop it first, or use the "
+            "CLI against it (edgesaga talks to the running agent through its control socket)."
+        )
+
+
+class DiskFull(StoreError):
+    """Raised when SQLite reports a full disk; work pauses instead of corrupting state."""

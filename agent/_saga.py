@@ -1,0 +1,390 @@
+"""The saga state machine: plain functions over plain data, no I/O, no asyncio.
+
+The runner asks :func:`next_action` what to do, executes it, and feeds the outcome back through
+:func:`begin`, :func:`succeeded`, :func:`failed` or :func:`interrupted`; operators act through
+:func:`cancel` and :func:`retry`. Every function returns a new :class:`Progress`; the runner commits
+it (with the journal row and events) before the next side effect starts.
+
+A position is a step *name*, not an index, so routes and branches can come later without a
+migration of stored progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent._status import WorkflowStatus
+
+Phase = Literal["forward", "compensate"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """What the state machine needs to know about a step."""
+
+    name: str
+    compensable: bool = False
+    max_attempts: int = 1
+    compensate_max_attempts: int = 3
+    max_interrupts: int = 3
+    automate_next: bool = False
+    retry_delays: tuple[float, ...] = ()  # delay after the n-th failure (last one repeats)
+    compensate_retry_delays: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The ordered steps of a workflow."""
+
+    steps: tuple[StepPlan, ...]
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError("Step names must be unique within a plan.")
+        if not names:
+            raise ValueError("A plan needs at least one step.")
+
+    def get(self, name: str) -> StepPlan:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    @property
+    def first(self) -> str:
+        return self.steps[0].name
+
+    def after(self, name: str) -> str | None:
+        names = [s.name for s in self.steps]
+        i = names.index(name)
+        return names[i + 1] if i + 1 < len(names) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Inflight:
+    """The attempt whose "started" record is committed but whose outcome is not."""
+
+    step: str
+    phase: Phase
+    seq: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a workflow instance stands; stored as JSON beside its state."""
+
+    status: WorkflowStatus = WorkflowStatus.ACTIVE
+    saga: bool = False
+    next_step: str | None = None
+    completed: tuple[str, ...] = ()
+    to_compensate: tuple[str, ...] = ()
+    compensated: tuple[str, ...] = ()
+    compensation_failed: tuple[str, ...] = ()
+    failed_step: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+    failures: Mapping[str, int] = field(default_factory=dict)
+    interrupts: Mapping[str, int] = field(default_factory=dict)
+    executions: Mapping[str, int] = field(default_factory=dict)
+    inflight: Inflight | None = None
+    journal_seq: int = 0
+    not_before: float | None = None
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Progress:
+        d = dict(data)
+        d["status"] = WorkflowStatus(d["status"])
+        for key in ("completed", "to_compensate", "compensated", "compensation_failed"):
+            d[key] = tuple(d.get(key, ()))
+        if d.get("inflight"):
+            d["inflight"] = Inflight(**d["inflight"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def current_step(self) -> str | None:
+        """The step that runs (or runs next, or is being compensated)."""
+        if self.inflight is not None:
+            return self.inflight.step
+        if self.status is WorkflowStatus.COMPENSATING and self.to_compensate:
+            return self.to_compensate[0]
+        if self.status is WorkflowStatus.ACTIVE:
+            return self.next_step
+        return self.failed_step
+
+
+def _key(phase: Phase, step: str) -> str:
+    return f"{'f' if phase == 'forward' else 'c'}:{step}"
+
+
+def _bump(counts: Mapping[str, int], key: str, by: int = 1) -> dict[str, int]:
+    out = dict(counts)
+    out[key] = out.get(key, 0) + by
+    return out
+
+
+def _drop(counts: Mapping[str, int], key: str) -> dict[str, int]:
+    return {k: v for k, v in counts.items() if k != key}
+
+
+def _delay(delays: tuple[float, ...], failures: int) -> float:
+    if not delays:
+        return 0.0
+    return delays[min(failures, len(delays)) - 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Queries
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run ``step`` in ``phase``; ``not_before`` is an epoch time to wait for (retry backoff)."""
+
+    step: str
+    phase: Phase
+    not_before: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Nothing to run: the workflow is finished, failed, or waits for someone."""
+
+    status: WorkflowStatus
+
+
+def start(plan: Plan, *, saga: bool) -> Progress:
+    """Progress of a new instance."""
+    return Progress(status=WorkflowStatus.ACTIVE, saga=saga, next_step=plan.first)
+
+
+def next_action(progress: Progress) -> Run | Stop:
+    """What the runner should do next."""
+    if progress.inflight is not None:
+        raise ValueError(
+            "An attempt is in flight; record its outcome (or mark it interrupted) first."
+        )
+    if progress.status is WorkflowStatus.ACTIVE and progress.next_step is not None:
+        return Run(progress.next_step, "forward", progress.not_before)
+    if progress.status is WorkflowStatus.COMPENSATING and progress.to_compensate:
+        return Run(progress.to_compensate[0], "compensate", progress.not_before)
+    return Stop(progress.status)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transitions
+
+
+def begin(progress: Progress, step: str, phase: Phase) -> Progress:
+    """An attempt of ``step`` is about to run; its "started" record commits with this progress."""
+    action = next_action(progress)
+    if not isinstance(action, Run) or action.step != step or action.phase != phase:
+        raise ValueError(f"{phase} step {step!r} is not what runs next ({action}).")
+    key = _key(phase, step)
+    executions = _bump(progress.executions, key)
+    seq = progress.journal_seq + 1
+    return dataclasses.replace(
+        progress,
+        executions=executions,
+        journal_seq=seq,
+        inflight=Inflight(step=step, phase=phase, seq=seq, attempt=executions[key]),
+        not_before=None,
+    )
+
+
+def _require_inflight(progress: Progress) -> Inflight:
+    if progress.inflight is None:
+        raise ValueError("No attempt is in flight.")
+    return progress.inflight
+
+
+def succeeded(plan: Plan, progress: Progress) -> Progress:
+    """The in-flight attempt completed."""
+    fl = _require_inflight(progress)
+    base = dataclasses.replace(
+        progress, inflight=None, failures=_drop(progress.failures, _key(fl.phase, fl.step))
+    )
+    if fl.phase == "forward":
+        nxt = plan.after(fl.step)
+        done = (*base.completed, fl.step)
+        if progress.cancelled:
+            # A cancel arrived while the step ran: it completed, so it joins the rollback.
+            return _begin_rollback(plan, dataclasses.replace(base, completed=done), None)
+        if nxt is None:
+            return dataclasses.replace(
+                base, completed=done, next_step=None, status=WorkflowStatus.COMPLETED, error=None
+            )
+        return dataclasses.replace(base, completed=done, next_step=nxt)
+    return _compensation_finished(
+        dataclasses.replace(
+            base, to_compensate=base.to_compensate[1:], compensated=(*base.compensated, fl.step)
+        )
+    )
+
+
+def failed(plan: Plan, progress: Progress, error: str, *, now: float = 0.0) -> Progress:
+    """The in-flight attempt raised (or timed out, or returned a bad result).
+
+    Retries per the step's policy (``not_before`` carries the backoff); once they are used up a
+    forward failure starts the rollback (saga) or ends in FAILED, and a compensation failure is
+    recorded and the rollback goes on with the others.
+    """
+    fl = _require_inflight(progress)
+    key = _key(fl.phase, fl.step)
+    failures = _bump(progress.failures, key)
+    spec = plan.get(fl.step)
+    limit = spec.max_attempts if fl.phase == "forward" else spec.compensate_max_attempts
+    delays = spec.retry_delays if fl.phase == "forward" else spec.compensate_retry_delays
+    base = dataclasses.replace(progress, inflight=None, failures=failures, error=error)
+    if failures[key] < limit and not progress.cancelled:
+        wait = _delay(delays, failures[key])
+        return dataclasses.replace(base, not_before=(now + wait) if wait > 0 else None)
+    return _give_up(plan, base, fl, error, interrupted=False)
+
+
+def interrupted(plan: Plan, progress: Progress, *, error: str | None = None) -> Progress:
+    """The in-flight attempt was cut short by the agent dying (found on recovery).
+
+    It does not count against ``retry``; it runs again until it has been interrupted
+    ``max_interrupts`` times, and then counts as failed — as an interrupted step, whose own
+    compensation runs first because it may have taken effect.
+    """
+    fl = _require_inflight(progress)
+    key = _key(fl.phase, fl.step)
+    interrupts = _bump(progress.interrupts, key)
+    base = dataclasses.replace(progress, inflight=None, interrupts=interrupts)
+    if interrupts[key] < plan.get(fl.step).max_interrupts:
+        return base
+    msg = error or (
+        f"{'Compensation of ' if fl.phase == 'compensate' else ''}step {fl.step!r} was interrupted "
+        f"{interrupts[key]} times (max_interrupts); it is not run again."
+    )
+    return _give_up(plan, dataclasses.replace(base, error=msg), fl, msg, interrupted=True)
+
+
+def _give_up(plan: Plan, progress: Progress, fl: Inflight, error: str, *, interrupted: bool) -> Progress:
+    if fl.phase == "compensate":
+        return _compensation_finished(
+            dataclasses.replace(
+                progress,
+                to_compensate=progress.to_compensate[1:],
+                compensation_failed=(*progress.compensation_failed, fl.step),
+                failures=_drop(progress.failures, _key("compensate", fl.step)),
+            )
+        )
+    progress = dataclasses.replace(progress, failed_step=fl.step, error=error)
+    if not progress.saga:
+        status = WorkflowStatus.CANCELLED if progress.cancelled else WorkflowStatus.FAILED
+        return dataclasses.replace(progress, status=status)
+    return _begin_rollback(plan, progress, fl.step if interrupted else None)
+
+
+def _begin_rollback(plan: Plan, progress: Progress, also_first: str | None) -> Progress:
+    """Queue compensations of the completed steps, newest first (plus an interrupted step's own)."""
+    queue = [s for s in reversed(progress.completed) if plan.get(s).compensable]
+    if also_first is not None and plan.get(also_first).compensable and also_first not in queue:
+        queue.insert(0, also_first)
+    return _compensation_finished(
+        dataclasses.replace(
+            progress,
+            status=WorkflowStatus.COMPENSATING,
+            next_step=None,
+            to_compensate=tuple(queue),
+            not_before=None,
+        )
+    )
+
+
+def _compensation_finished(progress: Progress) -> Progress:
+    if progress.to_compensate:
+        return dataclasses.replace(progress, status=WorkflowStatus.COMPENSATING)
+    if progress.compensation_failed:
+        status = WorkflowStatus.COMPENSATION_FAILED
+    elif progress.cancelled:
+        status = WorkflowStatus.CANCELLED
+    else:
+        status = WorkflowStatus.FAILED_ROLLED_BACK
+    return dataclasses.replace(progress, status=status, not_before=None)
+
+
+def cancel(plan: Plan, progress: Progress, *, reason: str = "cancelled on request") -> Progress:
+    """An operator asked to cancel.
+
+    With an attempt in flight only the flag is set: the runner stops the attempt and records it
+    (see :func:`cancel_inflight`). Otherwise saga mode compensates the completed steps first and
+    ends in CANCELLED; without saga mode the workflow ends in CANCELLED at once.
+    """
+    if progress.status not in (WorkflowStatus.ACTIVE, WorkflowStatus.PAUSED):
+        raise ValueError(f"A {progress.status.value} workflow cannot be cancelled.")
+    marked = dataclasses.replace(progress, cancelled=True, error=reason)
+    if progress.inflight is not None:
+        return marked
+    if not progress.saga:
+        return dataclasses.replace(marked, status=WorkflowStatus.CANCELLED, next_step=None)
+    return _begin_rollback(plan, marked, None)
+
+
+def cancel_inflight(plan: Plan, progress: Progress, error: str) -> Progress:
+    """The in-flight forward attempt was stopped because of a cancel; it may have taken effect, so
+    in saga mode its own compensation runs first."""
+    fl = _require_inflight(progress)
+    base = dataclasses.replace(progress, inflight=None, error=error, failed_step=fl.step)
+    if fl.phase == "compensate":  # cancel never stops a compensation; treat as interrupted
+        return dataclasses.replace(progress, inflight=None)
+    if not base.saga:
+        return dataclasses.replace(base, status=WorkflowStatus.CANCELLED, next_step=None)
+    return _begin_rollback(plan, base, fl.step)
+
+
+def retry(plan: Plan, progress: Progress) -> Progress:
+    """An operator asked to retry a FAILED workflow (from its failed step) or a
+    COMPENSATION_FAILED one (its failed compensations, in the order they were due)."""
+    if progress.status is WorkflowStatus.FAILED and progress.failed_step is not None:
+        return dataclasses.replace(
+            progress,
+            status=WorkflowStatus.ACTIVE,
+            next_step=progress.failed_step,
+            failed_step=None,
+            error=None,
+            failures=_drop(progress.failures, _key("forward", progress.failed_step)),
+            interrupts=_drop(progress.interrupts, _key("forward", progress.failed_step)),
+            not_before=None,
+        )
+    if progress.status is WorkflowStatus.COMPENSATION_FAILED:
+        keys = {_key("compensate", s) for s in progress.compensation_failed}
+        return dataclasses.replace(
+            progress,
+            status=WorkflowStatus.COMPENSATING,
+            to_compensate=progress.compensation_failed,
+            compensation_failed=(),
+            failures={k: v for k, v in progress.failures.items() if k not in keys},
+            interrupts={k: v for k, v in progress.interrupts.items() if k not in keys},
+            not_before=None,
+        )
+    raise ValueError(
+        f"Only FAILED and COMPENSATION_FAILED workflows can be retried; this one is "
+        f"{progress.status.value}."
+    )
+
+
+def continues(plan: Plan, before: Progress, after: Progress) -> bool:
+    """After a completed forward step, does ``next_step()`` go straight on (``automate_next``)?"""
+    fl = before.inflight
+    return (
+        fl is not None
+        and fl.phase == "forward"
+        and after.status is WorkflowStatus.ACTIVE
+        and after.next_step is not None
+        and plan.get(fl.step).automate_next
+    )

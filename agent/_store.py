@@ -1,0 +1,858 @@
+"""The durable store: one SQLite file, one writer thread, group commit.
+
+Every write is a function run on the writer thread. The thread takes everything queued, wraps it in
+one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (each request in its own savepoint, so one bad request does
+not sink the others) and hands the results back to the event loop with one
+``call_soon_threadsafe``. Concurrent workflows therefore share fsyncs instead of queuing on them.
+Reads run on the same thread between batches (WAL: they never block the writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from agent._errors import DatabaseLocked, DiskFull, StoreError
+from agent._status import WorkflowStatus
+
+log = logging.getLogger("edgesaga.store")
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+#: Smaller pages mean fewer bytes per commit on an SD card (see docs/decisions.md).
+PAGE_SIZE = 1024
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE definitions (
+        hash TEXT PRIMARY KEY,
+        workflow_type TEXT NOT NULL,
+        workflow_version TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        workflow_type TEXT NOT NULL,
+        definition_hash TEXT NOT NULL REFERENCES definitions(hash),
+        status TEXT NOT NULL,
+        current_step TEXT,
+        error TEXT,
+        state TEXT NOT NULL,
+        progress TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX instances_by_status ON instances(status);
+    CREATE TABLE journal (
+        workflow_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        step TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        error TEXT,
+        PRIMARY KEY (workflow_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        workflow_id TEXT,
+        payload TEXT NOT NULL
+    );
+    CREATE TABLE requests (
+        request_id TEXT PRIMARY KEY,
+        reply TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT
+    );
+    """,
+}
+
+FINISHED = tuple(
+    s.value
+    for s in (
+        WorkflowStatus.COMPLETED,
+        WorkflowStatus.FAILED,
+        WorkflowStatus.FAILED_ROLLED_BACK,
+        WorkflowStatus.COMPENSATION_FAILED,
+        WorkflowStatus.CANCELLED,
+    )
+)
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC with milliseconds."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One workflow instance as stored."""
+
+    id: str
+    workflow_type: str
+    definition_hash: str
+    status: WorkflowStatus
+    current_step: str | None
+    error: str | None
+    state: dict[str, Any]
+    progress: dict[str, Any]
+    created_at: float
+    updated_at: float
+    definition: str | None = None  # the snapshot JSON, when asked for
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "workflow_id": self.id,
+            "workflow_type": self.workflow_type,
+            "status": self.status.value,
+            "current_step": self.current_step,
+            "error": self.error,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One attempt of a step or a compensation."""
+
+    workflow_id: str
+    seq: int
+    step: str
+    phase: str
+    attempt: int
+    outcome: str  # started | completed | failed | interrupted | cancelled
+    started_at: float
+    ended_at: float | None
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "step": self.step,
+            "phase": self.phase,
+            "attempt": self.attempt,
+            "outcome": self.outcome,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """An event or alert waiting to be published; ``payload["seq"] == seq``."""
+
+    seq: int
+    kind: str  # "event" | "alert"
+    workflow_id: str | None
+    payload: dict[str, Any]
+
+
+@dataclass(slots=True)
+class JournalStart:
+    seq: int
+    step: str
+    phase: str
+    attempt: int
+    at: float
+
+
+@dataclass(slots=True)
+class JournalEnd:
+    seq: int
+    outcome: str
+    at: float
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Transition:
+    """Everything one state transition writes, committed atomically."""
+
+    workflow_id: str
+    status: WorkflowStatus
+    current_step: str | None
+    error: str | None
+    state_json: str
+    progress_json: str
+    at: float
+    journal: list[JournalStart | JournalEnd] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (kind, payload)
+
+
+@dataclass(slots=True)
+class NewInstance:
+    id: str
+    workflow_type: str
+    workflow_version: str
+    definition_hash: str
+    definition: str
+    first: Transition
+    request: tuple[str, dict[str, Any]] | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class _Request:
+    __slots__ = ("fn", "future", "write")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any], write: bool):
+        self.fn = fn
+        self.future = future
+        self.write = write
+
+
+_STOP = object()
+
+
+class SQLiteStore:
+    """The durable store on one SQLite file (async context manager).
+
+    WAL mode, ``synchronous=FULL``, one writer connection on one thread, ``BEGIN IMMEDIATE``,
+    ``PRAGMA user_version`` migrations. By default it takes an exclusive lock file beside the
+    database so only one process drives it; ``readonly=True`` opens it for reading only.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        exclusive: bool = True,
+        busy_timeout_ms: int = 5000,
+    ) -> None:
+        self.path = str(path)
+        self.readonly = readonly
+        self.exclusive = exclusive and not readonly and self.path != ":memory:"
+        self.busy_timeout_ms = busy_timeout_ms
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock_fd: int | None = None
+        self._next_seq = 1
+        self._outbox_event: asyncio.Event | None = None
+        self._outbox_listeners: list[Callable[[], None]] = []
+        self.commits = 0  # transactions committed (for benchmarks and tests)
+        self.batched = 0  # write requests committed
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._thread is not None
+
+    async def open(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._outbox_event = asyncio.Event()
+        if self.exclusive:
+            self._take_lock()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name=f"edgesaga-store:{Path(self.path).name}", daemon=True
+        )
+        self._thread.start()
+        try:
+            await ready
+        except BaseException:
+            self._thread.join()
+            self._thread = None
+            self._release_lock()
+            raise
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        self._release_lock()
+
+    def _take_lock(self) -> None:
+        lock_path = self.path + ".lock"
+        Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatabaseLocked(self.path) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @staticmethod
+    def is_locked(path: str | os.PathLike[str]) -> bool:
+        """True when another process drives the database at ``path``."""
+        lock_path = str(path) + ".lock"
+        if not os.path.exists(lock_path):
+            return False
+        fd = os.open(lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- the writer thread -------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        if self.readonly:
+            if not os.path.exists(self.path):
+                raise StoreError(
+                    f"No database at {self.path}. Start a workflow first, or pass --db PATH."
+                )
+            uri = f"file:{self.path}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=True)
+        else:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        if not self.readonly:
+            if self.path != ":memory:":
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise StoreError(f"Could not switch {self.path} to WAL mode (got {mode}).")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._migrate(conn)
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this edgesaga understands "
+                f"({SCHEMA_VERSION}). Upgrade edgesaga."
+            )
+        if self.readonly:
+            if version < SCHEMA_VERSION:
+                raise StoreError(f"{self.path} is not an edgesaga database (or an old one).")
+            return
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn = self._connect()
+            self._next_seq = self._load_next_seq(conn)
+        except BaseException as exc:
+            err = exc if isinstance(exc, StoreError) else StoreError(
+                f"Cannot open the database {self.path}: {exc}"
+            )
+            loop.call_soon_threadsafe(_set_exception, ready, err)
+            return
+        self._conn = conn
+        loop.call_soon_threadsafe(_set_result, ready, None)
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            batch: list[_Request] = []
+            while True:
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+                if len(batch) >= 512:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._execute_batch(conn, batch)
+        conn.close()
+        self._conn = None
+
+    def _load_next_seq(self, conn: sqlite3.Connection) -> int:
+        if self.readonly:
+            return 0
+        top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
+        row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+        acked = int(row[0]) if row else 0
+        return max(top, acked) + 1
+
+    def _execute_batch(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        reads = [r for r in batch if not r.write]
+        writes = [r for r in batch if r.write]
+        for req in reads:
+            try:
+                results.append((req.future, True, req.fn(conn)))
+            except Exception as exc:
+                results.append((req.future, False, _wrap(exc, self.path)))
+        if writes:
+            seq_before = self._next_seq
+            outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for req in writes:
+                    conn.execute("SAVEPOINT req")
+                    seq_mark = self._next_seq
+                    try:
+                        value = req.fn(conn)
+                    except Exception as exc:
+                        self._next_seq = seq_mark  # keep event numbers gap-free
+                        conn.execute("ROLLBACK TO req")
+                        conn.execute("RELEASE req")
+                        outcomes.append((req.future, False, _wrap(exc, self.path)))
+                    else:
+                        conn.execute("RELEASE req")
+                        outcomes.append((req.future, True, value))
+                conn.execute("COMMIT")
+            except Exception as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                self._next_seq = seq_before
+                err = _wrap(exc, self.path)
+                outcomes = [(r.future, False, err) for r in writes]
+            else:
+                self.commits += 1
+                self.batched += len(writes)
+            results.extend(outcomes)
+            outbox_grew = self._next_seq != seq_before
+        else:
+            outbox_grew = False
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, results, outbox_grew)
+
+    def _deliver(self, results: list[tuple[asyncio.Future[Any], bool, Any]], outbox_grew: bool) -> None:
+        for fut, ok, value in results:
+            if ok:
+                _set_result(fut, value)
+            else:
+                _set_exception(fut, value)
+        if outbox_grew and self._outbox_event is not None:
+            self._outbox_event.set()
+            for listener in list(self._outbox_listeners):
+                listener()
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        if self._thread is None or self._loop is None:
+            raise StoreError("The store is not open; use `async with SQLiteStore(path) as store:`.")
+        if write and self.readonly:
+            raise StoreError(f"{self.path} is open read-only.")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Request(fn, fut, write))
+        return await fut
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` inside the next group transaction."""
+        return await self._call(fn, write=True)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the store thread outside a write transaction."""
+        return await self._call(fn, write=False)
+
+    # -- pragmas (tests) ----------------------------------------------------------------------------
+    async def pragmas(self) -> dict[str, Any]:
+        """journal_mode, synchronous (2 = FULL), foreign_keys, user_version and page_size."""
+
+        def q(conn: sqlite3.Connection) -> dict[str, Any]:
+            return {
+                name: conn.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "foreign_keys", "user_version", "page_size")
+            }
+
+        return await self.read(q)
+
+    # -- writes ------------------------------------------------------------------------------------
+    def _apply(self, conn: sqlite3.Connection, tr: Transition) -> None:
+        finished = tr.at if tr.status.value in FINISHED else None
+        cur = conn.execute(
+            "UPDATE instances SET status=?, current_step=?, error=?, state=?, progress=?, "
+            "updated_at=?, finished_at=? WHERE id=?",
+            (
+                tr.status.value,
+                tr.current_step,
+                tr.error,
+                tr.state_json,
+                tr.progress_json,
+                tr.at,
+                finished,
+                tr.workflow_id,
+            ),
+        )
+        if cur.rowcount != 1:
+            raise StoreError(f"Workflow {tr.workflow_id} is not in the database (pruned?).")
+        for op in tr.journal:
+            if isinstance(op, JournalStart):
+                conn.execute(
+                    "INSERT INTO journal(workflow_id, seq, step, phase, attempt, outcome, started_at)"
+                    " VALUES (?,?,?,?,?, 'started', ?)",
+                    (tr.workflow_id, op.seq, op.step, op.phase, op.attempt, op.at),
+                )
+            else:
+                conn.execute(
+                    "UPDATE journal SET outcome=?, ended_at=?, error=? WHERE workflow_id=? AND seq=?",
+                    (op.outcome, op.at, op.error, tr.workflow_id, op.seq),
+                )
+        self._insert_events(conn, tr.workflow_id, tr.events)
+
+    def _insert_events(
+        self, conn: sqlite3.Connection, workflow_id: str | None, events: Iterable[tuple[str, dict[str, Any]]]
+    ) -> None:
+        rows = []
+        for kind, payload in events:
+            seq = self._next_seq
+            self._next_seq += 1
+            payload["seq"] = seq
+            rows.append((seq, kind, workflow_id, json.dumps(payload, separators=(",", ":"))))
+        if rows:
+            conn.executemany(
+                "INSERT INTO outbox(seq, kind, workflow_id, payload) VALUES (?,?,?,?)", rows
+            )
+
+    async def create_instance(self, new: NewInstance) -> bool:
+        """Insert a new instance (and its definition snapshot, first transition, events and
+        request-id reply) in one transaction. Returns False, writing nothing, when an instance with
+        that id already exists."""
+
+        def fn(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM instances WHERE id=?", (new.id,)).fetchone():
+                return False
+            conn.execute(
+                "INSERT OR IGNORE INTO definitions(hash, workflow_type, workflow_version, body) "
+                "VALUES (?,?,?,?)",
+                (new.definition_hash, new.workflow_type, new.workflow_version, new.definition),
+            )
+            tr = new.first
+            conn.execute(
+                "INSERT INTO instances(id, workflow_type, definition_hash, status, current_step, "
+                "error, state, progress, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    new.id,
+                    new.workflow_type,
+                    new.definition_hash,
+                    tr.status.value,
+                    tr.current_step,
+                    tr.error,
+                    tr.state_json,
+                    tr.progress_json,
+                    tr.at,
+                    tr.at,
+                ),
+            )
+            self._apply(conn, tr)
+            if new.request is not None:
+                self._put_request(conn, *new.request)
+            return True
+
+        return await self.write(fn)
+
+    async def commit(self, transition: Transition) -> None:
+        """Commit one transition (instance row, journal rows, outbox events) atomically."""
+        await self.write(lambda conn: self._apply(conn, transition))
+
+    async def add_alert(self, payload: dict[str, Any], workflow_id: str | None = None) -> None:
+        """Queue an alert (kind ``alert``) in the outbox."""
+        await self.write(lambda conn: self._insert_events(conn, workflow_id, [("alert", payload)]))
+
+    # -- request ids -------------------------------------------------------------------------------
+    @staticmethod
+    def _put_request(conn: sqlite3.Connection, request_id: str, reply: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT OR IGNORE INTO requests(request_id, reply, created_at) VALUES (?,?,?)",
+            (request_id, json.dumps(reply, separators=(",", ":")), time.time()),
+        )
+
+    async def put_request(self, request_id: str, reply: dict[str, Any]) -> None:
+        """Remember the reply to ``request_id`` (the first one wins)."""
+        await self.write(lambda conn: self._put_request(conn, request_id, reply))
+
+    async def get_request(self, request_id: str) -> dict[str, Any] | None:
+        """The stored reply to ``request_id``, or None."""
+
+        def fn(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute("SELECT reply FROM requests WHERE request_id=?", (request_id,)).fetchone()
+            return json.loads(row[0]) if row else None
+
+        return await self.read(fn)
+
+    # -- reads -------------------------------------------------------------------------------------
+    @staticmethod
+    def _record(row: Sequence[Any], definition: str | None = None) -> InstanceRecord:
+        return InstanceRecord(
+            id=row[0],
+            workflow_type=row[1],
+            definition_hash=row[2],
+            status=WorkflowStatus(row[3]),
+            current_step=row[4],
+            error=row[5],
+            state=json.loads(row[6]),
+            progress=json.loads(row[7]),
+            created_at=row[8],
+            updated_at=row[9],
+            definition=definition,
+        )
+
+    _COLUMNS = (
+        "i.id, i.workflow_type, i.definition_hash, i.status, i.current_step, i.error, i.state, "
+        "i.progress, i.created_at, i.updated_at"
+    )
+
+    async def load_instance(self, workflow_id: str) -> InstanceRecord | None:
+        """One instance with its definition snapshot, or None."""
+
+        def fn(conn: sqlite3.Connection) -> InstanceRecord | None:
+            row = conn.execute(
+                f"SELECT {self._COLUMNS}, d.body FROM instances i "
+                "JOIN definitions d ON d.hash = i.definition_hash WHERE i.id = ?",
+                (workflow_id,),
+            ).fetchone()
+            return self._record(row[:10], row[10]) if row else None
+
+        return await self.read(fn)
+
+    async def list_instances(
+        self,
+        *,
+        status: Iterable[str] | str | None = None,
+        workflow_type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[InstanceRecord]:
+        """Instances, newest first, optionally filtered by status and type."""
+        statuses = [status] if isinstance(status, str) else list(status or [])
+
+        def fn(conn: sqlite3.Connection) -> list[InstanceRecord]:
+            where, args = [], []
+            if statuses:
+                where.append(f"i.status IN ({','.join('?' * len(statuses))})")
+                args.extend(WorkflowStatus(s).value for s in statuses)
+            if workflow_type:
+                where.append("i.workflow_type = ?")
+                args.append(workflow_type)
+            sql = f"SELECT {self._COLUMNS} FROM instances i"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY i.created_at DESC, i.id LIMIT ? OFFSET ?"
+            return [self._record(r) for r in conn.execute(sql, (*args, limit, offset))]
+
+        return await self.read(fn)
+
+    async def count_by_status(self) -> dict[str, int]:
+        def fn(conn: sqlite3.Connection) -> dict[str, int]:
+            return dict(conn.execute("SELECT status, count(*) FROM instances GROUP BY status").fetchall())
+
+        return await self.read(fn)
+
+    async def journal(self, workflow_id: str) -> list[JournalEntry]:
+        """Every step and compensation attempt of one instance, in order."""
+
+        def fn(conn: sqlite3.Connection) -> list[JournalEntry]:
+            rows = conn.execute(
+                "SELECT workflow_id, seq, step, phase, attempt, outcome, started_at, ended_at, error "
+                "FROM journal WHERE workflow_id = ? ORDER BY seq",
+                (workflow_id,),
+            )
+            return [JournalEntry(*r) for r in rows]
+
+        return await self.read(fn)
+
+    # -- outbox ------------------------------------------------------------------------------------
+    async def outbox_pending(self, limit: int = 100, after_seq: int = 0) -> list[OutboxItem]:
+        """Unacknowledged events and alerts in ``seq`` order."""
+
+        def fn(conn: sqlite3.Connection) -> list[OutboxItem]:
+            rows = conn.execute(
+                "SELECT seq, kind, workflow_id, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            )
+            return [OutboxItem(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+        return await self.read(fn)
+
+    async def outbox_ack(self, seqs: Iterable[int]) -> None:
+        """Delete acknowledged items (the broker has them)."""
+        seq_list = sorted(set(seqs))
+        if not seq_list:
+            return
+
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seq_list])
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('last_seq', ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = max(CAST(value AS INTEGER), excluded.value)",
+                (seq_list[-1],),
+            )
+
+        await self.write(fn)
+
+    async def outbox_count(self) -> int:
+        return await self.read(lambda conn: conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    async def outbox_trim(self, cap: int) -> int:
+        """Keep at most ``cap`` outbox items: drop the oldest events of *finished* workflows first
+        (then the oldest of any), and return how many were dropped."""
+
+        def fn(conn: sqlite3.Connection) -> int:
+            count = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            excess = count - cap
+            if excess <= 0:
+                return 0
+            marks = ",".join("?" * len(FINISHED))
+            dropped = conn.execute(
+                "DELETE FROM outbox WHERE seq IN (SELECT o.seq FROM outbox o JOIN instances i ON "
+                f"i.id = o.workflow_id WHERE i.status IN ({marks}) AND o.kind = 'event' "
+                "ORDER BY o.seq LIMIT ?)",
+                (*FINISHED, excess),
+            ).rowcount
+            if dropped < excess:
+                dropped += conn.execute(
+                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
+                    (excess - dropped,),
+                ).rowcount
+            return dropped
+
+        return await self.write(fn)
+
+    async def wait_outbox(self, timeout: float | None = None) -> bool:
+        """Wait until new outbox items were committed since the last call; False on timeout."""
+        assert self._outbox_event is not None
+        try:
+            await asyncio.wait_for(self._outbox_event.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._outbox_event.clear()
+        return True
+
+    def add_outbox_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` on the event loop whenever outbox items were committed."""
+        self._outbox_listeners.append(callback)
+
+    # -- retention ---------------------------------------------------------------------------------
+    async def prune(
+        self, *, max_age: float | None = None, max_finished: int | None = None, now: float | None = None
+    ) -> list[str]:
+        """Delete finished instances older than ``max_age`` seconds or beyond the newest
+        ``max_finished``, with their journal and published events. Returns their ids."""
+        now = time.time() if now is None else now
+
+        def fn(conn: sqlite3.Connection) -> list[str]:
+            marks = ",".join("?" * len(FINISHED))
+            doomed: set[str] = set()
+            if max_age is not None:
+                doomed.update(
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT id FROM instances WHERE status IN ({marks}) AND finished_at < ?",
+                        (*FINISHED, now - max_age),
+                    )
+                )
+            if max_finished is not None:
+                doomed.update(
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT id FROM instances WHERE status IN ({marks}) "
+                        "ORDER BY finished_at DESC, id LIMIT -1 OFFSET ?",
+                        (*FINISHED, max_finished),
+                    )
+                )
+            ids = sorted(doomed)
+            for chunk in range(0, len(ids), 500):
+                part = ids[chunk : chunk + 500]
+                m = ",".join("?" * len(part))
+                conn.execute(f"DELETE FROM journal WHERE workflow_id IN ({m})", part)
+                conn.execute(f"DELETE FROM instances WHERE id IN ({m})", part)
+            conn.execute(
+                "DELETE FROM definitions WHERE hash NOT IN (SELECT DISTINCT definition_hash FROM instances)"
+            )
+            conn.execute("DELETE FROM requests WHERE created_at < ?", (now - (max_age or 30 * 86400),))
+            return ids
+
+        return await self.write(fn)
+
+    async def checkpoint(self) -> None:
+        """Fold the WAL back into the database file (after a prune, say)."""
+        await self.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+
+    async def ping(self) -> bool:
+        """True when the store thread answers (the watchdog's health check)."""
+        return await self.read(lambda conn: conn.execute("SELECT 1").fetchone()[0] == 1)
+
+
+class MemoryStore(SQLiteStore):
+    """The same store on an in-memory SQLite database: nothing survives the process."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:", exclusive=False)
+
+
+def _wrap(exc: Exception, path: str) -> Exception:
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        if "disk is full" in text or "database or disk is full" in text:
+            return DiskFull(
+                f"The disk holding {path} is full; work is paused until space is freed."
+            )
+        if "locked" in text or "busy" in text:
+            return StoreError(f"The database {path} is busy or locked: {text}.")
+    return exc
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

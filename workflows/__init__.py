@@ -1,0 +1,1 @@
+"""Workflow definitions bundled with edgesaga (YAML beside their step modules)."""

@@ -1,0 +1,1 @@
+"""The saga tutorial's PaymentProcessing example."""

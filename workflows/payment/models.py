@@ -1,0 +1,36 @@
+"""State model of the PaymentProcessing workflow (the saga tutorial's ``PaymentState``)."""
+
+from typing import Optional  # noqa: UP035 - kept as in the tutorial
+
+from pydantic import BaseModel
+
+
+class PaymentState(BaseModel):
+    """State for payment processing workflow"""
+
+    # Order details
+    order_id: str
+    customer_id: str
+    amount: float
+    currency: str = "USD"
+
+    # Step results
+    order_created: bool = False
+    order_reference: Optional[str] = None  # noqa: UP045
+    payment_charged: bool = False
+    transaction_id: Optional[str] = None  # noqa: UP045
+    payment_method: Optional[str] = None  # noqa: UP045
+    inventory_reserved: bool = False
+    reservation_id: Optional[str] = None  # noqa: UP045
+    shipment_created: bool = False
+    tracking_number: Optional[str] = None  # noqa: UP045
+
+    # Compensation tracking
+    compensations_run: list = []
+
+    # Final status
+    workflow_status: str = "pending"
+
+    # Not in the tutorial: name a step here to make it fail, without editing code
+    # (e.g. "Create_Shipment" raises "Carrier API unavailable").
+    fail_step: Optional[str] = None  # noqa: UP045
