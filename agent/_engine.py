@@ -52,6 +52,8 @@ from agent._threads import DaemonPool
 
 log = logging.getLogger("edgesaga.workflow")
 
+step_is_async = functools.cache(inspect.iscoroutinefunction)
+
 _INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
 
 
@@ -127,6 +129,9 @@ class Workflow:
         self._state_json = state.model_dump_json()
         self._lock = asyncio.Lock()
         self._cancel = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._step_task: asyncio.Future[Any] | None = None
+        self._fresh = False  # the in-flight attempt was begun at creation and has not run yet
         self._cancel_reason = "cancelled on request"
         self._last_status = progress.status
         self._finished = asyncio.Event()
@@ -213,9 +218,15 @@ class Workflow:
     async def run(self) -> WorkflowStatus:
         """Drive the workflow until it is no longer ``ACTIVE`` (or ``COMPENSATING``)."""
         async with self._lock:
-            while self.status in RESUMABLE:
+            self._stop.clear()
+            while self.status in RESUMABLE and not self._stop.is_set():
                 await self._drive(single=False)
         return self.status
+
+    def request_stop(self) -> None:
+        """Ask the driving coroutine to stop at the next checkpoint (after the running attempt is
+        recorded), leaving the workflow ACTIVE for recovery. Used at shutdown."""
+        self._stop.set()
 
     async def cancel(self, reason: str = "cancelled on request") -> WorkflowStatus:
         """Cancel: in saga mode the completed steps are compensated first; ends in ``CANCELLED``.
@@ -231,15 +242,26 @@ class Workflow:
                 f"Workflow {self.id} is {self.status.value}; only ACTIVE or PAUSED workflows can be "
                 "cancelled.",
             )
-        self._cancel_reason = reason
-        self._cancel.set()
+        self.request_cancel(reason)
         if not self._lock.locked():
             await self.run()
         return self.status
 
+    def request_cancel(self, reason: str = "cancelled on request") -> None:
+        """Flag the workflow for cancellation; whoever drives it next (or now) carries it out."""
+        self._cancel_reason = reason
+        self._cancel.set()
+        if self._step_task is not None:
+            self._step_task.cancel()
+
     async def retry(self) -> WorkflowStatus:
         """Retry a ``FAILED`` workflow from its failed step, or the failed compensations of a
         ``COMPENSATION_FAILED`` one; then drive it."""
+        await self.prepare_retry()
+        return await self.run()
+
+    async def prepare_retry(self) -> None:
+        """Record the retry (status back to ACTIVE or COMPENSATING) without driving it yet."""
         async with self._lock:
             try:
                 progress = saga.retry(self._plan, self._progress)
@@ -249,9 +271,9 @@ class Workflow:
             self._finished.clear()
             self._cancel.clear()
             pending = _Pending()
-            self._status_event(pending, time.time())
-            await self._commit(pending, time.time())
-        return await self.run()
+            now = time.time()
+            self._status_event(pending, now)
+            await self._commit(pending, now)
 
     async def _drive(self, *, single: bool) -> dict[str, Any] | None:
         pending = _Pending()
@@ -260,25 +282,33 @@ class Workflow:
             await self._hold_resources()
             while True:
                 now = time.time()
-                if self._cancel.is_set() and self.status is WorkflowStatus.ACTIVE:
-                    self._progress = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
-                    self._status_event(pending, now)
-                action = saga.next_action(self._progress)
-                if isinstance(action, saga.Stop):
-                    break
-                if action.not_before is not None and action.not_before > now:
-                    await self._commit(pending, now)
-                    await self._sleep_until(action.not_before)
-                    continue
-                step = self.definition.step(action.step)
-                before = saga.begin(self._progress, action.step, action.phase)
-                fl = before.inflight
-                assert fl is not None
-                self._progress = before
-                pending.journal.append(JournalStart(fl.seq, fl.step, fl.phase, fl.attempt, now))
-                started = "step_started" if fl.phase == "forward" else "compensation_started"
-                self._event(pending, started, now, step=fl.step, attempt=fl.attempt)
-                await self._commit(pending, now)  # "started, attempt n" before the side effect
+                if self._fresh:
+                    # The first attempt was begun in the create transaction (start_workflow).
+                    self._fresh = False
+                    before = self._progress
+                    fl = before.inflight
+                    assert fl is not None
+                    step = self.definition.step(fl.step)
+                else:
+                    if self._stop.is_set():
+                        break
+                    if self._cancel.is_set() and self.status is WorkflowStatus.ACTIVE:
+                        self._progress = saga.cancel(
+                            self._plan, self._progress, reason=self._cancel_reason
+                        )
+                        self._status_event(pending, now)
+                    action = saga.next_action(self._progress)
+                    if isinstance(action, saga.Stop):
+                        break
+                    if action.not_before is not None and action.not_before > now:
+                        await self._commit(pending, now)
+                        await self._sleep_until(action.not_before)
+                        continue
+                    step = self.definition.step(action.step)
+                    before = self._begin(pending, action.step, action.phase, now)
+                    fl = before.inflight
+                    assert fl is not None
+                    await self._commit(pending, now)  # "started, attempt n" before the side effect
 
                 outcome = await self._execute(step, fl)
                 now = time.time()
@@ -311,20 +341,31 @@ class Workflow:
                     "workflow %s step %s (%s) attempt %d failed: %s",
                     self.id, fl.step, fl.phase, fl.attempt, outcome.error,
                 )
-        finally:
             if pending.journal or pending.events:
-                # Normal exit, or an exception (cancellation included) after a transition that was
-                # not yet committed: commit it unless the loop itself is being torn down.
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(self._commit(pending, time.time()))
+                await self._commit(pending, time.time())
+        finally:
             if self.status.is_terminal:
                 self._on_terminal()
         return result
 
+    def _begin(self, pending: _Pending, step: str, phase: saga.Phase, now: float) -> saga.Progress:
+        before = saga.begin(self._progress, step, phase)
+        fl = before.inflight
+        assert fl is not None
+        self._progress = before
+        pending.journal.append(JournalStart(fl.seq, fl.step, fl.phase, fl.attempt, now))
+        started = "step_started" if phase == "forward" else "compensation_started"
+        self._event(pending, started, now, step=fl.step, attempt=fl.attempt)
+        return before
+
     async def _sleep_until(self, when: float) -> None:
         delay = max(0.0, when - time.time())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._cancel.wait(), delay)
+        waiters = [asyncio.ensure_future(self._cancel.wait()), asyncio.ensure_future(self._stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
     async def _hold_resources(self) -> None:
         resources = self.definition.spec.resources
@@ -362,47 +403,41 @@ class Workflow:
         )
         state = self.state  # the step may change it in place; a failure restores the committed copy
         timeout = step.spec.timeout
-        is_async = inspect.iscoroutinefunction(func)
-        if is_async:
-            task: asyncio.Future[Any] = asyncio.ensure_future(func(state, ctx, **params))
+        if step_is_async(func):
+            task = asyncio.get_running_loop().create_task(func(state, ctx, **params))
+            # Only an async forward step can be stopped by a cancel (see cancel()).
+            self._step_task = None if compensating else task
         else:
             task = self._builder._threads.run(functools.partial(func, state, ctx, **params))
-        # Only an async forward step can be stopped by a cancel; sync steps and compensations finish.
-        waiter = asyncio.ensure_future(self._cancel.wait()) if is_async and not compensating else None
+            self._step_task = None
         try:
-            done, _ = await asyncio.wait(
-                {task} if waiter is None else {task, waiter},
-                timeout=timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            if timeout is None:
+                result = await task
+            else:
+                async with asyncio.timeout(timeout):
+                    result = await task
+        except TimeoutError:
+            self._restore_state()
+            if not isinstance(task, asyncio.Task):
+                log.warning(
+                    "workflow %s: sync step %s outlived its timeout; its thread cannot be stopped, "
+                    "so whatever it returns later is discarded",
+                    self.id,
+                    step.name,
+                )
+            return _Outcome(False, error=str(StepTimeout(self.id, step.name, timeout or 0)))
         except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if task.cancelled() and self._cancel.is_set() and me is not None and not me.cancelling():
+                self._restore_state()  # stopped by cancel(): the step may have taken effect
+                return _Outcome(False, cancelled=True, error=self._cancel_reason)
             task.cancel()
             raise
-        finally:
-            if waiter is not None:
-                waiter.cancel()
-        if task in done:
-            return self._outcome(task, step, state)
-        self._restore_state()
-        if is_async:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        else:
-            task.add_done_callback(functools.partial(_late_result, self.id, step.name))
-        if not done and timeout is not None:  # timed out
-            return _Outcome(False, error=str(StepTimeout(self.id, step.name, timeout)))
-        return _Outcome(False, cancelled=True, error=self._cancel_reason)
-
-    def _outcome(self, task: asyncio.Future[Any], step: LoadedStep, state: BaseModel) -> _Outcome:
-        if task.cancelled():
-            self._restore_state()
-            return _Outcome(False, error=f"step {step.name!r} cancelled itself")
-        exc = task.exception()
-        if exc is not None:
+        except Exception as exc:
             self._restore_state()
             return _Outcome(False, error=f"{type(exc).__name__}: {exc}")
-        result = task.result()
+        finally:
+            self._step_task = None
         try:
             new_state = self._merge(state, result, step)
         except InvalidData as err:
@@ -468,6 +503,11 @@ class Workflow:
                 },
             )
         )
+        for observer in self._builder.observers:
+            try:
+                observer(self, pending.events[-1][1])
+            except Exception:
+                log.exception("workflow observer %r failed", observer)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "workflow %s %s %s%s%s",
@@ -556,19 +596,6 @@ class Workflow:
         await self._commit(pending, now)
 
 
-def _late_result(workflow_id: str, step: str, fut: asyncio.Future[Any]) -> None:
-    if fut.cancelled():
-        return
-    exc = fut.exception()
-    log.warning(
-        "workflow %s: step %s finished after its timeout or cancel (%s); the late result is "
-        "discarded",
-        workflow_id,
-        step,
-        f"raised {exc!r}" if exc else "returned",
-    )
-
-
 class WorkflowBuilder:
     """Loads workflow definitions and creates, loads, recovers and cancels instances.
 
@@ -584,6 +611,9 @@ class WorkflowBuilder:
         hardware: Any = None,
     ) -> None:
         self.hardware = hardware
+        #: Callables ``observer(workflow, event)`` called (on the loop) for every event as it is
+        #: recorded, before it commits; for printing and metrics, not for side effects.
+        self.observers: list[Any] = []
         self.leases = LeaseManager()
         self._threads = DaemonPool()
         self._definitions: dict[str, LoadedDefinition] = {}
@@ -649,6 +679,7 @@ class WorkflowBuilder:
         workflow_id: str | None = None,
         saga_mode: bool | None = None,
         request: tuple[str, dict[str, Any]] | None = None,
+        begin: bool = False,
     ) -> Workflow:
         """Create and persist a new instance; it is committed before this returns.
 
@@ -677,6 +708,9 @@ class WorkflowBuilder:
         )
         pending = _Pending()
         wf._event(pending, "workflow_started", now, step=progress.next_step)
+        if begin:
+            wf._begin(pending, progress.next_step or "", "forward", now)
+            wf._fresh = True
         tr = wf._transition(pending, now)
         if request is not None:
             request = (request[0], {**request[1], "workflow_id": wid})
@@ -694,6 +728,31 @@ class WorkflowBuilder:
         if not created:
             return await self.load_workflow(wid, store)
         self._live[wid] = wf
+        return wf
+
+    async def start_workflow(
+        self,
+        workflow_type: str,
+        initial_data: dict[str, Any] | None = None,
+        *,
+        store: SQLiteStore,
+        workflow_id: str | None = None,
+        saga_mode: bool | None = None,
+    ) -> Workflow:
+        """Create an instance and run it to a terminal status.
+
+        The first step's "started" record commits in the same transaction as the instance row, so
+        a workflow that runs at once costs one commit per step plus one.
+        """
+        wf = await self.create_workflow(
+            workflow_type,
+            initial_data,
+            store=store,
+            workflow_id=workflow_id,
+            saga_mode=saga_mode,
+            begin=not self.definition(workflow_type).spec.resources,  # a lease wait comes first
+        )
+        await wf.run()
         return wf
 
     async def load_workflow(self, workflow_id: str, store: SQLiteStore) -> Workflow:

@@ -97,9 +97,27 @@ class Progress:
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["status"] = self.status.value
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+        fl = self.inflight
+        return {
+            "status": self.status.value,
+            "saga": self.saga,
+            "next_step": self.next_step,
+            "completed": list(self.completed),
+            "to_compensate": list(self.to_compensate),
+            "compensated": list(self.compensated),
+            "compensation_failed": list(self.compensation_failed),
+            "failed_step": self.failed_step,
+            "error": self.error,
+            "cancelled": self.cancelled,
+            "failures": dict(self.failures),
+            "interrupts": dict(self.interrupts),
+            "executions": dict(self.executions),
+            "inflight": None
+            if fl is None
+            else {"step": fl.step, "phase": fl.phase, "seq": fl.seq, "attempt": fl.attempt},
+            "journal_seq": self.journal_seq,
+            "not_before": self.not_before,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Progress:
@@ -122,6 +140,17 @@ class Progress:
         if self.status is WorkflowStatus.ACTIVE:
             return self.next_step
         return self.failed_step
+
+
+_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Progress))
+
+
+def _replace(progress: Progress, **changes: Any) -> Progress:
+    """``dataclasses.replace`` without its per-call introspection (it runs several times a step)."""
+    new = object.__new__(Progress)
+    for name in _FIELDS:
+        object.__setattr__(new, name, changes[name] if name in changes else getattr(progress, name))
+    return new
 
 
 def _key(phase: Phase, step: str) -> str:
@@ -194,7 +223,7 @@ def begin(progress: Progress, step: str, phase: Phase) -> Progress:
     key = _key(phase, step)
     executions = _bump(progress.executions, key)
     seq = progress.journal_seq + 1
-    return dataclasses.replace(
+    return _replace(
         progress,
         executions=executions,
         journal_seq=seq,
@@ -212,7 +241,7 @@ def _require_inflight(progress: Progress) -> Inflight:
 def succeeded(plan: Plan, progress: Progress) -> Progress:
     """The in-flight attempt completed."""
     fl = _require_inflight(progress)
-    base = dataclasses.replace(
+    base = _replace(
         progress, inflight=None, failures=_drop(progress.failures, _key(fl.phase, fl.step))
     )
     if fl.phase == "forward":
@@ -220,14 +249,14 @@ def succeeded(plan: Plan, progress: Progress) -> Progress:
         done = (*base.completed, fl.step)
         if progress.cancelled:
             # A cancel arrived while the step ran: it completed, so it joins the rollback.
-            return _begin_rollback(plan, dataclasses.replace(base, completed=done), None)
+            return _begin_rollback(plan, _replace(base, completed=done), None)
         if nxt is None:
-            return dataclasses.replace(
+            return _replace(
                 base, completed=done, next_step=None, status=WorkflowStatus.COMPLETED, error=None
             )
-        return dataclasses.replace(base, completed=done, next_step=nxt)
+        return _replace(base, completed=done, next_step=nxt)
     return _compensation_finished(
-        dataclasses.replace(
+        _replace(
             base, to_compensate=base.to_compensate[1:], compensated=(*base.compensated, fl.step)
         )
     )
@@ -246,10 +275,10 @@ def failed(plan: Plan, progress: Progress, error: str, *, now: float = 0.0) -> P
     spec = plan.get(fl.step)
     limit = spec.max_attempts if fl.phase == "forward" else spec.compensate_max_attempts
     delays = spec.retry_delays if fl.phase == "forward" else spec.compensate_retry_delays
-    base = dataclasses.replace(progress, inflight=None, failures=failures, error=error)
+    base = _replace(progress, inflight=None, failures=failures, error=error)
     if failures[key] < limit and not progress.cancelled:
         wait = _delay(delays, failures[key])
-        return dataclasses.replace(base, not_before=(now + wait) if wait > 0 else None)
+        return _replace(base, not_before=(now + wait) if wait > 0 else None)
     return _give_up(plan, base, fl, error, interrupted=False)
 
 
@@ -263,30 +292,30 @@ def interrupted(plan: Plan, progress: Progress, *, error: str | None = None) -> 
     fl = _require_inflight(progress)
     key = _key(fl.phase, fl.step)
     interrupts = _bump(progress.interrupts, key)
-    base = dataclasses.replace(progress, inflight=None, interrupts=interrupts)
+    base = _replace(progress, inflight=None, interrupts=interrupts)
     if interrupts[key] < plan.get(fl.step).max_interrupts:
         return base
     msg = error or (
         f"{'Compensation of ' if fl.phase == 'compensate' else ''}step {fl.step!r} was interrupted "
         f"{interrupts[key]} times (max_interrupts); it is not run again."
     )
-    return _give_up(plan, dataclasses.replace(base, error=msg), fl, msg, interrupted=True)
+    return _give_up(plan, _replace(base, error=msg), fl, msg, interrupted=True)
 
 
 def _give_up(plan: Plan, progress: Progress, fl: Inflight, error: str, *, interrupted: bool) -> Progress:
     if fl.phase == "compensate":
         return _compensation_finished(
-            dataclasses.replace(
+            _replace(
                 progress,
                 to_compensate=progress.to_compensate[1:],
                 compensation_failed=(*progress.compensation_failed, fl.step),
                 failures=_drop(progress.failures, _key("compensate", fl.step)),
             )
         )
-    progress = dataclasses.replace(progress, failed_step=fl.step, error=error)
+    progress = _replace(progress, failed_step=fl.step, error=error)
     if not progress.saga:
         status = WorkflowStatus.CANCELLED if progress.cancelled else WorkflowStatus.FAILED
-        return dataclasses.replace(progress, status=status)
+        return _replace(progress, status=status)
     return _begin_rollback(plan, progress, fl.step if interrupted else None)
 
 
@@ -296,7 +325,7 @@ def _begin_rollback(plan: Plan, progress: Progress, also_first: str | None) -> P
     if also_first is not None and plan.get(also_first).compensable and also_first not in queue:
         queue.insert(0, also_first)
     return _compensation_finished(
-        dataclasses.replace(
+        _replace(
             progress,
             status=WorkflowStatus.COMPENSATING,
             next_step=None,
@@ -308,14 +337,14 @@ def _begin_rollback(plan: Plan, progress: Progress, also_first: str | None) -> P
 
 def _compensation_finished(progress: Progress) -> Progress:
     if progress.to_compensate:
-        return dataclasses.replace(progress, status=WorkflowStatus.COMPENSATING)
+        return _replace(progress, status=WorkflowStatus.COMPENSATING)
     if progress.compensation_failed:
         status = WorkflowStatus.COMPENSATION_FAILED
     elif progress.cancelled:
         status = WorkflowStatus.CANCELLED
     else:
         status = WorkflowStatus.FAILED_ROLLED_BACK
-    return dataclasses.replace(progress, status=status, not_before=None)
+    return _replace(progress, status=status, not_before=None)
 
 
 def cancel(plan: Plan, progress: Progress, *, reason: str = "cancelled on request") -> Progress:
@@ -327,11 +356,11 @@ def cancel(plan: Plan, progress: Progress, *, reason: str = "cancelled on reques
     """
     if progress.status not in (WorkflowStatus.ACTIVE, WorkflowStatus.PAUSED):
         raise ValueError(f"A {progress.status.value} workflow cannot be cancelled.")
-    marked = dataclasses.replace(progress, cancelled=True, error=reason)
+    marked = _replace(progress, cancelled=True, error=reason)
     if progress.inflight is not None:
         return marked
     if not progress.saga:
-        return dataclasses.replace(marked, status=WorkflowStatus.CANCELLED, next_step=None)
+        return _replace(marked, status=WorkflowStatus.CANCELLED, next_step=None)
     return _begin_rollback(plan, marked, None)
 
 
@@ -339,11 +368,11 @@ def cancel_inflight(plan: Plan, progress: Progress, error: str) -> Progress:
     """The in-flight forward attempt was stopped because of a cancel; it may have taken effect, so
     in saga mode its own compensation runs first."""
     fl = _require_inflight(progress)
-    base = dataclasses.replace(progress, inflight=None, error=error, failed_step=fl.step)
+    base = _replace(progress, inflight=None, error=error, failed_step=fl.step)
     if fl.phase == "compensate":  # cancel never stops a compensation; treat as interrupted
-        return dataclasses.replace(progress, inflight=None)
+        return _replace(progress, inflight=None)
     if not base.saga:
-        return dataclasses.replace(base, status=WorkflowStatus.CANCELLED, next_step=None)
+        return _replace(base, status=WorkflowStatus.CANCELLED, next_step=None)
     return _begin_rollback(plan, base, fl.step)
 
 
@@ -351,7 +380,7 @@ def retry(plan: Plan, progress: Progress) -> Progress:
     """An operator asked to retry a FAILED workflow (from its failed step) or a
     COMPENSATION_FAILED one (its failed compensations, in the order they were due)."""
     if progress.status is WorkflowStatus.FAILED and progress.failed_step is not None:
-        return dataclasses.replace(
+        return _replace(
             progress,
             status=WorkflowStatus.ACTIVE,
             next_step=progress.failed_step,
@@ -363,7 +392,7 @@ def retry(plan: Plan, progress: Progress) -> Progress:
         )
     if progress.status is WorkflowStatus.COMPENSATION_FAILED:
         keys = {_key("compensate", s) for s in progress.compensation_failed}
-        return dataclasses.replace(
+        return _replace(
             progress,
             status=WorkflowStatus.COMPENSATING,
             to_compensate=progress.compensation_failed,

@@ -44,7 +44,8 @@ _MIGRATIONS: dict[int, str] = {
         body TEXT NOT NULL
     );
     CREATE TABLE instances (
-        id TEXT PRIMARY KEY,
+        n INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
         workflow_type TEXT NOT NULL,
         definition_hash TEXT NOT NULL REFERENCES definitions(hash),
         status TEXT NOT NULL,
@@ -56,9 +57,8 @@ _MIGRATIONS: dict[int, str] = {
         updated_at REAL NOT NULL,
         finished_at REAL
     );
-    CREATE INDEX instances_by_status ON instances(status);
     CREATE TABLE journal (
-        workflow_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
         seq INTEGER NOT NULL,
         step TEXT NOT NULL,
         phase TEXT NOT NULL,
@@ -67,7 +67,7 @@ _MIGRATIONS: dict[int, str] = {
         started_at REAL NOT NULL,
         ended_at REAL,
         error TEXT,
-        PRIMARY KEY (workflow_id, seq)
+        PRIMARY KEY (n, seq)
     ) WITHOUT ROWID;
     CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY,
@@ -99,11 +99,19 @@ FINISHED = tuple(
 )
 
 
+_iso_cache: tuple[float, str] = (-1.0, "")
+
+
 def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with milliseconds."""
+    """Epoch seconds as ISO 8601 UTC with milliseconds (``2026-11-26T22:55:10.382Z``)."""
+    global _iso_cache
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if _iso_cache[0] == ts:
+        return _iso_cache[1]
+    text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    _iso_cache = (ts, text)
+    return text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,6 +267,7 @@ class SQLiteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd: int | None = None
         self._next_seq = 1
+        self._keys: dict[str, int] = {}  # workflow id -> instances.n (store thread only)
         self._outbox_event: asyncio.Event | None = None
         self._outbox_listeners: list[Callable[[], None]] = []
         self.commits = 0  # transactions committed (for benchmarks and tests)
@@ -443,19 +452,23 @@ class SQLiteStore:
             outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                for req in writes:
-                    conn.execute("SAVEPOINT req")
-                    seq_mark = self._next_seq
-                    try:
-                        value = req.fn(conn)
-                    except Exception as exc:
-                        self._next_seq = seq_mark  # keep event numbers gap-free
-                        conn.execute("ROLLBACK TO req")
-                        conn.execute("RELEASE req")
-                        outcomes.append((req.future, False, _wrap(exc, self.path)))
-                    else:
-                        conn.execute("RELEASE req")
-                        outcomes.append((req.future, True, value))
+                if len(writes) == 1:
+                    # Alone in the transaction: its failure rolls back the whole (same) thing.
+                    outcomes.append((writes[0].future, True, writes[0].fn(conn)))
+                else:
+                    for req in writes:
+                        conn.execute("SAVEPOINT req")
+                        seq_mark = self._next_seq
+                        try:
+                            value = req.fn(conn)
+                        except Exception as exc:
+                            self._next_seq = seq_mark  # keep event numbers gap-free
+                            conn.execute("ROLLBACK TO req")
+                            conn.execute("RELEASE req")
+                            outcomes.append((req.future, False, _wrap(exc, self.path)))
+                        else:
+                            conn.execute("RELEASE req")
+                            outcomes.append((req.future, True, value))
                 conn.execute("COMMIT")
             except Exception as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -514,11 +527,23 @@ class SQLiteStore:
         return await self.read(q)
 
     # -- writes ------------------------------------------------------------------------------------
+    def _key(self, conn: sqlite3.Connection, workflow_id: str) -> int:
+        n = self._keys.get(workflow_id)
+        if n is None:
+            row = conn.execute("SELECT n FROM instances WHERE id=?", (workflow_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"Workflow {workflow_id} is not in the database (pruned?).")
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            n = self._keys[workflow_id] = row[0]
+        return n
+
     def _apply(self, conn: sqlite3.Connection, tr: Transition) -> None:
         finished = tr.at if tr.status.value in FINISHED else None
+        n = self._key(conn, tr.workflow_id)
         cur = conn.execute(
             "UPDATE instances SET status=?, current_step=?, error=?, state=?, progress=?, "
-            "updated_at=?, finished_at=? WHERE id=?",
+            "updated_at=?, finished_at=? WHERE n=?",
             (
                 tr.status.value,
                 tr.current_step,
@@ -527,7 +552,7 @@ class SQLiteStore:
                 tr.progress_json,
                 tr.at,
                 finished,
-                tr.workflow_id,
+                n,
             ),
         )
         if cur.rowcount != 1:
@@ -535,14 +560,14 @@ class SQLiteStore:
         for op in tr.journal:
             if isinstance(op, JournalStart):
                 conn.execute(
-                    "INSERT INTO journal(workflow_id, seq, step, phase, attempt, outcome, started_at)"
+                    "INSERT INTO journal(n, seq, step, phase, attempt, outcome, started_at)"
                     " VALUES (?,?,?,?,?, 'started', ?)",
-                    (tr.workflow_id, op.seq, op.step, op.phase, op.attempt, op.at),
+                    (n, op.seq, op.step, op.phase, op.attempt, op.at),
                 )
             else:
                 conn.execute(
-                    "UPDATE journal SET outcome=?, ended_at=?, error=? WHERE workflow_id=? AND seq=?",
-                    (op.outcome, op.at, op.error, tr.workflow_id, op.seq),
+                    "UPDATE journal SET outcome=?, ended_at=?, error=? WHERE n=? AND seq=?",
+                    (op.outcome, op.at, op.error, n, op.seq),
                 )
         self._insert_events(conn, tr.workflow_id, tr.events)
 
@@ -699,8 +724,9 @@ class SQLiteStore:
 
         def fn(conn: sqlite3.Connection) -> list[JournalEntry]:
             rows = conn.execute(
-                "SELECT workflow_id, seq, step, phase, attempt, outcome, started_at, ended_at, error "
-                "FROM journal WHERE workflow_id = ? ORDER BY seq",
+                "SELECT i.id, j.seq, j.step, j.phase, j.attempt, j.outcome, j.started_at, "
+                "j.ended_at, j.error FROM journal j JOIN instances i ON i.n = j.n "
+                "WHERE i.id = ? ORDER BY j.seq",
                 (workflow_id,),
             )
             return [JournalEntry(*r) for r in rows]
@@ -810,8 +836,12 @@ class SQLiteStore:
             for chunk in range(0, len(ids), 500):
                 part = ids[chunk : chunk + 500]
                 m = ",".join("?" * len(part))
-                conn.execute(f"DELETE FROM journal WHERE workflow_id IN ({m})", part)
+                conn.execute(
+                    f"DELETE FROM journal WHERE n IN (SELECT n FROM instances WHERE id IN ({m}))", part
+                )
                 conn.execute(f"DELETE FROM instances WHERE id IN ({m})", part)
+                for wid in part:
+                    self._keys.pop(wid, None)
             conn.execute(
                 "DELETE FROM definitions WHERE hash NOT IN (SELECT DISTINCT definition_hash FROM instances)"
             )

@@ -8,12 +8,14 @@ Daemon threads make sure such a step never holds up the agent's exit, which a
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("edgesaga.workflow")
 
 
 class DaemonPool:
@@ -58,10 +60,14 @@ class DaemonPool:
 
 
 def _done(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
+    if fut.done():
+        log.warning("a sync step returned after its timeout or cancel; the late result is discarded")
+    else:
         fut.set_result(value)
 
 
 def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
+    if fut.done():
+        log.warning("a sync step raised %r after its timeout or cancel; it is discarded", exc)
+    else:
         fut.set_exception(exc)

@@ -43,6 +43,7 @@ from hardware._errors import (
     UnknownDevice,
     WrongDeviceKind,
     WrongEventLoop,
+    with_article,
 )
 from hardware._factory import factory_name, resolve_pin_factory
 
@@ -193,11 +194,13 @@ class BoardDevice:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise InvalidValue(
-            f"Device {self._name!r} is {'an' if self.kind == 'input' else 'a'} {self.kind} device; "
+            f"Device {self._name!r} is {with_article(self.kind)} device; "
             f"its value must be true or false, not {value!r}."
         )
 
-    async def wait_for(self, value: bool = True, timeout: float | None = None) -> bool:
+    # ASYNC109: the timeout is part of the contract: on expiry we raise DeviceTimeout naming the
+    # device and the value, which a bare asyncio.timeout around the call could not say.
+    async def wait_for(self, value: bool = True, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Return once the input is ``value`` (at once if it already is).
 
         Raises :class:`DeviceTimeout` (a ``TimeoutError``) naming the device after ``timeout`` seconds;
@@ -299,7 +302,8 @@ class Board:
         log.info(
             "Board ready with %s pins: %s",
             factory_name(self._factory),
-            ", ".join(f"{n}={d.kind}@BCM{d.config.pin}" for n, d in self._devices.items()) or "none",
+            ", ".join(f"{n}={d.kind}@BCM{d.config.pin}" for n, d in self._devices.items())
+            or "none",
         )
 
     @classmethod
@@ -408,10 +412,8 @@ class Board:
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # nothing async has subscribed yet, or its loop is gone: nobody to tell
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
             loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:
-            pass  # the loop closed between the check and the call
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         running = asyncio.get_running_loop()
@@ -513,15 +515,13 @@ class Board:
         device = self[name]
         device._require(INPUT_KINDS, "be driven by set_input")
         target = device.coerce(value)
-        from gpiozero.pins.mock import MockPin
-
-        pin = device.gpio.pin
-        if not isinstance(pin, MockPin):
+        if not self.is_mock:
             raise MockPinsRequired(
                 f"Cannot drive input {name!r} from software: the board uses real "
                 f"{factory_name(self._factory)} pins. set_input and simulate need mock pins: set "
                 "GPIOZERO_PIN_FACTORY=mock or put `pin_factory: mock` in the hardware config."
             )
+        pin = device.gpio.pin  # a gpiozero MockPin, since the factory is a MockFactory
         if bool(target) == device.config.effective_active_high:
             pin.drive_high()
         else:
@@ -568,4 +568,3 @@ class Board:
     def _check_open(self) -> None:
         if self._closed:
             raise BoardClosed("The board is closed; create a new Board to use the pins again.")
-

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from hardware._errors import ConfigError
+from hardware._errors import ConfigError, with_article
 
 DeviceKind = Literal["output", "input", "button", "pwm"]
 KINDS: tuple[str, ...] = ("output", "input", "button", "pwm")
@@ -84,7 +84,9 @@ class DeviceConfig(BaseModel):
     def _positive(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is not None and value <= 0:
             unit = "seconds" if info.field_name == "bounce_time" else "hertz"
-            raise ValueError(f"{info.field_name} must be a positive number of {unit}, not {value!r}")
+            raise ValueError(
+                f"{info.field_name} must be a positive number of {unit}, not {value!r}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -93,7 +95,7 @@ class DeviceConfig(BaseModel):
         for key in sorted(self.model_fields_set - {"kind", "pin"} - allowed):
             owners = [kind for kind, keys in _KEYS_FOR_KIND.items() if key in keys]
             raise ValueError(
-                f"{key!r} does not apply to {_a(self.kind)} device; it is only for "
+                f"{key!r} does not apply to {with_article(self.kind)} device; it is only for "
                 f"{' and '.join(owners)} devices"
             )
         for key in ("initial", "safe"):
@@ -108,7 +110,9 @@ class DeviceConfig(BaseModel):
             pull = self.effective_pull_up
             if pull is not None and self.active_high is not None and self.active_high == pull:
                 given = "pull_up" in self.model_fields_set
-                pull_text = f"pull_up: {str(pull).lower()}" + ("" if given else f" (the {self.kind} default)")
+                pull_text = f"pull_up: {str(pull).lower()}" + (
+                    "" if given else f" (the {self.kind} default)"
+                )
                 direction, level = ("up", "low") if pull else ("down", "high")
                 raise ValueError(
                     f"active_high: {str(self.active_high).lower()} contradicts {pull_text}; a "
@@ -155,10 +159,6 @@ class DeviceConfig(BaseModel):
         if self.kind == "pwm":
             return float(raw or 0.0)
         return bool(raw)
-
-
-def _a(word: str) -> str:
-    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 class SimulatedChange(BaseModel):
@@ -208,7 +208,7 @@ class BoardConfig(BaseModel):
                 )
             if device.kind not in INPUT_KINDS:
                 raise ValueError(
-                    f"simulate[{index}] drives {change.device!r}, {_a(device.kind)} device; "
+                    f"simulate[{index}] drives {change.device!r}, {with_article(device.kind)} device; "
                     "only input and button devices can be simulated"
                 )
         return self
@@ -219,7 +219,9 @@ class BoardConfig(BaseModel):
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{source} must be a mapping with a devices key, not {type(data).__name__}.")
+            raise ConfigError(
+                f"{source} must be a mapping with a devices key, not {type(data).__name__}."
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -232,7 +234,9 @@ class BoardConfig(BaseModel):
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"Cannot read hardware config {source}: {exc.strerror or exc}.") from exc
+            raise ConfigError(
+                f"Cannot read hardware config {source}: {exc.strerror or exc}."
+            ) from exc
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

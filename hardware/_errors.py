@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def with_article(word: str) -> str:
+    """``"an input"``, ``"a pwm"``: for messages that name a device kind."""
+    return f"an {word}" if word[:1] in tuple("aeiou") else f"a {word}"
+
+
 class HardwareError(Exception):
     """Root of every error the hardware layer raises on purpose."""
 
@@ -42,7 +47,7 @@ class WrongDeviceKind(HardwareError, TypeError):
         self.operation = operation
         allowed_kinds = " or ".join(allowed)
         super().__init__(
-            f"Device {device!r} is a {kind} device, so it cannot {operation}; "
+            f"Device {device!r} is {with_article(kind)} device, so it cannot {operation}; "
             f"only {allowed_kinds} devices can."
         )
 

@@ -125,12 +125,13 @@ async def restore_pwm(state: Any, context: Any, device: str, value: float | None
     _restore(state, context, dev)
 
 
+# ASYNC109: ``timeout`` is a YAML param of the step, turned into DeviceTimeout naming the device.
 async def wait_for_input(
     state: Any,
     context: Any,
     device: str,
     value: bool = True,
-    timeout: float | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109
     field: str | None = None,
     elapsed_field: str | None = None,
 ) -> dict[str, Any] | None:

@@ -1,0 +1,365 @@
+"""The ``edgesaga`` command line. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agent._definition import bundled_definitions_dir, discover, load_definition
+from agent._engine import Workflow, WorkflowBuilder
+from agent._errors import AgentError, WorkflowNotFound
+from agent._status import WorkflowStatus
+from agent._store import SQLiteStore
+
+DEFAULT_DB = Path(".edgesaga") / "edgesaga.db"
+RULE = "=" * 70
+
+
+class UsageError(Exception):
+    """A mistake on the command line, reported as one sentence."""
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _builder(args: argparse.Namespace, *, hardware: Any = None) -> WorkflowBuilder:
+    paths: list[str | Path] = [bundled_definitions_dir(), *getattr(args, "definitions", [])]
+    return WorkflowBuilder(definitions=paths, hardware=hardware)
+
+
+def _db(args: argparse.Namespace) -> Path:
+    return Path(args.db) if args.db else DEFAULT_DB
+
+
+def _open_store(args: argparse.Namespace, *, write: bool) -> SQLiteStore:
+    path = _db(args)
+    if not write:
+        if not path.exists():
+            raise UsageError(
+                f"No database at {path}. Run `edgesaga demo` or `edgesaga start` first, or pass --db."
+            )
+        return SQLiteStore(path, readonly=True)
+    return SQLiteStore(path)
+
+
+def _json_arg(text: str | None, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"Cannot read {what} file {text[1:]}: {exc.strerror}.") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}.") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} must be a JSON object, like '{{\"order_id\": \"A1\"}}'.")
+    return value
+
+
+def _fmt_time(ts: str | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _duration(start: str | None, end: str | None) -> str:
+    if not start or not end:
+        return ""
+    a = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    b = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    ms = (b - a).total_seconds() * 1000
+    return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def print_workflow(info: dict[str, Any]) -> None:
+    """A readable timeline of one workflow (the reply of a ``get`` command)."""
+    print(f"Workflow {info['workflow_id']}  ({info['workflow_type']})")
+    print(f"  status      {info['status']}" + ("   saga mode on" if info.get("saga") else ""))
+    if info.get("current_step"):
+        print(f"  step        {info['current_step']}")
+    if info.get("waiting_for"):
+        print(f"  waiting for {', '.join(info['waiting_for'])} (held by another workflow)")
+    if info.get("error"):
+        print(f"  error       {info['error']}")
+    print(f"  created     {info['created_at']}   updated {info['updated_at']}")
+    journal = info.get("journal") or []
+    if journal:
+        print("  timeline")
+        for j in journal:
+            kind = "compensate" if j["phase"] == "compensate" else "step"
+            err = f"  {j['error']}" if j.get("error") else ""
+            print(
+                f"    {_fmt_time(j['started_at'])}  {kind:<10} {j['step']:<22} attempt {j['attempt']}  "
+                f"{j['outcome']:<11} {_duration(j['started_at'], j['ended_at']):>8}{err}"
+            )
+    print("  state")
+    for key, value in info.get("state", {}).items():
+        print(f"    {key}: {json.dumps(value)}")
+
+
+def print_list(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("No workflows.")
+        return
+    print(f"{'WORKFLOW ID':<36}  {'TYPE':<20} {'STATUS':<20} {'STEP':<20} UPDATED")
+    for r in rows:
+        print(
+            f"{r['workflow_id']:<36}  {r['workflow_type']:<20} {r['status']:<20} "
+            f"{(r.get('current_step') or '-'):<20} {r['updated_at']}"
+        )
+
+
+async def _get(store: SQLiteStore, workflow_id: str) -> dict[str, Any]:
+    rec = await store.load_instance(workflow_id)
+    if rec is None:
+        raise WorkflowNotFound(workflow_id)
+    return {
+        **rec.summary(),
+        "saga": bool(rec.progress.get("saga")),
+        "state": rec.state,
+        "journal": [j.to_json() for j in await store.journal(workflow_id)],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+
+
+def _print_final_state(wf: Workflow) -> None:
+    state = wf.state
+    print("\n" + RULE)
+    print(" FINAL STATE")
+    print(RULE + "\n")
+    print(f"Workflow ID: {wf.id}")
+    print(f"Status: {wf.status.value}")
+    print(f"Order Reference: {state.order_reference}")  # type: ignore[attr-defined]
+    print("\nStep Results:")
+    print(f" Order Created: {state.order_created}")  # type: ignore[attr-defined]
+    print(f" Payment Charged: {state.payment_charged}")  # type: ignore[attr-defined]
+    print(f" Inventory Reserved: {state.inventory_reserved}")  # type: ignore[attr-defined]
+    print(f" Shipment Created: {state.shipment_created}")  # type: ignore[attr-defined]
+    runs = state.compensations_run  # type: ignore[attr-defined]
+    if runs:
+        print("\n⚠️ Compensations Run:")
+        for comp in runs:
+            print(f" - {comp}")
+    else:
+        print("\n✅ No compensations needed")
+    print(f"\nFinal Workflow Status: {state.workflow_status}")  # type: ignore[attr-defined]
+
+
+async def _demo_payment(builder: WorkflowBuilder, store: SQLiteStore, *, fail: bool) -> Workflow:
+    print("\n" + RULE)
+    print(" PROCESSING PAYMENT" + ("  (carrier API will fail)" if fail else ""))
+    print(RULE)
+    data: dict[str, Any] = {
+        "order_id": "ORD-12345",
+        "customer_id": "CUST-789",
+        "amount": 299.99,
+        "currency": "USD",
+    }
+    if fail:
+        data["fail_step"] = "Create_Shipment"
+    wf = await builder.create_workflow("PaymentProcessing", initial_data=data, store=store)
+    wf.enable_saga_mode()
+    print("✓ Saga mode enabled (compensation active)")
+
+    def banner(workflow: Workflow, event: dict[str, Any]) -> None:
+        if workflow is wf and event["event"] == "status_changed" and event["status"] == "COMPENSATING":
+            print("\n" + RULE)
+            print(" WORKFLOW FAILED - INITIATING ROLLBACK")
+            print(RULE)
+
+    builder.observers.append(banner)
+    try:
+        while wf.status == "ACTIVE":
+            await wf.next_step()
+    finally:
+        builder.observers.remove(banner)
+    if wf.status == "COMPLETED":
+        print("\n" + RULE)
+        print(" WORKFLOW COMPLETED SUCCESSFULLY")
+        print(RULE)
+    _print_final_state(wf)
+    return wf
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    db = _db(args)
+    print(RULE)
+    print(" EDGESAGA SAGA PATTERN DEMO")
+    print(RULE)
+    print(f"Database: {db} (SQLite, WAL, synchronous=FULL)")
+    builder = _builder(args)
+    async with SQLiteStore(db) as store:
+        ok = await _demo_payment(builder, store, fail=False)
+        bad = await _demo_payment(builder, store, fail=True)
+        results = [ok.status is WorkflowStatus.COMPLETED, bad.status is WorkflowStatus.FAILED_ROLLED_BACK]
+        try:
+            from hardware import demo as hw_demo  # the HAL part of the demo (mock pins)
+        except ImportError:
+            hw_demo = None
+        if hw_demo is not None:
+            results.extend(await hw_demo.run_demo(store))
+    print("\n" + RULE)
+    print(" SUMMARY")
+    print(RULE)
+    print(f"PaymentProcessing (success path): {ok.status.value}")
+    print(f"PaymentProcessing (carrier fails): {bad.status.value}")
+    print(f"\nEverything above is in {db}: try `edgesaga list --db {db}` and `edgesaga show <id> --db {db}`.")
+    return 0 if all(results) else 1
+
+
+async def cmd_validate(args: argparse.Namespace) -> int:
+    files = discover(args.paths)
+    if not files:
+        raise UsageError("No workflow definitions (YAML files with workflow_type) found there.")
+    for f in files:
+        d = load_definition(f)
+        print(f"ok  {f}: {d.workflow_type} {d.version}, {len(d.steps)} steps, hash {d.hash[:12]}")
+    return 0
+
+
+async def cmd_start(args: argparse.Namespace) -> int:
+    data = _json_arg(args.data, "--data")
+    builder = _builder(args)
+    async with _open_store(args, write=True) as store:
+        wf = await builder.create_workflow(
+            args.workflow_type,
+            initial_data=data,
+            store=store,
+            workflow_id=args.id,
+            saga_mode=True if args.saga else None,
+        )
+        print(f"started {wf.workflow_type} {wf.id}", file=sys.stderr)
+        status = await wf.run()
+        print(json.dumps({**wf.snapshot(), "state": wf.state.model_dump(mode="json")}, indent=2))
+    return 0 if status is WorkflowStatus.COMPLETED else 3
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    async with _open_store(args, write=False) as store:
+        records = await store.list_instances(
+            status=args.status, workflow_type=args.type, limit=args.limit
+        )
+    rows = [r.summary() for r in records]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_list(rows)
+    return 0
+
+
+async def cmd_show(args: argparse.Namespace) -> int:
+    async with _open_store(args, write=False) as store:
+        info = await _get(store, args.workflow_id)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_workflow(info)
+    return 0
+
+
+async def cmd_recover(args: argparse.Namespace) -> int:
+    builder = _builder(args)
+    async with _open_store(args, write=True) as store:
+        workflows = await builder.recover(store)
+    for wf in workflows:
+        print(f"{wf.id}  {wf.workflow_type:<20} {wf.status.value}")
+    if not workflows:
+        print("Nothing to recover.")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgesaga",
+        description="Durable saga workflows for Raspberry-Pi-class devices.",
+    )
+    p.add_argument("--log-level", default=os.environ.get("EDGESAGA_LOG_LEVEL", "WARNING"))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_db(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--db", help=f"SQLite database file (default {DEFAULT_DB})")
+
+    def with_defs(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--definitions",
+            action="append",
+            default=[],
+            metavar="PATH",
+            help="extra workflow YAML file or directory (repeatable); bundled workflows are always loaded",
+        )
+
+    sp = sub.add_parser("demo", help="run the payment saga (success, then carrier failure) and the irrigation workflow on mock pins")
+    with_db(sp)
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("validate", help="load and check workflow definitions")
+    sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("start", help="start a workflow and run it in this process (persisted)")
+    sp.add_argument("workflow_type")
+    sp.add_argument("--data", help="initial state as JSON, or @file.json")
+    sp.add_argument("--saga", action="store_true", help="enable saga mode (compensate on failure)")
+    sp.add_argument("--id", help="workflow id (idempotent: an existing id is not started twice)")
+    with_db(sp)
+    with_defs(sp)
+    sp.set_defaults(func=cmd_start)
+
+    sp = sub.add_parser("list", help="list workflows, newest first")
+    sp.add_argument("--status", action="append", choices=[s.value for s in WorkflowStatus])
+    sp.add_argument("--type", help="only this workflow type")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    with_db(sp)
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("show", help="one workflow: status, state and its journal as a timeline")
+    sp.add_argument("workflow_id")
+    sp.add_argument("--json", action="store_true")
+    with_db(sp)
+    sp.set_defaults(func=cmd_show)
+
+    sp = sub.add_parser("recover", help="resume every ACTIVE and COMPENSATING workflow in this process")
+    with_db(sp)
+    with_defs(sp)
+    sp.set_defaults(func=cmd_recover)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(args.func(args))
+    except (AgentError, UsageError) as exc:
+        print(f"edgesaga: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgesaga: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

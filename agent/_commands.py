@@ -1,0 +1,201 @@
+"""Commands accepted over MQTT and the local control socket: one pydantic model per command.
+
+Input is hostile: :func:`parse_command` turns any payload into a command or a
+:class:`CommandError` carrying an error ``code`` and a sentence, never an unhandled exception.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from agent._errors import AgentError
+from agent._status import WorkflowStatus
+
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+WorkflowId = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")
+]
+Topic = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"^[^#+\x00]+$")]
+
+DEFAULT_MAX_PAYLOAD = 64 * 1024
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    request_id: RequestId
+    reply_to: Topic | None = None
+
+
+class StartCommand(_Command):
+    """Start a workflow of a type loaded from local YAML."""
+
+    command: Literal["start"] = "start"
+    workflow_type: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    data: dict[str, Any] = Field(default_factory=dict)
+    workflow_id: WorkflowId | None = None
+    saga: bool | None = None
+
+
+class CancelCommand(_Command):
+    """Cancel a workflow; in saga mode its completed steps are compensated first."""
+
+    command: Literal["cancel"] = "cancel"
+    workflow_id: WorkflowId
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class ResumeCommand(_Command):
+    """Resume a PAUSED workflow with input data."""
+
+    command: Literal["resume"] = "resume"
+    workflow_id: WorkflowId
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class RetryCommand(_Command):
+    """Retry a FAILED or COMPENSATION_FAILED workflow."""
+
+    command: Literal["retry"] = "retry"
+    workflow_id: WorkflowId
+
+
+class GetCommand(_Command):
+    """One workflow's snapshot, state and journal."""
+
+    command: Literal["get"] = "get"
+    workflow_id: WorkflowId
+    journal: bool = True
+
+
+class ListCommand(_Command):
+    """Workflows, newest first, filtered by status and type."""
+
+    command: Literal["list"] = "list"
+    status: list[WorkflowStatus] | None = None
+    workflow_type: str | None = None
+    limit: int = Field(50, ge=1, le=1000)
+
+
+Command = StartCommand | CancelCommand | ResumeCommand | RetryCommand | GetCommand | ListCommand
+
+COMMANDS: dict[str, type[_Command]] = {
+    "start": StartCommand,
+    "cancel": CancelCommand,
+    "resume": ResumeCommand,
+    "retry": RetryCommand,
+    "get": GetCommand,
+    "list": ListCommand,
+}
+
+#: Error codes a reply may carry.
+ERROR_CODES = (
+    "payload_too_large",
+    "invalid_json",
+    "unknown_command",
+    "invalid_command",
+    "unknown_workflow_type",
+    "invalid_data",
+    "not_found",
+    "invalid_transition",
+    "busy",
+    "internal_error",
+)
+
+
+class CommandError(AgentError, ValueError):
+    """Raised when a command cannot be parsed or carried out; becomes an error reply.
+
+    ``code`` is one of :data:`ERROR_CODES`; ``request_id`` and ``reply_to`` are whatever could be
+    read from the payload (so an error reply can still reach the caller).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.reply_to = reply_to
+        super().__init__(message)
+
+    def reply(self) -> dict[str, Any]:
+        return error_reply(self.request_id, self.code, self.message)
+
+
+def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return {"request_id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+def _peek(obj: Any, key: str) -> str | None:
+    if isinstance(obj, dict):
+        value = obj.get(key)
+        if isinstance(value, str) and 0 < len(value) <= 500:
+            return value
+    return None
+
+
+def parse_command(
+    name: str, payload: bytes | str | dict[str, Any], *, max_payload: int = DEFAULT_MAX_PAYLOAD
+) -> Command:
+    """Validate a command named ``name`` (the topic's last level) with a JSON ``payload``."""
+    raw: Any
+    if isinstance(payload, dict):
+        raw = payload
+    else:
+        size = len(payload.encode() if isinstance(payload, str) else payload)
+        if size > max_payload:
+            raise CommandError(
+                "payload_too_large",
+                f"The payload is {size} bytes; the limit is {max_payload} bytes.",
+            )
+        try:
+            raw = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CommandError(
+                "invalid_json", f"The payload is not valid UTF-8 JSON ({exc.__class__.__name__})."
+            ) from None
+    request_id, reply_to = _peek(raw, "request_id"), _peek(raw, "reply_to")
+    model = COMMANDS.get(name)
+    if model is None:
+        raise CommandError(
+            "unknown_command",
+            f"Unknown command {name!r}; use one of {', '.join(COMMANDS)}.",
+            request_id=request_id,
+            reply_to=reply_to,
+        )
+    if not isinstance(raw, dict):
+        raise CommandError(
+            "invalid_command",
+            "A command is a JSON object with at least a request_id.",
+            request_id=request_id,
+            reply_to=reply_to,
+        )
+    body = {k: v for k, v in raw.items() if k != "command"}
+    if "command" in raw and raw["command"] != name:
+        raise CommandError(
+            "invalid_command",
+            f"The payload says command {raw['command']!r} but was sent as {name!r}.",
+            request_id=request_id,
+            reply_to=reply_to,
+        )
+    try:
+        return model.model_validate(body)  # type: ignore[return-value]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}" for e in exc.errors()[:3]
+        )
+        raise CommandError(
+            "invalid_command",
+            f"Invalid {name} command: {problems}.",
+            request_id=request_id,
+            reply_to=reply_to,
+        ) from None

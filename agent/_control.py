@@ -1,0 +1,222 @@
+"""Carries out commands (from MQTT or the local socket) against the builder, store and runner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from agent._commands import (
+    CancelCommand,
+    Command,
+    CommandError,
+    GetCommand,
+    ListCommand,
+    ResumeCommand,
+    RetryCommand,
+    StartCommand,
+    error_reply,
+    parse_command,
+)
+from agent._engine import Workflow, WorkflowBuilder
+from agent._errors import (
+    AgentError,
+    InvalidData,
+    InvalidTransition,
+    UnknownWorkflowType,
+    WorkflowNotFound,
+)
+from agent._runner import Runner
+from agent._store import SQLiteStore
+
+log = logging.getLogger("edgesaga.control")
+
+#: Commands whose first reply is stored, so a repeat (QoS 1 redelivery) gets it again.
+_MUTATING = (StartCommand, CancelCommand, ResumeCommand, RetryCommand)
+_REQUEST_NS = uuid.UUID("6f1f3c1e-5f0a-4a8e-9a53-7e0d2f1b9c11")
+
+
+class Control:
+    """The command handler shared by the MQTT link and the control socket."""
+
+    def __init__(
+        self,
+        *,
+        builder: WorkflowBuilder,
+        store: SQLiteStore,
+        runner: Runner,
+        max_payload: int = 64 * 1024,
+        hardware: Any = None,
+    ) -> None:
+        self.builder = builder
+        self.store = store
+        self.runner = runner
+        self.max_payload = max_payload
+        self.hardware = hardware
+        self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    async def handle_raw(self, name: str, payload: bytes | str) -> tuple[dict[str, Any], str | None]:
+        """Parse and execute; returns ``(reply, reply_to)``. Never raises for bad input."""
+        try:
+            command = parse_command(name, payload, max_payload=self.max_payload)
+        except CommandError as err:
+            log.warning("rejected %s command (request %s): %s", name, err.request_id, err.message)
+            return err.reply(), err.reply_to
+        return await self.execute(command), command.reply_to
+
+    async def execute(self, command: Command) -> dict[str, Any]:
+        """Carry out a validated command and return the reply (ok or error)."""
+        rid = command.request_id
+        if not isinstance(command, _MUTATING):
+            return await self._guarded(command)
+        # A repeat of a request id gets the first answer, also when both arrive at once.
+        running = self._inflight.get(rid)
+        if running is not None:
+            return await asyncio.shield(running)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._inflight[rid] = fut
+        try:
+            stored = await self.store.get_request(rid)
+            if stored is not None:
+                reply = stored
+            else:
+                reply = await self._guarded(command)
+                if not (isinstance(command, StartCommand) and reply.get("ok")):
+                    # A successful start stored its reply in the same transaction as the instance.
+                    await self.store.put_request(rid, reply)
+            fut.set_result(reply)
+            return reply
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._inflight.pop(rid, None)
+
+    async def _guarded(self, command: Command) -> dict[str, Any]:
+        rid = command.request_id
+        try:
+            return await self._dispatch(command)
+        except CommandError as err:
+            return error_reply(rid, err.code, err.message)
+        except UnknownWorkflowType as err:
+            return error_reply(rid, "unknown_workflow_type", str(err))
+        except InvalidData as err:
+            return error_reply(rid, "invalid_data", str(err))
+        except WorkflowNotFound as err:
+            return error_reply(rid, "not_found", str(err))
+        except InvalidTransition as err:
+            return error_reply(rid, "invalid_transition", str(err))
+        except AgentError as err:
+            log.exception("command %s (request %s) failed", command.command, rid)
+            return error_reply(rid, "internal_error", str(err))
+        except Exception as err:
+            log.exception("command %s (request %s) failed unexpectedly", command.command, rid)
+            return error_reply(rid, "internal_error", f"{type(err).__name__}: {err}")
+
+    async def _dispatch(self, command: Command) -> dict[str, Any]:
+        match command:
+            case StartCommand():
+                return await self._start(command)
+            case CancelCommand():
+                wf = await self.builder.load_workflow(command.workflow_id, self.store)
+                if wf.is_running:
+                    await wf.cancel(command.reason or "cancelled on request")
+                else:
+                    # Not driven here: hand it to the runner so the reply does not wait for the rollback.
+                    if wf.status.value not in ("ACTIVE", "PAUSED"):
+                        await wf.cancel()  # raises InvalidTransition with a clear sentence
+                    wf.request_cancel(command.reason or "cancelled on request")
+                    self.runner.submit(wf)
+                return self._ok(command.request_id, wf, cancel_requested=True)
+            case RetryCommand():
+                wf = await self.builder.load_workflow(command.workflow_id, self.store)
+                if wf.status.value not in ("FAILED", "COMPENSATION_FAILED"):
+                    raise InvalidTransition(
+                        wf.id,
+                        wf.status.value,
+                        f"Workflow {wf.id} is {wf.status.value}; only FAILED and "
+                        "COMPENSATION_FAILED workflows can be retried.",
+                    )
+                await wf.prepare_retry()
+                self.runner.submit(wf)
+                return self._ok(command.request_id, wf)
+            case ResumeCommand():
+                wf = await self.builder.load_workflow(command.workflow_id, self.store)
+                raise InvalidTransition(
+                    wf.id,
+                    wf.status.value,
+                    f"Workflow {wf.id} is {wf.status.value}, not PAUSED; only a workflow waiting "
+                    "for input (a HUMAN_INPUT step) can be resumed.",
+                )
+            case GetCommand():
+                return await self.get(command.workflow_id, command.request_id, journal=command.journal)
+            case ListCommand():
+                records = await self.store.list_instances(
+                    status=[s.value for s in command.status] if command.status else None,
+                    workflow_type=command.workflow_type,
+                    limit=command.limit,
+                )
+                return {
+                    "request_id": command.request_id,
+                    "ok": True,
+                    "workflows": [r.summary() for r in records],
+                }
+        raise CommandError("unknown_command", f"Unsupported command {command!r}.")  # pragma: no cover
+
+    async def _start(self, command: StartCommand) -> dict[str, Any]:
+        rid = command.request_id
+        self.builder.definition(command.workflow_type)  # unknown types fail before anything else
+        self.builder.validate_data(command.workflow_type, command.data)
+        # Without a caller-chosen id, the id is derived from the request id: a repeat after a
+        # crash between commit and reply still finds the same workflow.
+        wid = command.workflow_id or str(uuid.uuid5(_REQUEST_NS, rid))
+        reply = {"request_id": rid, "ok": True, "workflow_id": wid, "status": "ACTIVE"}
+        wf = await self.builder.create_workflow(
+            command.workflow_type,
+            command.data,
+            store=self.store,
+            workflow_id=wid,
+            saga_mode=command.saga,
+            request=(rid, reply),
+        )
+        if wf.workflow_type != command.workflow_type:
+            raise CommandError(
+                "invalid_command",
+                f"Workflow id {wid} already belongs to a {wf.workflow_type} workflow.",
+            )
+        if not wf.status.is_terminal and not wf.is_running:
+            self.runner.submit(wf)
+        return self._ok(rid, wf, workflow_type=wf.workflow_type)
+
+    @staticmethod
+    def _ok(request_id: str, wf: Workflow, **extra: Any) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "ok": True,
+            "workflow_id": wf.id,
+            "status": wf.status.value,
+            **extra,
+        }
+
+    async def get(self, workflow_id: str, request_id: str | None = None, *, journal: bool = True) -> dict[str, Any]:
+        rec = await self.store.load_instance(workflow_id)
+        if rec is None:
+            raise WorkflowNotFound(workflow_id)
+        reply: dict[str, Any] = {
+            "request_id": request_id,
+            "ok": True,
+            **rec.summary(),
+            "state": rec.state,
+            "saga": bool(rec.progress.get("saga")),
+            "completed_steps": rec.progress.get("completed", []),
+            "compensated_steps": rec.progress.get("compensated", []),
+            "compensation_failed": rec.progress.get("compensation_failed", []),
+        }
+        live = self.builder.live(workflow_id)
+        if live is not None and live.waiting_for:
+            reply["waiting_for"] = live.waiting_for
+        if journal:
+            reply["journal"] = [j.to_json() for j in await self.store.journal(workflow_id)]
+        return reply

@@ -1,0 +1,119 @@
+"""Durability throughput: the payment saga (no-op steps) beside raw SQLite commits on the same disk.
+
+    python bench/throughput.py [--dir DIR] [--seconds S]
+
+Prints raw commits/s (WAL + synchronous=FULL, one small insert per transaction), then for the
+no-op payment saga run sequentially and with 32 in flight: workflows/s, steps/s, the ratio
+steps/s ÷ raw commits/s, commits per step, and bytes written per step (write_bytes from
+/proc/self/io, which counts the store thread too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent import SQLiteStore, WorkflowBuilder  # noqa: E402
+
+STEPS_PER_WORKFLOW = 4
+
+
+def write_bytes() -> int:
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def raw_commits(directory: Path, seconds: float) -> float:
+    path = directory / "raw.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    n = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t (v) VALUES (?)", ("x" * 50,))
+        conn.execute("COMMIT")
+        n += 1
+    rate = n / (time.perf_counter() - start)
+    conn.close()
+    return rate
+
+
+async def saga_run(directory: Path, workflow_type: str, in_flight: int, seconds: float, name: str) -> dict[str, float]:
+    builder = WorkflowBuilder(definitions=[ROOT / "bench"])
+    async with SQLiteStore(directory / f"{name}.db") as store:
+        # warm up (imports, first pages)
+        for _ in range(5):
+            await builder.start_workflow(workflow_type, store=store)
+        commits0, bytes0 = store.commits, write_bytes()
+        done = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                wf = await builder.start_workflow(workflow_type, store=store)
+                assert wf.status == "COMPLETED", wf.status
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        elapsed = time.perf_counter() - start
+        steps = done * STEPS_PER_WORKFLOW
+        return {
+            "workflows_s": done / elapsed,
+            "steps_s": steps / elapsed,
+            "commits_per_step": (store.commits - commits0) / steps,
+            "bytes_per_step": (write_bytes() - bytes0) / steps,
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default=None, help="directory on the disk to measure (default: ./.edgesaga/bench)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
+    args = ap.parse_args()
+    base = Path(args.dir) if args.dir else ROOT / ".edgesaga" / "bench"
+    base.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(dir=base))
+    try:
+        raw = raw_commits(directory, args.seconds)
+        print(f"disk: {directory}")
+        print(f"raw SQLite commits/s (WAL, synchronous=FULL, 1 insert/txn): {raw:8.0f}")
+        print()
+        print(f"{'run':<34}{'wf/s':>8}{'steps/s':>10}{'÷ raw':>8}{'commits/step':>14}{'bytes/step':>12}")
+        for label, wtype, n in (
+            ("async no-op, sequential", "NoopPayment", 1),
+            ("async no-op, 32 in flight", "NoopPayment", 32),
+            ("sync (thread) no-op, sequential", "NoopPaymentSync", 1),
+            ("sync (thread) no-op, 32 in flight", "NoopPaymentSync", 32),
+        ):
+            r = asyncio.run(saga_run(directory, wtype, n, args.seconds, f"{wtype}-{n}"))
+            print(
+                f"{label:<34}{r['workflows_s']:8.0f}{r['steps_s']:10.0f}{r['steps_s'] / raw:8.2f}"
+                f"{r['commits_per_step']:14.2f}{r['bytes_per_step']:12.0f}"
+            )
+        print()
+        print("targets: sequential ≥ 0.60 × raw, 32 in flight ≥ 2 × raw, ≤ 12 KiB (12288 B) per step")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.pop("PYTHONASYNCIODEBUG", None)  # debug mode would measure asyncio's checks
+    main()
