@@ -18,6 +18,7 @@ from agent._engine import Workflow, WorkflowBuilder
 from agent._errors import AgentError, WorkflowNotFound
 from agent._status import WorkflowStatus
 from agent._store import SQLiteStore
+from hardware import HardwareError
 
 DEFAULT_DB = Path(".edgesaga") / "edgesaga.db"
 RULE = "=" * 70
@@ -36,8 +37,52 @@ def _builder(args: argparse.Namespace, *, hardware: Any = None) -> WorkflowBuild
     return WorkflowBuilder(definitions=paths, hardware=hardware)
 
 
+def _config_path(args: argparse.Namespace) -> str | None:
+    return getattr(args, "config", None) or os.environ.get("EDGESAGA_CONFIG") or None
+
+
 def _db(args: argparse.Namespace) -> Path:
-    return Path(args.db) if args.db else DEFAULT_DB
+    if getattr(args, "db", None):
+        return Path(args.db)
+    cfg = _config_path(args)
+    if cfg:
+        from agent._config import load_config
+
+        return load_config(cfg).database
+    return DEFAULT_DB
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    if getattr(args, "socket", None):
+        return Path(args.socket)
+    cfg = _config_path(args)
+    if cfg and not getattr(args, "db", None):
+        from agent._config import load_config
+
+        return load_config(cfg).socket_path
+    return _db(args).parent / "control.sock"
+
+
+def _agent(args: argparse.Namespace) -> Path | None:
+    """The control socket of a running agent for this database, or None."""
+    from agent._socket import agent_listening
+
+    path = _socket(args)
+    return path if agent_listening(path) else None
+
+
+def _remote(path: Path, command: str, **fields: Any) -> dict[str, Any]:
+    import uuid
+
+    from agent._socket import request
+
+    if command in ("start", "cancel", "retry", "resume", "get", "list"):
+        fields.setdefault("request_id", f"cli-{uuid.uuid4()}")
+    reply = request(path, command, **fields)
+    if not reply.get("ok"):
+        err = reply.get("error") or {}
+        raise UsageError(f"the agent refused: {err.get('message', reply)} ({err.get('code', '?')})")
+    return reply
 
 
 def _open_store(args: argparse.Namespace, *, write: bool) -> SQLiteStore:
@@ -234,6 +279,16 @@ async def cmd_validate(args: argparse.Namespace) -> int:
 
 async def cmd_start(args: argparse.Namespace) -> int:
     data = _json_arg(args.data, "--data")
+    sock = _agent(args)
+    if sock is not None:
+        fields: dict[str, Any] = {"workflow_type": args.workflow_type, "data": data}
+        if args.saga:
+            fields["saga"] = True
+        if args.id:
+            fields["workflow_id"] = args.id
+        reply = _remote(sock, "start", **fields)
+        print(json.dumps(reply, indent=2))
+        return 0
     builder = _builder(args)
     async with _open_store(args, write=True) as store:
         wf = await builder.create_workflow(
@@ -250,11 +305,20 @@ async def cmd_start(args: argparse.Namespace) -> int:
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    async with _open_store(args, write=False) as store:
-        records = await store.list_instances(
-            status=args.status, workflow_type=args.type, limit=args.limit
-        )
-    rows = [r.summary() for r in records]
+    sock = _agent(args)
+    if sock is not None:
+        fields: dict[str, Any] = {"limit": args.limit}
+        if args.status:
+            fields["status"] = args.status
+        if args.type:
+            fields["workflow_type"] = args.type
+        rows = _remote(sock, "list", **fields)["workflows"]
+    else:
+        async with _open_store(args, write=False) as store:
+            records = await store.list_instances(
+                status=args.status, workflow_type=args.type, limit=args.limit
+            )
+        rows = [r.summary() for r in records]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -263,8 +327,12 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with _open_store(args, write=False) as store:
-        info = await _get(store, args.workflow_id)
+    sock = _agent(args)
+    if sock is not None:
+        info = _remote(sock, "get", workflow_id=args.workflow_id)
+    else:
+        async with _open_store(args, write=False) as store:
+            info = await _get(store, args.workflow_id)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -283,6 +351,93 @@ async def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    sock = _agent(args)
+    if sock is not None:
+        fields: dict[str, Any] = {"workflow_id": args.workflow_id}
+        if args.reason:
+            fields["reason"] = args.reason
+        print(json.dumps(_remote(sock, "cancel", **fields), indent=2))
+        return 0
+    builder = _builder(args)
+    async with _open_store(args, write=True) as store:
+        wf = await builder.cancel(args.workflow_id, store, reason=args.reason or "cancelled on request")
+        print(json.dumps(wf.snapshot(), indent=2))
+    return 0
+
+
+async def cmd_retry(args: argparse.Namespace) -> int:
+    sock = _agent(args)
+    if sock is not None:
+        print(json.dumps(_remote(sock, "retry", workflow_id=args.workflow_id), indent=2))
+        return 0
+    builder = _builder(args)
+    async with _open_store(args, write=True) as store:
+        wf = await builder.retry(args.workflow_id, store)
+        print(json.dumps(wf.snapshot(), indent=2))
+    return 0 if wf.status is WorkflowStatus.COMPLETED else 3
+
+
+async def cmd_resume(args: argparse.Namespace) -> int:
+    data = _json_arg(args.data, "--data")
+    sock = _agent(args)
+    if sock is not None:
+        print(json.dumps(_remote(sock, "resume", workflow_id=args.workflow_id, data=data), indent=2))
+        return 0
+    async with _open_store(args, write=False) as store:
+        rec = await store.load_instance(args.workflow_id)
+    if rec is None:
+        raise WorkflowNotFound(args.workflow_id)
+    raise UsageError(
+        f"Workflow {args.workflow_id} is {rec.status.value}, not PAUSED; only a workflow waiting "
+        "for input (a HUMAN_INPUT step) can be resumed."
+    )
+
+
+async def cmd_pins(args: argparse.Namespace) -> int:
+    sock = _agent(args)
+    if sock is None:
+        raise UsageError(
+            f"No agent is running on {_socket(args)}; `edgesaga pins` reads the pins of a running "
+            "agent (start one with `edgesaga run --config agent.yaml`)."
+        )
+    if args.set:
+        name, _, value = args.set.partition("=")
+        reply = _remote(sock, "set_input", device=name, value=value.lower() in ("1", "true", "on", "high"))
+    else:
+        reply = _remote(sock, "pins")
+    for name, value in reply["pins"].items():
+        print(f"{name:<16} {value}")
+    return 0
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from agent._config import load_config
+    from agent._logging import setup_logging
+    from agent._service import Agent
+
+    cfg = load_config(_config_path(args))
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    return await Agent(cfg).run()
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    from agent._config import load_config
+    from agent._mqtt import MqttSettings, watch
+
+    cfg_path = _config_path(args)
+    settings = load_config(cfg_path).mqtt if cfg_path else MqttSettings()
+    updates: dict[str, Any] = {}
+    if args.host:
+        updates["host"] = args.host
+    if args.port:
+        updates["port"] = args.port
+    if updates:
+        settings = settings.model_copy(update=updates)
+    await watch(settings, device=args.device)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -295,7 +450,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_db(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--db", help=f"SQLite database file (default {DEFAULT_DB})")
+        sp.add_argument("--db", help=f"SQLite database file (default {DEFAULT_DB}, or the config's)")
+        sp.add_argument("--config", help="agent config; its database and control socket are used")
+        sp.add_argument("--socket", help="control socket of a running agent (default: beside the database)")
 
     def with_defs(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -341,6 +498,41 @@ def _parser() -> argparse.ArgumentParser:
     with_db(sp)
     with_defs(sp)
     sp.set_defaults(func=cmd_recover)
+
+    sp = sub.add_parser("cancel", help="cancel a workflow (saga mode: compensate first)")
+    sp.add_argument("workflow_id")
+    sp.add_argument("--reason")
+    with_db(sp)
+    with_defs(sp)
+    sp.set_defaults(func=cmd_cancel)
+
+    sp = sub.add_parser("retry", help="retry a FAILED or COMPENSATION_FAILED workflow")
+    sp.add_argument("workflow_id")
+    with_db(sp)
+    with_defs(sp)
+    sp.set_defaults(func=cmd_retry)
+
+    sp = sub.add_parser("resume", help="resume a PAUSED workflow with input data")
+    sp.add_argument("workflow_id")
+    sp.add_argument("--data", help="input as JSON, or @file.json")
+    with_db(sp)
+    sp.set_defaults(func=cmd_resume)
+
+    sp = sub.add_parser("pins", help="show (or --set NAME=VALUE a mock input of) a running agent's pins")
+    sp.add_argument("--set", metavar="NAME=VALUE", help="drive a mock input (desktop simulation)")
+    with_db(sp)
+    sp.set_defaults(func=cmd_pins)
+
+    sp = sub.add_parser("run", help="run the agent (systemd service) with --config agent.yaml")
+    sp.add_argument("--config", help="agent config file (default: $EDGESAGA_CONFIG, else defaults)")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("watch", help="print the MQTT event stream live, one line per transition")
+    sp.add_argument("--device", default="+", help="device id, or + for all (default)")
+    sp.add_argument("--config", help="agent config (for the broker settings)")
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp.set_defaults(func=cmd_watch)
     return p
 
 
@@ -353,8 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return asyncio.run(args.func(args))
-    except (AgentError, UsageError) as exc:
+    except (AgentError, UsageError, HardwareError) as exc:
         print(f"edgesaga: error: {exc}", file=sys.stderr)
+        return 2
+    except (ConnectionError, TimeoutError) as exc:
+        print(f"edgesaga: error: talking to the agent failed: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgesaga: interrupted", file=sys.stderr)

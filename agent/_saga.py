@@ -248,7 +248,11 @@ def succeeded(plan: Plan, progress: Progress) -> Progress:
         nxt = plan.after(fl.step)
         done = (*base.completed, fl.step)
         if progress.cancelled:
-            # A cancel arrived while the step ran: it completed, so it joins the rollback.
+            # A cancel arrived while the step ran: it completed, so (saga mode) it joins the rollback.
+            if not progress.saga:
+                return _replace(
+                    base, completed=done, next_step=None, status=WorkflowStatus.CANCELLED
+                )
             return _begin_rollback(plan, _replace(base, completed=done), None)
         if nxt is None:
             return _replace(
@@ -276,7 +280,8 @@ def failed(plan: Plan, progress: Progress, error: str, *, now: float = 0.0) -> P
     limit = spec.max_attempts if fl.phase == "forward" else spec.compensate_max_attempts
     delays = spec.retry_delays if fl.phase == "forward" else spec.compensate_retry_delays
     base = _replace(progress, inflight=None, failures=failures, error=error)
-    if failures[key] < limit and not progress.cancelled:
+    # A cancel stops forward retries; compensations keep theirs (the rollback must finish).
+    if failures[key] < limit and not (progress.cancelled and fl.phase == "forward"):
         wait = _delay(delays, failures[key])
         return _replace(base, not_before=(now + wait) if wait > 0 else None)
     return _give_up(plan, base, fl, error, interrupted=False)
@@ -368,7 +373,7 @@ def cancel_inflight(plan: Plan, progress: Progress, error: str) -> Progress:
     """The in-flight forward attempt was stopped because of a cancel; it may have taken effect, so
     in saga mode its own compensation runs first."""
     fl = _require_inflight(progress)
-    base = _replace(progress, inflight=None, error=error, failed_step=fl.step)
+    base = _replace(progress, inflight=None, error=error, failed_step=fl.step, cancelled=True)
     if fl.phase == "compensate":  # cancel never stops a compensation; treat as interrupted
         return _replace(progress, inflight=None)
     if not base.saga:

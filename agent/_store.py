@@ -360,14 +360,13 @@ class SQLiteStore:
         else:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-        if not self.readonly:
-            if self.path != ":memory:":
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if mode.lower() != "wal":
-                    raise StoreError(f"Could not switch {self.path} to WAL mode (got {mode}).")
+        if not self.readonly and self.path != ":memory:":
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"Could not switch {self.path} to WAL mode (got {mode}).")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         self._migrate(conn)
@@ -770,10 +769,16 @@ class SQLiteStore:
         (then the oldest of any), and return how many were dropped."""
 
         def fn(conn: sqlite3.Connection) -> int:
-            count = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            count, top = conn.execute("SELECT count(*), max(seq) FROM outbox").fetchone()
             excess = count - cap
             if excess <= 0:
                 return 0
+            # Remember the high-water mark, so seq numbers are never reused after a reopen.
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('last_seq', ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = max(CAST(value AS INTEGER), excluded.value)",
+                (top,),
+            )
             marks = ",".join("?" * len(FINISHED))
             dropped = conn.execute(
                 "DELETE FROM outbox WHERE seq IN (SELECT o.seq FROM outbox o JOIN instances i ON "
@@ -790,7 +795,7 @@ class SQLiteStore:
 
         return await self.write(fn)
 
-    async def wait_outbox(self, timeout: float | None = None) -> bool:
+    async def wait_outbox(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a plain wait with a bound
         """Wait until new outbox items were committed since the last call; False on timeout."""
         assert self._outbox_event is not None
         try:

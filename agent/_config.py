@@ -1,0 +1,171 @@
+"""The agent config (``agent.yaml``): pydantic, unknown keys rejected, ``EDGESAGA_...`` overrides."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent._errors import AgentError
+from agent._mqtt import MqttSettings
+from hardware import BoardConfig
+
+ENV_PREFIX = "EDGESAGA_"
+
+
+class ConfigError(AgentError, ValueError):
+    """Raised when the agent config is unreadable or invalid; names the file and the key."""
+
+
+class RetentionSettings(BaseModel):
+    """How long finished workflows are kept (both limits apply)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_age_days: float | None = Field(30.0, gt=0)
+    max_finished: int | None = Field(1000, ge=0)
+    interval: float = Field(3600.0, gt=0)
+
+
+class LoggingSettings(BaseModel):
+    """Logging: plain text lines for journald, or JSON lines."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class AgentConfig(BaseModel):
+    """Everything ``edgesaga run`` needs; see docs/configuration.md for every key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_id: str = Field(
+        default_factory=lambda: socket.gethostname().split(".")[0] or "edgesaga",
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        max_length=100,
+    )
+    database: Path = Path(".edgesaga/edgesaga.db")
+    definitions: list[Path] = Field(default_factory=list)
+    include_bundled: bool = True
+    max_concurrent: int = Field(4, ge=1, le=1000)
+    grace_period: float = Field(10.0, ge=0)
+    control_socket: Path | None = None  # default: control.sock beside the database
+    retention: RetentionSettings = RetentionSettings()
+    logging: LoggingSettings = LoggingSettings()
+    mqtt: MqttSettings = MqttSettings(enabled=False)
+    hardware: BoardConfig | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.control_socket or self.database.parent / "control.sock"
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """``EDGESAGA_MAX_CONCURRENT=8`` sets ``max_concurrent``; ``EDGESAGA_MQTT__HOST=broker`` sets
+    ``mqtt.host`` (``__`` separates levels). Values are parsed as YAML scalars. Only variables whose
+    first level is a config key count (``EDGESAGA_REAL_PINS`` and the like are not config)."""
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "EDGESAGA_CONFIG":
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if path[0] not in AgentConfig.model_fields:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, path, value)
+    return data
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = p.expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None
+) -> AgentConfig:
+    """Load ``agent.yaml`` (or only defaults and environment when ``path`` is None).
+
+    Relative paths in the file are taken relative to the file's directory."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    source = "the environment"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        base = p.parent.resolve()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"Cannot read the config file {p}: {exc.strerror or exc}.") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(
+                f"{where}: malformed YAML: {getattr(exc, 'problem', None) or exc}."
+            ) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the config must be a YAML mapping of keys to values.")
+        data = loaded
+    data = apply_env(data, env)
+    try:
+        cfg = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = "unknown key; remove it or fix its spelling" if e["type"] == "extra_forbidden" else e["msg"]
+        raise ConfigError(f"{source}: {key}: {msg}.") from None
+    updates: dict[str, Any] = {
+        "database": _resolve(base, cfg.database),
+        "definitions": [_resolve(base, d) for d in cfg.definitions],
+        "control_socket": _resolve(base, cfg.control_socket),
+    }
+    mqtt = cfg.mqtt
+    if mqtt.password_file is not None:
+        mqtt = mqtt.model_copy(update={"password_file": _resolve(base, mqtt.password_file)})
+    if mqtt.tls is not None:
+        tls = mqtt.tls
+        mqtt = mqtt.model_copy(
+            update={
+                "tls": tls.model_copy(
+                    update={
+                        k: _resolve(base, getattr(tls, k))
+                        for k in ("ca_file", "cert_file", "key_file")
+                        if getattr(tls, k, None) is not None
+                    }
+                )
+            }
+        )
+    updates["mqtt"] = mqtt
+    return cfg.model_copy(update=updates)

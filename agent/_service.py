@@ -1,0 +1,248 @@
+"""``edgesaga run``: the long-running agent.
+
+Order at start: open the store (an exclusive lock: one agent per database) → outputs to their safe
+values → recover → control socket → MQTT in the background (the agent works offline) → READY=1.
+On SIGTERM/SIGINT: STOPPING=1, stop taking work, give running steps ``grace_period`` seconds to
+reach a checkpoint (a step still running then is left for recovery, counted as interrupted),
+outputs safe, ``offline`` published, store closed, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from agent._config import AgentConfig
+from agent._control import Control
+from agent._definition import bundled_definitions_dir
+from agent._engine import WorkflowBuilder
+from agent._runner import Runner
+from agent._sdnotify import Notifier, watchdog_loop
+from agent._socket import ControlServer
+from agent._status import WorkflowStatus
+from agent._store import SQLiteStore
+
+log = logging.getLogger("edgesaga.agent")
+
+
+class Agent:
+    """The agent process: owns the store, the board, the runner, the control socket and MQTT.
+
+    Every background task belongs to one TaskGroup in :meth:`run`.
+    """
+
+    def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.store: SQLiteStore | None = None
+        self.board: Any = None
+        self.builder: WorkflowBuilder | None = None
+        self.runner = Runner(max_concurrent=config.max_concurrent)
+        self.control: Control | None = None
+        self.link: Any = None
+        self._stop = asyncio.Event()
+        self.exit_code = 0
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._stop.set()
+
+    # -- start-up ----------------------------------------------------------------------------------
+    def _open_board(self) -> Any:
+        hw = self.config.hardware
+        if hw is None:
+            return None
+        from hardware import Board
+
+        board = Board.from_config(hw)
+        board.safe_state()  # before recovery: whatever ran before a crash is switched off first
+        log.info("outputs set to their safe values: %s", board.snapshot())
+        return board
+
+    async def run(self) -> int:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self.store = SQLiteStore(cfg.database)
+        await self.store.open()  # DatabaseLocked when another agent drives this file
+        try:
+            self.board = self._open_board()
+            defs: list[Path] = [bundled_definitions_dir()] if cfg.include_bundled else []
+            defs.extend(cfg.definitions)
+            self.builder = WorkflowBuilder(definitions=defs, hardware=self.board)
+            self.control = Control(
+                builder=self.builder,
+                store=self.store,
+                runner=self.runner,
+                max_payload=cfg.mqtt.max_payload,
+                hardware=self.board,
+            )
+            recovered = await self.builder.recover(self.store, run=False)
+            for wf in recovered:
+                self.runner.submit(wf)
+            log.info(
+                "agent %s: %d workflow type(s) loaded, %d workflow(s) recovered",
+                cfg.device_id,
+                len(self.builder.workflow_types),
+                len(recovered),
+            )
+            server = ControlServer(
+                path=cfg.socket_path,
+                handle_raw=self.control.handle_raw,
+                extra={
+                    "pins": self._pins,
+                    "set_input": self._set_input,
+                    "status": self._status_cmd,
+                    "_block_loop": self._block_loop,
+                },
+            )
+            await server.start()
+            try:
+                await self._serve()
+            finally:
+                await server.close()
+        finally:
+            if self.board is not None:
+                with contextlib.suppress(Exception):
+                    self.board.safe_state()
+                self.board.close()
+            await self.store.close()
+        log.info("agent stopped")
+        return self.exit_code
+
+    async def _serve(self) -> None:
+        cfg = self.config
+        async with asyncio.TaskGroup() as tg:
+            tasks: list[asyncio.Task[Any]] = [
+                tg.create_task(self.runner.serve(), name="runner"),
+                tg.create_task(self._retention_loop(), name="retention"),
+                tg.create_task(self._status_loop(), name="status"),
+            ]
+            if cfg.mqtt.enabled:
+                from agent._mqtt import MqttLink
+
+                assert self.store is not None
+                assert self.control is not None
+                self.link = MqttLink(
+                    settings=cfg.mqtt,
+                    device_id=cfg.device_id,
+                    store=self.store,
+                    handler=self.control.handle_raw,
+                )
+                link_task = tg.create_task(self.link.run(), name="mqtt")
+            else:
+                link_task = None
+            interval = self.notifier.watchdog_interval()
+            if interval:
+                tasks.append(
+                    tg.create_task(watchdog_loop(self.notifier, self._healthy, interval), name="watchdog")
+                )
+            if self.board is not None and cfg.hardware is not None and cfg.hardware.simulate:
+                tasks.append(tg.create_task(self.board.simulate(cfg.hardware.simulate), name="simulate"))
+            self.notifier.ready(self._status_text())
+            log.info("agent %s ready", cfg.device_id)
+            await self._stop.wait()
+
+            # -- graceful shutdown --
+            self.notifier.stopping("stopping: letting running steps reach a checkpoint")
+            log.info("stopping: grace period %.1f s", cfg.grace_period)
+            cut = await self.runner.stop(cfg.grace_period)
+            if cut:
+                log.warning("%d workflow(s) cut short at shutdown; recovery resumes them", cut)
+            if self.board is not None:
+                self.board.safe_state()
+            for t in tasks:
+                t.cancel()
+            if link_task is not None:
+                link_task.cancel()  # publishes offline and disconnects
+
+    # -- background loops --------------------------------------------------------------------------
+    async def _healthy(self) -> bool:
+        assert self.store is not None
+        return await self.store.ping()
+
+    def _status_text(self) -> str:
+        paused = 0
+        return (
+            f"running {self.runner.running}, queued {self.runner.queued}, paused {paused}"
+            + ("" if self.link is None else (", mqtt up" if self.link.connected else ", mqtt down"))
+        )
+
+    async def _status_loop(self) -> None:
+        last = ""
+        while True:
+            text = self._status_text()
+            if text != last:
+                self.notifier.status(text)
+                last = text
+            await asyncio.sleep(2.0)
+
+    async def _retention_loop(self) -> None:
+        r = self.config.retention
+        assert self.store is not None
+        while True:
+            try:
+                await self.prune()
+            except Exception:
+                log.exception("retention: pruning failed; trying again at the next interval")
+            await asyncio.sleep(r.interval)
+
+    async def prune(self) -> list[str]:
+        """Prune finished workflows beyond the retention limits and clear their state topics."""
+        r = self.config.retention
+        assert self.store is not None
+        ids = await self.store.prune(
+            max_age=r.max_age_days * 86400 if r.max_age_days else None,
+            max_finished=r.max_finished,
+        )
+        if ids:
+            log.info("retention: pruned %d finished workflow(s)", len(ids))
+            if self.link is not None:
+                await self.link.clear_state(ids)
+            await self.store.checkpoint()
+        return ids
+
+    # -- extra control commands --------------------------------------------------------------------
+    async def _pins(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.board is None:
+            return {"ok": False, "error": {"code": "no_hardware", "message": "This agent has no hardware section in its config."}}
+        return {"ok": True, "pins": self.board.snapshot()}
+
+    async def _set_input(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.board is None:
+            return {"ok": False, "error": {"code": "no_hardware", "message": "This agent has no hardware section in its config."}}
+        self.board.set_input(str(req.get("device")), bool(req.get("value")))
+        return {"ok": True, "pins": self.board.snapshot()}
+
+    async def _status_cmd(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        return {
+            "ok": True,
+            "device_id": self.config.device_id,
+            "pid": os.getpid(),
+            "running": self.runner.running,
+            "queued": self.runner.queued,
+            "counts": await self.store.count_by_status(),
+            "mqtt_connected": None if self.link is None else self.link.connected,
+            "workflow_types": self.builder.workflow_types if self.builder else [],
+        }
+
+    async def _block_loop(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Test hook (only with EDGESAGA_TEST_HOOKS=1): block the event loop to prove the watchdog
+        stops pinging when the loop is wedged."""
+        if os.environ.get("EDGESAGA_TEST_HOOKS") != "1":
+            return {"ok": False, "error": {"code": "unknown_command", "message": "Unknown command '_block_loop'."}}
+        seconds = float(req.get("seconds", 1.0))
+        asyncio.get_running_loop().call_soon(time.sleep, seconds)  # deliberately blocking
+        return {"ok": True}
+
+
+def summary_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{s.value.lower()} {counts.get(s.value, 0)}" for s in WorkflowStatus if counts.get(s.value))
