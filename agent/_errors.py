@@ -94,7 +94,7 @@ class InvalidTransition(AgentError, RuntimeError):
 
 
 class StepTimeout(AgentError, TimeoutError):
-    """Raised (and recorded as the step's error) when a step outlives its ``timeout``."""
+    """Raised when a step outlives its ``timeout`` (and recorded as the step's error)."""
 
     def __init__(self, workflow_id: str, step: str, timeout: float) -> None:
         self.workflow_id = workflow_id

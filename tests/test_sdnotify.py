@@ -8,7 +8,8 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import pytest
 
@@ -168,7 +169,7 @@ def test_unusable_environment_socket_disables_with_a_warning(
 
 def test_constructor_is_keyword_only() -> None:
     with pytest.raises(TypeError):
-        Notifier("/run/systemd/notify")  # type: ignore[misc]
+        Notifier("/run/systemd/notify")  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("fields", [{}, {"BAD KEY": 1}, {"A=B": 1}])
@@ -201,9 +202,9 @@ def test_watchdog_interval(environ: dict[str, str], expected: float | None) -> N
 INTERVAL = 0.05
 
 
-async def _run_for(seconds: float, *coros: object) -> None:
+async def _run_for(seconds: float, *coros: Coroutine[Any, Any, None]) -> None:
     """Run ``watchdog_loop`` coroutines for ``seconds`` and cancel them, checking they cancel."""
-    tasks = [asyncio.ensure_future(c) for c in coros]  # type: ignore[call-overload]
+    tasks = [asyncio.ensure_future(c) for c in coros]
     await asyncio.sleep(seconds)
     for task in tasks:
         task.cancel()
