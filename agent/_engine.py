@@ -409,14 +409,18 @@ class Workflow:
         else:
             task = self._builder._threads.run(functools.partial(func, state, ctx, **params))
             self._step_task = None
+        deadline = None if timeout is None else asyncio.timeout(timeout)
         try:
-            if timeout is None:
+            if deadline is None:
                 result = await task
             else:
-                async with asyncio.timeout(timeout):
+                async with deadline:
                     result = await task
-        except TimeoutError:
+        except TimeoutError as exc:
             self._restore_state()
+            if deadline is None or not deadline.expired():
+                # The step's own TimeoutError (e.g. a device that never answered), not ours.
+                return _Outcome(False, error=f"{type(exc).__name__}: {exc}")
             if not isinstance(task, asyncio.Task):
                 log.warning(
                     "workflow %s: sync step %s outlived its timeout; its thread cannot be stopped, "
