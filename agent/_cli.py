@@ -255,13 +255,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         ok = await _demo_payment(builder, store, fail=False)
         bad = await _demo_payment(builder, store, fail=True)
         results = [ok.status is WorkflowStatus.COMPLETED, bad.status is WorkflowStatus.FAILED_ROLLED_BACK]
-        try:
-            from hardware import demo as hw_demo  # the HAL part of the demo (mock pins)
-        except ImportError:
-            hw_demo = None
-        if hw_demo is not None:
-            irrigation = await hw_demo.run_demo(store)
-            results.extend(irrigation)
+        from hardware import demo as hw_demo  # the HAL part of the demo (mock pins)
+
+        results.extend(await hw_demo.run_demo(store))
     print("\n" + RULE)
     print(" SUMMARY")
     print(RULE)
