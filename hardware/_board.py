@@ -406,7 +406,9 @@ class Board:
 
     def _gpio_event(self, name: str, value: bool) -> None:
         """gpiozero callback, on a gpiozero thread (or whichever thread drove a mock pin)."""
-        self._post(self._devices[name]._deliver, value, time.monotonic())
+        device = self._devices.get(name)  # None for an edge during construction: nobody waits yet
+        if device is not None:
+            self._post(device._deliver, value, time.monotonic())
 
     def _post(self, callback: Callable[..., None], *args: Any) -> None:
         loop = self._loop

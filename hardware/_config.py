@@ -200,15 +200,15 @@ class BoardConfig(BaseModel):
                 )
             owners[device.pin] = name
         for index, change in enumerate(self.simulate):
-            device = self.devices.get(change.device)
-            if device is None:
+            target = self.devices.get(change.device)
+            if target is None:
                 known = ", ".join(repr(n) for n in self.devices) or "none"
                 raise ValueError(
                     f"simulate[{index}] drives unknown device {change.device!r}; known devices: {known}"
                 )
-            if device.kind not in INPUT_KINDS:
+            if target.kind not in INPUT_KINDS:
                 raise ValueError(
-                    f"simulate[{index}] drives {change.device!r}, {with_article(device.kind)} device; "
+                    f"simulate[{index}] drives {change.device!r}, {with_article(target.kind)} device; "
                     "only input and button devices can be simulated"
                 )
         return self

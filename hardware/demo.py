@@ -26,7 +26,11 @@ async def _one(builder: Any, store: Any, board: Board, *, level_arrives: bool) -
     print("\n" + RULE)
     print(
         " IRRIGATION on mock pins: "
-        + ("the float switch closes after 1.5 s" if level_arrives else "the float switch never closes")
+        + (
+            "the float switch closes after 1.5 s"
+            if level_arrives
+            else "the float switch never closes"
+        )
     )
     print(RULE)
     board.set_input("level", False)
@@ -35,7 +39,11 @@ async def _one(builder: Any, store: Any, board: Board, *, level_arrives: bool) -
     def observer(workflow: Any, event: dict[str, Any]) -> None:
         name = event["event"]
         if name in ("step_completed", "compensation_completed", "step_failed"):
-            label = {"step_completed": "done", "compensation_completed": "undone", "step_failed": "FAILED"}[name]
+            label = {
+                "step_completed": "done",
+                "compensation_completed": "undone",
+                "step_failed": "FAILED",
+            }[name]
             print(f"  {label:<6} {event['step']:<16} {_pins(board)}")
             if event.get("error"):
                 print(f"         {event['error']}")
