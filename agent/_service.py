@@ -213,7 +213,13 @@ class Agent:
     async def _pins(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.board is None:
             return {"ok": False, "error": {"code": "no_hardware", "message": "This agent has no hardware section in its config."}}
-        return {"ok": True, "pins": self.board.snapshot()}
+        reply: dict[str, Any] = {"ok": True, "pins": self.board.snapshot()}
+        if req.get("history") and self.board.is_mock:
+            # Mock pins record every state they took: the desktop's (and the tests') pin log.
+            reply["history"] = {
+                name: [s.state for s in self.board[name].gpio.pin.states] for name in self.board
+            }
+        return reply
 
     async def _set_input(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.board is None:

@@ -1,0 +1,1 @@
+"""Workflows for the hardware integration tests (leases, agent crash with the pump on)."""
