@@ -85,17 +85,24 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """``EDGESAGA_MAX_CONCURRENT=8`` sets ``max_concurrent``; ``EDGESAGA_MQTT__HOST=broker`` sets
     ``mqtt.host`` (``__`` separates levels). Values are parsed as YAML scalars. Only variables whose
-    first level is a config key count (``EDGESAGA_REAL_PINS`` and the like are not config)."""
+    first level is a config key count (``EDGESAGA_REAL_PINS`` and the like are not config).
+    ``[a, b]`` and ``{k: v}`` values are read as YAML; ``null`` or an empty value means None."""
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name == "EDGESAGA_CONFIG":
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if path[0] not in AgentConfig.model_fields:
             continue
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
+        value: Any = raw
+        if raw.strip() in ("", "null", "~"):
+            value = None
+        elif raw.lstrip().startswith(("[", "{")):
+            # lists and mappings as YAML flow collections; scalars stay text and pydantic converts
+            # them by the key's type ("8" -> 8 for max_concurrent, "0123" stays "0123" for device_id)
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
         _set_path(data, path, value)
     return data
 
