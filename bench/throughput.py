@@ -36,13 +36,14 @@ def write_bytes() -> int:
     return 0
 
 
-def raw_commits(directory: Path, seconds: float) -> float:
+def raw_commits(directory: Path, seconds: float) -> tuple[float, float]:
     path = directory / "raw.db"
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
     n = 0
+    bytes0 = write_bytes()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         conn.execute("BEGIN IMMEDIATE")
@@ -50,8 +51,9 @@ def raw_commits(directory: Path, seconds: float) -> float:
         conn.execute("COMMIT")
         n += 1
     rate = n / (time.perf_counter() - start)
+    written = (write_bytes() - bytes0) / n
     conn.close()
-    return rate
+    return rate, written
 
 
 async def saga_run(directory: Path, workflow_type: str, in_flight: int, seconds: float, name: str) -> dict[str, float]:
@@ -92,9 +94,12 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(dir=base))
     try:
-        raw = raw_commits(directory, args.seconds)
+        raw, raw_bytes = raw_commits(directory, args.seconds)
         print(f"disk: {directory}")
-        print(f"raw SQLite commits/s (WAL, synchronous=FULL, 1 insert/txn): {raw:8.0f}")
+        print(
+            f"raw SQLite commits/s (WAL, synchronous=FULL, 1 insert/txn): {raw:8.0f}"
+            f"   ({raw_bytes:.0f} bytes written per commit)"
+        )
         print()
         print(f"{'run':<34}{'wf/s':>8}{'steps/s':>10}{'÷ raw':>8}{'commits/step':>14}{'bytes/step':>12}")
         for label, wtype, n in (
