@@ -745,6 +745,15 @@ class SQLiteStore:
 
         return await self.read(fn)
 
+    @staticmethod
+    def _raise_last_seq(conn: sqlite3.Connection, seq: int) -> None:
+        """Record the highest seq ever deleted, so numbers are never reused after a reopen."""
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('last_seq', ?) ON CONFLICT(key) DO UPDATE "
+            "SET value = max(CAST(value AS INTEGER), excluded.value)",
+            (seq,),
+        )
+
     async def outbox_ack(self, seqs: Iterable[int]) -> None:
         """Delete acknowledged items (the broker has them)."""
         seq_list = sorted(set(seqs))
@@ -753,11 +762,7 @@ class SQLiteStore:
 
         def fn(conn: sqlite3.Connection) -> None:
             conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seq_list])
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES ('last_seq', ?) ON CONFLICT(key) DO UPDATE "
-                "SET value = max(CAST(value AS INTEGER), excluded.value)",
-                (seq_list[-1],),
-            )
+            self._raise_last_seq(conn, seq_list[-1])
 
         await self.write(fn)
 
@@ -774,11 +779,7 @@ class SQLiteStore:
             if excess <= 0:
                 return 0
             # Remember the high-water mark, so seq numbers are never reused after a reopen.
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES ('last_seq', ?) ON CONFLICT(key) DO UPDATE "
-                "SET value = max(CAST(value AS INTEGER), excluded.value)",
-                (top,),
-            )
+            self._raise_last_seq(conn, top)
             marks = ",".join("?" * len(FINISHED))
             dropped = conn.execute(
                 "DELETE FROM outbox WHERE seq IN (SELECT o.seq FROM outbox o JOIN instances i ON "
@@ -838,6 +839,10 @@ class SQLiteStore:
                     )
                 )
             ids = sorted(doomed)
+            if ids:
+                top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0]
+                if top is not None:
+                    self._raise_last_seq(conn, top)
             for chunk in range(0, len(ids), 500):
                 part = ids[chunk : chunk + 500]
                 m = ",".join("?" * len(part))
@@ -845,6 +850,11 @@ class SQLiteStore:
                     f"DELETE FROM journal WHERE n IN (SELECT n FROM instances WHERE id IN ({m}))", part
                 )
                 conn.execute(f"DELETE FROM instances WHERE id IN ({m})", part)
+                # their events (published or, with no broker, never to be) and request-id replies
+                conn.execute(f"DELETE FROM outbox WHERE workflow_id IN ({m})", part)
+                conn.execute(
+                    f"DELETE FROM requests WHERE json_extract(reply, '$.workflow_id') IN ({m})", part
+                )
                 for wid in part:
                     self._keys.pop(wid, None)
             conn.execute(

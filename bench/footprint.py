@@ -1,0 +1,314 @@
+"""Footprint of ``edgesaga run``: idle memory and start-up time, beside bare Python baselines.
+
+    python bench/footprint.py [--runs N] [--idle SECONDS]
+
+Starts its own Mosquitto on a free loopback port and writes an agent config in a temporary
+directory (mock pins through the ``hardware`` section, MQTT enabled and pointing at that broker,
+the bundled workflows). Each of three programs is run ``--runs`` times, interleaved, and the medians
+are printed:
+
+* ``python -c pass``
+* a bare import of the agent's dependencies
+  (``import pydantic, yaml, paho.mqtt.client, gpiozero, sqlite3, asyncio``)
+* ``edgesaga run --config <tmp>/agent.yaml``
+
+How each is measured, the same way for all three:
+
+* **time**: from just before ``exec`` (``subprocess.Popen``) until the program says it is ready.
+  The agent says so with ``READY=1`` on ``NOTIFY_SOCKET`` (a datagram socket owned by this script,
+  as systemd would own it); the baselines write one byte to stdout after their imports.
+* **RSS**: ``VmRSS`` from ``/proc/<pid>/status`` while the program idles, alive. The agent is read
+  after READY=1, once its control socket reports ``mqtt_connected: true``, plus ``--idle`` seconds
+  (default 2). The baselines are read right after their ready byte; they then wait for stdin to
+  close. ``VmHWM`` (the peak) is shown beside it.
+
+Targets (printed with PASS/FAIL; the exit status is 1 when one fails):
+idle RSS <= bare-import RSS + 10 MB, and exec->READY <= 1.5 x bare-import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+DEPENDENCIES = "import pydantic, yaml, paho.mqtt.client, gpiozero, sqlite3, asyncio"
+# The baselines announce readiness with one byte on stdout, then block until stdin closes. `os` is
+# already imported by Python's start-up (site), so this adds nothing to what is measured.
+HOLD = "import os; os.write(1, b'R'); os.read(0, 1)"
+RSS_TARGET_MB = 10.0
+TIME_TARGET_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Sample:
+    seconds: float  # exec -> ready
+    rss_kb: int  # VmRSS while idle
+    hwm_kb: int  # VmHWM (peak RSS) at the same moment
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])  # kB
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("EDGESAGA_", "NOTIFY_SOCKET", "WATCHDOG_", "GPIOZERO_"))
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# Mosquitto
+
+
+class Mosquitto:
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not os.path.exists(binary):
+            raise SystemExit("footprint: mosquitto is not installed (apt-get install mosquitto).")
+        self.port = _free_port()
+        conf = directory / "mosquitto.conf"
+        lines = [f"listener {self.port} {HOST}", "allow_anonymous true", "persistence false", "log_dest none"]
+        if os.geteuid() == 0:
+            lines.append("user root")
+        conf.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"footprint: mosquitto exited with {self.proc.returncode}.")
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise SystemExit(f"footprint: mosquitto did not listen on port {self.port}.")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def measure_python(code: str) -> Sample:
+    """``python -c <code>; <HOLD>``: time to the ready byte, VmRSS right after it."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"{code}\n{HOLD}"],
+        cwd=ROOT,
+        env=_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        if proc.stdout.read(1) != b"R":
+            raise SystemExit(f"footprint: `python -c {code!r}` failed (exit {proc.wait()}).")
+        seconds = time.perf_counter() - t0
+        status = _proc_status(proc.pid)
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    return Sample(seconds, status["VmRSS"], status["VmHWM"])
+
+
+def _control(path: Path, command: str) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(json.dumps({"command": command}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    reply = json.loads(buf)
+    assert isinstance(reply, dict)
+    return reply
+
+
+def write_config(directory: Path, broker_port: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "device_id": "footprint",
+        "database": str(directory / "edgesaga.db"),
+        "control_socket": str(directory / "control.sock"),
+        "logging": {"level": "WARNING"},
+        "mqtt": {"enabled": True, "host": HOST, "port": broker_port, "topic_prefix": "footprint"},
+        "hardware": {
+            "pin_factory": "mock",
+            "devices": {
+                "valve": {"kind": "output", "pin": 17, "safe": False},
+                "pump": {"kind": "output", "pin": 27, "safe": False},
+                "level": {"kind": "input", "pin": 22, "pull_up": True},
+            },
+        },
+    }
+    path = directory / "agent.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    return path
+
+
+def measure_agent(directory: Path, broker_port: int, idle: float) -> Sample:
+    """``edgesaga run``: time to READY=1, VmRSS after it connected to the broker and idled."""
+    config = write_config(directory, broker_port)
+    name = f"edgesaga-footprint-{uuid.uuid4().hex}"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind("\0" + name)
+    log = (directory / "agent.log").open("wb")
+    env = _env()
+    env["NOTIFY_SOCKET"] = "@" + name
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent._cli", "run", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        seconds = None
+        while seconds is None:
+            notify.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = notify.recv(65536)
+            except TimeoutError:
+                raise SystemExit(
+                    f"footprint: no READY=1 within 30 s; see {directory / 'agent.log'}"
+                ) from None
+            if b"READY=1" in data.split(b"\n"):
+                seconds = time.perf_counter() - t0
+        sock = directory / "control.sock"
+        while not _control(sock, "status").get("mqtt_connected"):
+            if time.monotonic() > deadline:
+                raise SystemExit("footprint: the agent did not connect to the broker within 30 s.")
+            time.sleep(0.05)
+        time.sleep(idle)
+        status = _proc_status(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        if code != 0:
+            raise SystemExit(f"footprint: the agent exited with {code}; see {directory / 'agent.log'}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+        log.close()
+    return Sample(seconds, status["VmRSS"], status["VmHWM"])
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _median(samples: list[Sample]) -> Sample:
+    return Sample(
+        statistics.median(s.seconds for s in samples),
+        int(statistics.median(s.rss_kb for s in samples)),
+        int(statistics.median(s.hwm_kb for s in samples)),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs of each program (median; default 5)")
+    parser.add_argument("--idle", type=float, default=2.0, help="seconds the agent idles before RSS is read")
+    args = parser.parse_args(argv)
+
+    results: dict[str, list[Sample]] = {"pass": [], "bare": [], "agent": []}
+    with tempfile.TemporaryDirectory(prefix="edgesaga-footprint-") as tmp:
+        base = Path(tmp)
+        broker = Mosquitto(base)
+        try:
+            measure_python(DEPENDENCIES)  # warm the page cache and .pyc files once, unmeasured
+            measure_agent(base / "warm", broker.port, 0.0)
+            for i in range(args.runs):
+                results["pass"].append(measure_python("pass"))
+                results["bare"].append(measure_python(DEPENDENCIES))
+                results["agent"].append(measure_agent(base / f"run{i}", broker.port, args.idle))
+        finally:
+            broker.stop()
+
+    p, b, a = (_median(results[k]) for k in ("pass", "bare", "agent"))
+    print(f"edgesaga footprint: median of {args.runs} runs each, Python {sys.version.split()[0]}, {os.uname().machine}")
+    print(f"{'program':<44} {'exec->ready':>12} {'VmRSS':>10} {'VmHWM':>10}")
+    rows = [
+        ("python -c pass", p),
+        (f"python -c '{DEPENDENCIES}'", b),
+        ("edgesaga run (mock pins, MQTT connected)", a),
+    ]
+    for label, s in rows:
+        label = label if len(label) <= 44 else label[:41] + "..."
+        print(f"{label:<44} {s.seconds * 1000:>9.0f} ms {s.rss_kb / 1024:>7.1f} MB {s.hwm_kb / 1024:>7.1f} MB")
+    print(f"  (bare import = python -c '{DEPENDENCIES}')")
+
+    rss_limit = b.rss_kb / 1024 + RSS_TARGET_MB
+    time_limit = b.seconds * TIME_TARGET_RATIO
+    rss_ok = a.rss_kb / 1024 <= rss_limit
+    time_ok = a.seconds <= time_limit
+    print()
+    print(
+        f"target idle RSS <= bare-import RSS + {RSS_TARGET_MB:.0f} MB: {a.rss_kb / 1024:.1f} MB <= "
+        f"{rss_limit:.1f} MB (agent adds {(a.rss_kb - b.rss_kb) / 1024:.1f} MB)  {'PASS' if rss_ok else 'FAIL'}"
+    )
+    print(
+        f"target exec->READY <= {TIME_TARGET_RATIO} x bare-import time: {a.seconds * 1000:.0f} ms <= "
+        f"{time_limit * 1000:.0f} ms ({a.seconds / b.seconds:.2f} x)  {'PASS' if time_ok else 'FAIL'}"
+    )
+    return 0 if rss_ok and time_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

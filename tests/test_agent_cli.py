@@ -1,0 +1,220 @@
+"""The ``edgesaga`` command line as a user runs it (subprocesses with ``--config``): against a
+running agent (through its control socket) and without one (in-process, on the database)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.workflows.service.harness import (
+    ROOT,
+    SERVICE_DEFS,
+    AgentProcess,
+    base_env,
+    cli,
+    journal,
+    poll,
+    write_config,
+)
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"rc {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result.stdout
+
+
+def _show(config: Path, workflow_id: str) -> dict[str, Any]:
+    info = json.loads(_ok(cli(config, "show", workflow_id, "--json")))
+    assert isinstance(info, dict)
+    return info
+
+
+def _wait_status(config: Path, workflow_id: str, *statuses: str, within: float = 10) -> dict[str, Any]:
+    return poll(
+        lambda: _show(config, workflow_id),
+        lambda info: info["status"] in statuses,
+        within=within,
+        interval=0.1,
+        what=f"{workflow_id} to reach {statuses}",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Against a running agent
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, AgentProcess]]:
+    """One agent for this module's tests, started without the test hooks."""
+    directory = tmp_path_factory.mktemp("cli-agent")
+    config = write_config(directory)
+    agent = AgentProcess(config, test_hooks=False)
+    try:
+        agent.wait_ready()
+        yield config, agent
+    finally:
+        agent.kill()
+
+
+def test_start_list_show_through_the_agent(running: tuple[Path, AgentProcess]) -> None:
+    config, _ = running
+    reply = json.loads(_ok(cli(config, "start", "ServiceQuick", "--data", '{"seconds": 1}')))
+    # The agent's reply (the CLI's request id), sent before the agent ran any step; an in-process
+    # start would have printed the finished workflow instead.
+    assert reply["ok"] is True
+    assert reply["request_id"].startswith("cli-")
+    assert reply["status"] == "ACTIVE"
+    wid = reply["workflow_id"]
+    info = _wait_status(config, wid, "COMPLETED")
+    assert info["state"]["done"] == ["Step_One", "Step_Two"]
+
+    table = _ok(cli(config, "list"))
+    line = next(row for row in table.splitlines() if row.startswith(wid))
+    assert "ServiceQuick" in line
+    assert "COMPLETED" in line
+    rows = json.loads(_ok(cli(config, "list", "--json")))
+    assert wid in [r["workflow_id"] for r in rows]
+
+    shown = _ok(cli(config, "show", wid))
+    assert f"Workflow {wid}  (ServiceQuick)" in shown
+    assert "status      COMPLETED" in shown
+    timeline = shown.split("timeline", 1)[1].split("  state", 1)[0]
+    steps = [line.split() for line in timeline.strip().splitlines()]
+    assert [(s[1], s[2], s[4], s[5]) for s in steps] == [
+        ("step", "Step_One", "1", "completed"),
+        ("step", "Step_Two", "1", "completed"),
+    ], timeline
+
+
+def test_retry_a_failed_workflow_through_the_agent(
+    running: tuple[Path, AgentProcess], tmp_path: Path
+) -> None:
+    config, agent = running
+    flag = tmp_path / "flag"
+    reply = json.loads(_ok(cli(config, "start", "ServiceFlaky", "--data", json.dumps({"flag": str(flag)}))))
+    wid = reply["workflow_id"]
+    failed = _wait_status(config, wid, "FAILED", "COMPLETED")
+    assert failed["status"] == "FAILED"
+    assert "does not exist yet" in failed["error"]
+
+    flag.touch()
+    _ok(cli(config, "retry", wid))
+    done = _wait_status(config, wid, "COMPLETED", "FAILED")
+    assert done["status"] == "COMPLETED", done
+    assert journal(agent.database, wid) == [
+        ("Prepare", "forward", 1, "completed"),
+        ("Needs_Flag", "forward", 1, "failed"),
+        ("Needs_Flag", "forward", 2, "completed"),
+    ]
+    # Retrying a COMPLETED workflow is refused with a sentence, exit code 2.
+    again = cli(config, "retry", wid)
+    assert again.returncode == 2
+    assert "only FAILED and COMPENSATION_FAILED" in again.stderr
+
+
+def test_cancel_a_running_saga_through_the_agent(running: tuple[Path, AgentProcess]) -> None:
+    config, _ = running
+    wid = json.loads(_ok(cli(config, "start", "ServiceCancelSaga", "--data", '{"seconds": 60}')))["workflow_id"]
+    poll(
+        lambda: _show(config, wid),
+        lambda info: info["current_step"] == "Wait_Long" and info["journal"][-1]["outcome"] == "started",
+        what="the saga to block in Wait_Long",
+    )
+    _ok(cli(config, "cancel", wid, "--reason", "operator said so"))
+    info = _wait_status(config, wid, "CANCELLED", "COMPENSATION_FAILED", "FAILED_ROLLED_BACK", within=5)
+    assert info["status"] == "CANCELLED"
+    assert info["state"]["compensations"] == ["Reserve"]
+    assert [(j["step"], j["phase"], j["outcome"]) for j in info["journal"]] == [
+        ("Reserve", "forward", "completed"),
+        ("Wait_Long", "forward", "cancelled"),
+        ("Reserve", "compensate", "completed"),
+    ]
+
+
+def test_pins_and_a_refused_test_hook(running: tuple[Path, AgentProcess]) -> None:
+    config, agent = running
+    assert _ok(cli(config, "pins")).split() == ["lamp", "False", "door", "False"]
+    assert "door             True" in _ok(cli(config, "pins", "--set", "door=1"))
+    _ok(cli(config, "pins", "--set", "door=0"))
+    # Without EDGESAGA_TEST_HOOKS=1 the agent refuses to block its own loop.
+    reply = agent.request("_block_loop", seconds=5)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "unknown_command"
+
+
+def test_second_agent_on_the_same_database_refuses_to_start(running: tuple[Path, AgentProcess]) -> None:
+    config, agent = running
+    second = cli(config, "run", timeout=15)
+    assert second.returncode != 0
+    assert "already drives" in second.stderr, second.stderr
+    assert str(agent.database) in second.stderr
+    # ... and the first agent is untouched: its socket still answers.
+    assert agent.request("status")["ok"] is True
+    assert agent.proc.poll() is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Without an agent
+
+
+def test_without_an_agent_start_runs_in_process_and_list_reads_the_database(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    started = cli(config, "start", "ServiceQuick", "--definitions", str(SERVICE_DEFS))
+    snapshot = json.loads(_ok(started))
+    wid = snapshot["workflow_id"]
+    assert snapshot["status"] == "COMPLETED"
+    assert snapshot["state"]["done"] == ["Step_One", "Step_Two"]
+    assert f"started ServiceQuick {wid}" in started.stderr
+    assert not (tmp_path / "control.sock").exists()
+
+    rows = json.loads(_ok(cli(config, "list", "--json")))
+    assert [(r["workflow_id"], r["status"]) for r in rows] == [(wid, "COMPLETED")]
+    assert "timeline" in _ok(cli(config, "show", wid))
+
+
+def test_without_an_agent_retry_runs_in_process(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    flag = tmp_path / "flag"
+    failed = cli(
+        config, "start", "ServiceFlaky", "--data", json.dumps({"flag": str(flag)}),
+        "--definitions", str(SERVICE_DEFS),
+    )
+    assert failed.returncode == 3, failed.stderr  # not COMPLETED
+    wid = json.loads(failed.stdout)["workflow_id"]
+    flag.touch()
+    retried = json.loads(_ok(cli(config, "retry", wid)))
+    assert retried["status"] == "COMPLETED"
+
+
+def test_write_command_while_another_process_holds_the_database(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    marker = tmp_path / "started"
+    data = json.dumps({"seconds": 30, "marker": str(marker)})
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "agent._cli", "start", "ServiceLong", "--id", "held-1", "--data", data,
+         "--definitions", str(SERVICE_DEFS), "--config", str(config)],
+        cwd=ROOT, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        poll(lambda: marker.exists() or holder.poll() is not None, bool, what="the holder to start its step")
+        assert holder.poll() is None, holder.stderr.read() if holder.stderr else ""
+
+        for args in (("cancel", "held-1"), ("start", "ServiceQuick", "--definitions", str(SERVICE_DEFS))):
+            refused = cli(config, *args)
+            assert refused.returncode == 2, refused
+            assert refused.stderr.startswith("edgesaga: error: Another edgesaga process already drives")
+            assert "Traceback" not in refused.stderr
+        # Reading needs no lock.
+        rows = json.loads(_ok(cli(config, "list", "--json")))
+        assert [(r["workflow_id"], r["status"]) for r in rows] == [("held-1", "ACTIVE")]
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        if holder.stderr:
+            holder.stderr.close()
