@@ -266,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs of each program (median; default 5)")
     parser.add_argument("--idle", type=float, default=2.0, help="seconds the agent idles before RSS is read")
     args = parser.parse_args(argv)
+    # An installed agent has byte-compiled modules (pip compiles at install, install.sh uses pip);
+    # a checkout run with PYTHONDONTWRITEBYTECODE=1 would recompile ours on every start. Compile
+    # them once so the agent is measured as deployed (the dependencies are already compiled).
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", *(str(ROOT / p) for p in ("agent", "hardware", "workflows"))],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
     results: dict[str, list[Sample]] = {"pass": [], "bare": [], "agent": []}
     with tempfile.TemporaryDirectory(prefix="edgesaga-footprint-") as tmp:
