@@ -172,7 +172,13 @@ class Control:
         # Without a caller-chosen id, the id is derived from the request id: a repeat after a
         # crash between commit and reply still finds the same workflow.
         wid = command.workflow_id or str(uuid.uuid5(_REQUEST_NS, rid))
-        reply = {"request_id": rid, "ok": True, "workflow_id": wid, "status": "ACTIVE"}
+        reply = {
+            "request_id": rid,
+            "ok": True,
+            "workflow_id": wid,
+            "status": "ACTIVE",
+            "workflow_type": command.workflow_type,
+        }
         wf = await self.builder.create_workflow(
             command.workflow_type,
             command.data,
@@ -186,9 +192,12 @@ class Control:
                 "invalid_command",
                 f"Workflow id {wid} already belongs to a {wf.workflow_type} workflow.",
             )
+        # The reply stored with a new instance is this one exactly (a repeat gets it verbatim); an
+        # existing workflow id answers with that workflow's status.
+        answer = {**reply, "status": wf.status.value}
         if not wf.status.is_terminal and not wf.is_running:
             self.runner.submit(wf)
-        return self._ok(rid, wf, workflow_type=wf.workflow_type)
+        return answer
 
     @staticmethod
     def _ok(request_id: str, wf: Workflow, **extra: Any) -> dict[str, Any]:

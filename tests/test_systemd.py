@@ -210,7 +210,7 @@ def test_example_config_follows_the_draft_schema() -> None:
             "topic_prefix": "edgesaga",
             "username": None,
             "password_file": None,
-            "tls": {"ca_file": None, "cert_file": None, "key_file": None},
+            "tls": None,  # plain MQTT unless a tls section is given
             "max_payload": 65536,
             "outbox_cap": 100000,
         },
