@@ -109,7 +109,7 @@ def _json_arg(text: str | None, what: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise UsageError(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}.") from None
     if not isinstance(value, dict):
-        raise UsageError(f"{what} must be a JSON object, like '{{\"order_id\": \"A1\"}}'.")
+        raise UsageError(f'{what} must be a JSON object, like \'{{"order_id": "A1"}}\'.')
     return value
 
 
@@ -222,7 +222,11 @@ async def _demo_payment(builder: WorkflowBuilder, store: SQLiteStore, *, fail: b
     print("✓ Saga mode enabled (compensation active)")
 
     def banner(workflow: Workflow, event: dict[str, Any]) -> None:
-        if workflow is wf and event["event"] == "status_changed" and event["status"] == "COMPENSATING":
+        if (
+            workflow is wf
+            and event["event"] == "status_changed"
+            and event["status"] == "COMPENSATING"
+        ):
             print("\n" + RULE)
             print(" WORKFLOW FAILED - INITIATING ROLLBACK")
             print(RULE)
@@ -254,7 +258,10 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     async with SQLiteStore(db) as store:
         ok = await _demo_payment(builder, store, fail=False)
         bad = await _demo_payment(builder, store, fail=True)
-        results = [ok.status is WorkflowStatus.COMPLETED, bad.status is WorkflowStatus.FAILED_ROLLED_BACK]
+        results = [
+            ok.status is WorkflowStatus.COMPLETED,
+            bad.status is WorkflowStatus.FAILED_ROLLED_BACK,
+        ]
         from hardware import demo as hw_demo  # the HAL part of the demo (mock pins)
 
         results.extend(await hw_demo.run_demo(store))
@@ -263,7 +270,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     print(RULE)
     print(f"PaymentProcessing (success path): {ok.status.value}")
     print(f"PaymentProcessing (carrier fails): {bad.status.value}")
-    print(f"\nEverything above is in {db}: try `edgesaga list --db {db}` and `edgesaga show <id> --db {db}`.")
+    print(
+        f"\nEverything above is in {db}: try `edgesaga list --db {db}` and `edgesaga show <id> --db {db}`."
+    )
     return 0 if all(results) else 1
 
 
@@ -361,7 +370,9 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
         return 0
     builder = _builder(args)
     async with _open_store(args, write=True) as store:
-        wf = await builder.cancel(args.workflow_id, store, reason=args.reason or "cancelled on request")
+        wf = await builder.cancel(
+            args.workflow_id, store, reason=args.reason or "cancelled on request"
+        )
         print(json.dumps(wf.snapshot(), indent=2))
     return 0
 
@@ -382,7 +393,9 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     data = _json_arg(args.data, "--data")
     sock = _agent(args)
     if sock is not None:
-        print(json.dumps(_remote(sock, "resume", workflow_id=args.workflow_id, data=data), indent=2))
+        print(
+            json.dumps(_remote(sock, "resume", workflow_id=args.workflow_id, data=data), indent=2)
+        )
         return 0
     async with _open_store(args, write=False) as store:
         rec = await store.load_instance(args.workflow_id)
@@ -403,7 +416,9 @@ async def cmd_pins(args: argparse.Namespace) -> int:
         )
     if args.set:
         name, _, value = args.set.partition("=")
-        reply = _remote(sock, "set_input", device=name, value=value.lower() in ("1", "true", "on", "high"))
+        reply = _remote(
+            sock, "set_input", device=name, value=value.lower() in ("1", "true", "on", "high")
+        )
     else:
         reply = _remote(sock, "pins")
     for name, value in reply["pins"].items():
@@ -450,9 +465,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_db(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--db", help=f"SQLite database file (default {DEFAULT_DB}, or the config's)")
+        sp.add_argument(
+            "--db", help=f"SQLite database file (default {DEFAULT_DB}, or the config's)"
+        )
         sp.add_argument("--config", help="agent config; its database and control socket are used")
-        sp.add_argument("--socket", help="control socket of a running agent (default: beside the database)")
+        sp.add_argument(
+            "--socket", help="control socket of a running agent (default: beside the database)"
+        )
 
     def with_defs(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -463,7 +482,10 @@ def _parser() -> argparse.ArgumentParser:
             help="extra workflow YAML file or directory (repeatable); bundled workflows are always loaded",
         )
 
-    sp = sub.add_parser("demo", help="run the payment saga (success, then carrier failure) and the irrigation workflow on mock pins")
+    sp = sub.add_parser(
+        "demo",
+        help="run the payment saga (success, then carrier failure) and the irrigation workflow on mock pins",
+    )
     with_db(sp)
     sp.set_defaults(func=cmd_demo)
 
@@ -494,7 +516,9 @@ def _parser() -> argparse.ArgumentParser:
     with_db(sp)
     sp.set_defaults(func=cmd_show)
 
-    sp = sub.add_parser("recover", help="resume every ACTIVE and COMPENSATING workflow in this process")
+    sp = sub.add_parser(
+        "recover", help="resume every ACTIVE and COMPENSATING workflow in this process"
+    )
     with_db(sp)
     with_defs(sp)
     sp.set_defaults(func=cmd_recover)
@@ -518,7 +542,9 @@ def _parser() -> argparse.ArgumentParser:
     with_db(sp)
     sp.set_defaults(func=cmd_resume)
 
-    sp = sub.add_parser("pins", help="show (or --set NAME=VALUE a mock input of) a running agent's pins")
+    sp = sub.add_parser(
+        "pins", help="show (or --set NAME=VALUE a mock input of) a running agent's pins"
+    )
     sp.add_argument("--set", metavar="NAME=VALUE", help="drive a mock input (desktop simulation)")
     with_db(sp)
     sp.set_defaults(func=cmd_pins)

@@ -191,7 +191,8 @@ def parse_command(
         return model.model_validate(body)  # type: ignore[return-value]
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}" for e in exc.errors()[:3]
+            f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}"
+            for e in exc.errors()[:3]
         )
         raise CommandError(
             "invalid_command",

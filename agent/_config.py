@@ -151,7 +151,11 @@ def load_config(
     except ValidationError as exc:
         e = exc.errors()[0]
         key = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = "unknown key; remove it or fix its spelling" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = (
+            "unknown key; remove it or fix its spelling"
+            if e["type"] == "extra_forbidden"
+            else e["msg"]
+        )
         raise ConfigError(f"{source}: {key}: {msg}.") from None
     updates: dict[str, Any] = {
         "database": _resolve(base, cfg.database),

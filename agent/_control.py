@@ -56,7 +56,9 @@ class Control:
         self.hardware = hardware
         self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
-    async def handle_raw(self, name: str, payload: bytes | str) -> tuple[dict[str, Any], str | None]:
+    async def handle_raw(
+        self, name: str, payload: bytes | str
+    ) -> tuple[dict[str, Any], str | None]:
         """Parse and execute; returns ``(reply, reply_to)``. Never raises for bad input."""
         try:
             command = parse_command(name, payload, max_payload=self.max_payload)
@@ -151,7 +153,9 @@ class Control:
                     "for input (a HUMAN_INPUT step) can be resumed.",
                 )
             case GetCommand():
-                return await self.get(command.workflow_id, command.request_id, journal=command.journal)
+                return await self.get(
+                    command.workflow_id, command.request_id, journal=command.journal
+                )
             case ListCommand():
                 records = await self.store.list_instances(
                     status=[s.value for s in command.status] if command.status else None,
@@ -163,7 +167,9 @@ class Control:
                     "ok": True,
                     "workflows": [r.summary() for r in records],
                 }
-        raise CommandError("unknown_command", f"Unsupported command {command!r}.")  # pragma: no cover
+        raise CommandError(
+            "unknown_command", f"Unsupported command {command!r}."
+        )  # pragma: no cover
 
     async def _start(self, command: StartCommand) -> dict[str, Any]:
         rid = command.request_id
@@ -209,7 +215,9 @@ class Control:
             **extra,
         }
 
-    async def get(self, workflow_id: str, request_id: str | None = None, *, journal: bool = True) -> dict[str, Any]:
+    async def get(
+        self, workflow_id: str, request_id: str | None = None, *, journal: bool = True
+    ) -> dict[str, Any]:
         rec = await self.store.load_instance(workflow_id)
         if rec is None:
             raise WorkflowNotFound(workflow_id)

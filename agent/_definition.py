@@ -136,7 +136,9 @@ def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
             if nxt is None:
                 return line
             node, line = nxt, (key or nxt).start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
             node = node.value[part]
             line = node.start_mark.line + 1
         else:
@@ -148,7 +150,9 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise DefinitionError(f"cannot read the file ({exc.strerror or exc}).", path=str(path)) from exc
+        raise DefinitionError(
+            f"cannot read the file ({exc.strerror or exc}).", path=str(path)
+        ) from exc
     except UnicodeDecodeError as exc:
         raise DefinitionError("the file is not UTF-8 text.", path=str(path)) from exc
     try:

@@ -320,25 +320,37 @@ class Workflow:
                     done = "step_completed" if fl.phase == "forward" else "compensation_completed"
                     self._event(pending, done, now, step=fl.step, attempt=fl.attempt)
                     self._status_event(pending, now)
-                    if single and fl.phase == "forward" and not saga.continues(
-                        self._plan, before, self._progress
+                    if (
+                        single
+                        and fl.phase == "forward"
+                        and not saga.continues(self._plan, before, self._progress)
                     ):
                         break
                     continue
                 if outcome.cancelled:
                     self._progress = saga.cancel_inflight(self._plan, before, self._cancel_reason)
-                    pending.journal.append(JournalEnd(fl.seq, "cancelled", now, self._cancel_reason))
+                    pending.journal.append(
+                        JournalEnd(fl.seq, "cancelled", now, self._cancel_reason)
+                    )
                 else:
-                    self._progress = saga.failed(self._plan, before, outcome.error or "failed", now=now)
+                    self._progress = saga.failed(
+                        self._plan, before, outcome.error or "failed", now=now
+                    )
                     pending.journal.append(JournalEnd(fl.seq, "failed", now, outcome.error))
                 failed = "step_failed" if fl.phase == "forward" else "compensation_failed"
-                self._event(pending, failed, now, step=fl.step, attempt=fl.attempt, error=outcome.error)
+                self._event(
+                    pending, failed, now, step=fl.step, attempt=fl.attempt, error=outcome.error
+                )
                 if fl.phase == "compensate" and fl.step in self._progress.compensation_failed:
                     self._alert(pending, now, fl.step, outcome.error)
                 self._status_event(pending, now)
                 log.warning(
                     "workflow %s step %s (%s) attempt %d failed: %s",
-                    self.id, fl.step, fl.phase, fl.attempt, outcome.error,
+                    self.id,
+                    fl.step,
+                    fl.phase,
+                    fl.attempt,
+                    outcome.error,
                 )
             if pending.journal or pending.events:
                 await self._commit(pending, time.time())
@@ -359,7 +371,10 @@ class Workflow:
 
     async def _sleep_until(self, when: float) -> None:
         delay = max(0.0, when - time.time())
-        waiters = [asyncio.ensure_future(self._cancel.wait()), asyncio.ensure_future(self._stop.wait())]
+        waiters = [
+            asyncio.ensure_future(self._cancel.wait()),
+            asyncio.ensure_future(self._stop.wait()),
+        ]
         try:
             await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -378,7 +393,9 @@ class Workflow:
             try:
                 hw.safe_state(resources)
             except Exception:
-                log.exception("workflow %s: could not drive %s to their safe values", self.id, resources)
+                log.exception(
+                    "workflow %s: could not drive %s to their safe values", self.id, resources
+                )
         self._builder.leases.release(self.id)
         self._finished.set()
 
@@ -431,7 +448,12 @@ class Workflow:
             return _Outcome(False, error=str(StepTimeout(self.id, step.name, timeout or 0)))
         except asyncio.CancelledError:
             me = asyncio.current_task()
-            if task.cancelled() and self._cancel.is_set() and me is not None and not me.cancelling():
+            if (
+                task.cancelled()
+                and self._cancel.is_set()
+                and me is not None
+                and not me.cancelling()
+            ):
                 self._restore_state()  # stopped by cancel(): the step may have taken effect
                 return _Outcome(False, cancelled=True, error=self._cancel_reason)
             task.cancel()
@@ -595,7 +617,13 @@ class Workflow:
         if fl.phase == "compensate" and fl.step in self._progress.compensation_failed:
             self._alert(pending, now, fl.step, self._progress.error)
         self._status_event(pending, now)
-        log.warning("workflow %s: %s step %s attempt %d was interrupted", self.id, fl.phase, fl.step, fl.attempt)
+        log.warning(
+            "workflow %s: %s step %s attempt %d was interrupted",
+            self.id,
+            fl.phase,
+            fl.step,
+            fl.attempt,
+        )
         await self._commit(pending, now)
 
 
@@ -666,7 +694,8 @@ class WorkflowBuilder:
             return definition.state_model.model_validate(initial_data or {})
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(data)'}: {e['msg']}" for e in exc.errors()[:5]
+                f"{'.'.join(str(p) for p in e['loc']) or '(data)'}: {e['msg']}"
+                for e in exc.errors()[:5]
             )
             raise InvalidData(
                 f"Initial data does not fit {definition.state_model.__name__}: {problems}.",

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import random
+import socket
+import sqlite3
 import ssl
 import sys
 import time
@@ -59,7 +62,9 @@ _CONNECT_TIMEOUT = 10.0  # seconds for TCP + TLS + CONNACK
 _SUBACK_TIMEOUT = 10.0
 _REPLY_TIMEOUT = 10.0  # seconds to wait for the PUBACK of a reply before giving up on it
 _OFFLINE_TIMEOUT = 2.0  # seconds a clean stop waits for the PUBACK of `offline`
-_MAX_QOS0_BACKLOG = 1000  # QoS 0 commands beyond this backlog are dropped (QoS 1 is bounded by the broker)
+_MAX_QOS0_BACKLOG = (
+    1000  # QoS 0 commands beyond this backlog are dropped (QoS 1 is bounded by the broker)
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,7 +86,9 @@ class TlsSettings(BaseModel):
     @model_validator(mode="after")
     def _key_needs_cert(self) -> TlsSettings:
         if self.key_file is not None and self.cert_file is None:
-            raise ValueError("mqtt.tls.key_file is set without mqtt.tls.cert_file; set both or neither.")
+            raise ValueError(
+                "mqtt.tls.key_file is set without mqtt.tls.cert_file; set both or neither."
+            )
         return self
 
 
@@ -93,7 +100,9 @@ class MqttSettings(BaseModel):
     enabled: bool = True
     host: str = Field("localhost", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
-    client_id: str | None = Field(None, min_length=1, max_length=128)  # default "edgesaga-<device_id>"
+    client_id: str | None = Field(
+        None, min_length=1, max_length=128
+    )  # default "edgesaga-<device_id>"
     keepalive: int = Field(30, ge=5, le=65535)
     version: Literal["5", "3.1.1"] = "5"
     topic_prefix: str = Field("edgesaga", min_length=1, max_length=200)
@@ -110,7 +119,9 @@ class MqttSettings(BaseModel):
     @classmethod
     def _version_as_text(cls, value: Any) -> Any:
         # `version: 5` in YAML is an int; accept it as "5".
-        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        return (
+            str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        )
 
     @field_validator("topic_prefix")
     @classmethod
@@ -327,7 +338,9 @@ class _Connection:
             self._publishes[info.mid] = fut
         return fut
 
-    async def subscribe(self, topics: list[tuple[str, int]], *, v5_options: SubscribeOptions | None) -> list[ReasonCode]:
+    async def subscribe(
+        self, topics: list[tuple[str, int]], *, v5_options: SubscribeOptions | None
+    ) -> list[ReasonCode]:
         """Subscribe and wait for the SUBACK; raises :class:`_Lost` when the connection goes."""
         assert self.client is not None
         fut: asyncio.Future[list[ReasonCode] | None] = self._loop.create_future()
@@ -393,7 +406,8 @@ _REFUSALS = {
     0x84: "the broker does not speak MQTT {version}; set mqtt.version",
     0x85: "client id {client_id!r} rejected; set mqtt.client_id",
     0x86: "bad username or password; check mqtt.username / password_file",
-    0x87: "not authorized; check mqtt.username / password_file and the broker's ACL",
+    # Mosquitto answers a wrong password with "not authorized".
+    0x87: "not authorized (bad username or password, or the broker's ACL); check mqtt.username / password_file",
     0x88: "the broker is unavailable",
     0x89: "the broker is busy",
     0x8A: "this client is banned",
@@ -466,10 +480,16 @@ def _new_client(
     return client
 
 
-def _connect_properties(settings: MqttSettings, *, persistent: bool, receive_maximum: int) -> Properties | None:
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
+
+
+def _connect_properties(
+    settings: MqttSettings, *, persistent: bool, receive_maximum: int
+) -> Properties | None:
     if settings.version != "5":
         return None
-    props = Properties(PacketTypes.CONNECT)
+    props = _properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = settings.session_expiry if persistent else 0
     props.ReceiveMaximum = receive_maximum
     # Payloads a little over max_payload still arrive (and get a `payload_too_large` reply);
@@ -507,13 +527,19 @@ async def _open(
             inflight=inflight,
         )
         conn.attach(client)
-        client.connect(
-            settings.host,
-            settings.port,
-            settings.keepalive,
-            clean_start=not persistent,
-            properties=_connect_properties(settings, persistent=persistent, receive_maximum=receive_maximum),
-        )
+        if settings.version == "5":
+            client.connect(
+                settings.host,
+                settings.port,
+                settings.keepalive,
+                clean_start=not persistent,
+                properties=_connect_properties(
+                    settings, persistent=persistent, receive_maximum=receive_maximum
+                ),
+            )
+        else:  # 3.1.1: persistence is the client's clean_session flag
+            client.connect(settings.host, settings.port, settings.keepalive)
+        _no_delay(client)
         conn.start_loop()
 
     work = loop.run_in_executor(None, blocking)
@@ -540,15 +566,18 @@ async def _open(
         raise _ConnectFailed(f"TLS handshake with the MQTT broker {where} failed: {exc}") from None
     except OSError as exc:
         await conn.close()
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise _ConnectFailed(f"cannot reach the MQTT broker {where}: {reason}") from None
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise _ConnectFailed(f"cannot reach the MQTT broker {where}: {why}") from None
     except Exception as exc:
         await conn.close()
-        raise _ConnectFailed(f"cannot connect to the MQTT broker {where}: {type(exc).__name__}: {exc}") from None
+        raise _ConnectFailed(
+            f"cannot connect to the MQTT broker {where}: {type(exc).__name__}: {exc}"
+        ) from None
 
+    waiters: set[asyncio.Future[Any]] = {conn.connack, conn.closed}
     try:
         done, _ = await asyncio.wait(
-            {conn.connack, conn.closed}, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            waiters, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
         )
     except asyncio.CancelledError:
         await conn.close()
@@ -562,11 +591,23 @@ async def _open(
             return conn, session_present
     await conn.close()
     if not done:
-        raise _ConnectFailed(f"no answer (CONNACK) from the MQTT broker {where} within {_CONNECT_TIMEOUT:.0f} s")
+        raise _ConnectFailed(
+            f"no answer (CONNACK) from the MQTT broker {where} within {_CONNECT_TIMEOUT:.0f} s"
+        )
     raise _ConnectFailed(
         f"the MQTT broker {where} closed the connection before accepting it ({conn.closed.result()}); "
         "check mqtt.tls and mqtt.port"
     )
+
+
+def _no_delay(client: paho.Client) -> None:
+    # paho leaves Nagle's algorithm on: a small packet sent right after another (a PUBACK, then
+    # the next event) then waits for the peer's delayed ACK, ~40 ms a hop. Small, latency-bound
+    # packets are all MQTT sends here.
+    sock = client.socket()
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _backoff(settings: MqttSettings, failures: int) -> float:
@@ -640,7 +681,12 @@ class MqttLink:
         self._outbox_grew = asyncio.Event()  # for the cap check
         self._incoming: asyncio.Queue[tuple[_Connection, paho.MQTTMessage]] = asyncio.Queue()
         self._slots = asyncio.Semaphore(max_concurrent_commands)
-        self._to_clear: set[str] = set()
+        self._to_clear: set[str] = set()  # pruned workflows whose state topic is still to clear
+        # Pruned workflow -> the outbox's highest seq when it was pruned. Its events up to there
+        # may still wait in the outbox: publish them, but not their snapshots (that would bring
+        # a cleared state topic back, stale forever). A new instance reusing the id only has
+        # later seqs.
+        self._pruned: dict[str, int] = {}
         self._task: asyncio.Task[Any] | None = None
         self._qos0_dropped = 0
         #: Connection attempts and successful connections so far (status, tests).
@@ -720,7 +766,11 @@ class MqttLink:
             except Exception as exc:  # a bug here must not end the link
                 failures += 1
                 delay = _backoff(s, failures)
-                log.exception("MQTT connection attempt failed unexpectedly (%s); retrying in %.1f s", exc, delay)
+                log.exception(
+                    "MQTT connection attempt failed unexpectedly (%s); retrying in %.1f s",
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             failures = 0
@@ -729,16 +779,26 @@ class MqttLink:
             try:
                 await self._session_started(conn, session_present)
             except _Lost as exc:
-                log.warning("the MQTT broker did not confirm the subscription (%s); reconnecting", exc)
+                if not conn.closed.done():
+                    log.warning(
+                        "the MQTT broker did not confirm the subscription (%s); reconnecting", exc
+                    )
+                    await conn.close()
+            except Exception:  # a bug here must not end the link
+                log.exception("setting up the MQTT session failed; reconnecting")
                 await conn.close()
-            reason = await conn.closed
+            # shield: cancelling this task must not cancel the future (the goodbye still needs it).
+            reason = await asyncio.shield(conn.closed)
             if self._conn is conn:
                 self._conn = None
             await conn.close()
             delay = _backoff(s, 1)
             log.warning(
                 "lost the connection to the MQTT broker %s:%d (%s); reconnecting in %.1f s",
-                s.host, s.port, reason, delay,
+                s.host,
+                s.port,
+                reason,
+                delay,
             )
             await asyncio.sleep(delay)
 
@@ -747,7 +807,11 @@ class MqttLink:
         self.connects += 1
         log.info(
             "connected to the MQTT broker %s:%d as %s (MQTT %s, %s session)",
-            s.host, s.port, self.client_id, s.version, "resumed" if session_present else "new",
+            s.host,
+            s.port,
+            self.client_id,
+            s.version,
+            "resumed" if session_present else "new",
         )
         conn.publish(self.topics.availability, b"online", qos=1, retain=True)
         options = (
@@ -760,7 +824,8 @@ class MqttLink:
             log.error(
                 "the MQTT broker refused the subscription to %s (%s): commands will not arrive; "
                 "check the broker's ACL for this user",
-                self.topics.commands, ", ".join(str(c) for c in codes),
+                self.topics.commands,
+                ", ".join(str(c) for c in codes),
             )
         if conn.alive:
             self._connected.set()
@@ -813,10 +878,16 @@ class MqttLink:
             return
         if message.retain:
             # A retained command would be replayed on every (re)subscription: ignore it.
-            log.warning("ignored a retained message on %s; send commands without the retain flag", topic)
+            log.warning(
+                "ignored a retained message on %s; send commands without the retain flag", topic
+            )
             conn.ack(message)
             return
-        name = topic[len(self.topics.command_base):] if topic.startswith(self.topics.command_base) else ""
+        name = (
+            topic[len(self.topics.command_base) :]
+            if topic.startswith(self.topics.command_base)
+            else ""
+        )
         props = message.properties if self.settings.version == "5" else None
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
@@ -824,36 +895,51 @@ class MqttLink:
             reply, reply_to = await self.handler(name, bytes(message.payload))
         except Exception:
             log.exception("the command handler failed on a %s command", name)
-            reply, reply_to = error_reply(None, "internal_error", "The agent failed to handle this command; see its log."), None
+            reply, reply_to = (
+                error_reply(
+                    None, "internal_error", "The agent failed to handle this command; see its log."
+                ),
+                None,
+            )
         target = response_topic or reply_to
         rid = reply.get("request_id")
         if not target:
             error = reply.get("error") or {}
             log.info(
                 "%s command (request %s) has no reply address; result: %s",
-                name, rid, "ok" if reply.get("ok") else error.get("code"),
+                name,
+                rid,
+                "ok" if reply.get("ok") else error.get("code"),
             )
             conn.ack(message)
             return
         if target.startswith(self.topics.command_base):
-            log.warning("refused to send a reply to %s: it is this agent's own command topic", target)
+            log.warning(
+                "refused to send a reply to %s: it is this agent's own command topic", target
+            )
             conn.ack(message)
             return
         properties: Properties | None = None
         if correlation is not None and response_topic:
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = _properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation
         fut = conn.publish(target, _dumps(reply), qos=1, properties=properties)
         done, _ = await asyncio.wait({fut}, timeout=_REPLY_TIMEOUT)
         result = fut.result() if done else _PubResult(False, "no PUBACK in time", lost=True)
         if result.ok or not result.lost:
             if not result.ok:
-                log.warning("could not send the reply to request %s to %r: %s", rid, target, result.reason)
+                log.warning(
+                    "could not send the reply to request %s to %r: %s", rid, target, result.reason
+                )
             conn.ack(message)
         else:
             # Not acknowledged: the broker sends the command again after reconnecting, and the
             # repeat gets the stored reply.
-            log.info("reply to request %s not sent (%s); the command will be redelivered", rid, result.reason)
+            log.info(
+                "reply to request %s not sent (%s); the command will be redelivered",
+                rid,
+                result.reason,
+            )
 
     # -- outbox ------------------------------------------------------------------------------------
     async def _drain_forever(self) -> None:
@@ -884,7 +970,12 @@ class MqttLink:
                     return  # resume from the first unacknowledged item after reconnecting
                 for r in results:
                     if not r.ok:
-                        log.error("outbox item %d (%s) was not published: %s; dropping it", item.seq, item.kind, r.reason)
+                        log.error(
+                            "outbox item %d (%s) was not published: %s; dropping it",
+                            item.seq,
+                            item.kind,
+                            r.reason,
+                        )
                 acked.append(item.seq)
             if acked:
                 await self.store.outbox_ack(acked)
@@ -898,14 +989,21 @@ class MqttLink:
                     cursor = item.seq
                 if items:
                     continue
+                if not inflight:
+                    # Everything is published, events of pruned workflows included.
+                    self._pruned.clear()
             await self._wake.wait()
 
-    def _publish_item(self, conn: _Connection, item: OutboxItem) -> list[asyncio.Future[_PubResult]]:
+    def _publish_item(
+        self, conn: _Connection, item: OutboxItem
+    ) -> list[asyncio.Future[_PubResult]]:
         payload = item.payload
         if item.kind == "alert":
             return [conn.publish(self.topics.alerts, _dumps(payload), qos=1)]
         futures = [conn.publish(self.topics.events, _dumps(payload), qos=1)]
         wid = item.workflow_id or payload.get("workflow_id")
+        if isinstance(wid, str) and item.seq <= self._pruned.get(wid, 0):
+            return futures  # an event of a pruned workflow: no snapshot
         if isinstance(wid, str) and _topic_safe(wid):
             futures.append(
                 conn.publish(self.topics.state(wid), _dumps(_snapshot(payload)), qos=1, retain=True)
@@ -953,9 +1051,18 @@ class MqttLink:
         """Clear the retained state topics of pruned workflows (empty retained payloads).
 
         Returns how many the broker acknowledged now; the others are cleared after the next
-        (re)connect."""
+        (re)connect. Events of these workflows still in the outbox are published later without
+        their snapshots, so a cleared topic stays cleared."""
         ids = [w for w in workflow_ids if _topic_safe(w)]
+
+        def last_seq(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+
+        # The store has no public "last seq"; its read() runs this on the store thread.
+        mark = await self.store.read(last_seq)
         self._to_clear.update(ids)
+        for wid in ids:
+            self._pruned[wid] = max(mark, self._pruned.get(wid, 0))
         conn = self._conn
         if conn is None or not conn.alive or not self._to_clear:
             return 0
@@ -967,9 +1074,13 @@ class MqttLink:
         futures = []
         for wid in sorted(self._to_clear):
             fut = conn.publish(self.topics.state(wid), b"", qos=1, retain=True)
-            fut.add_done_callback(lambda f, w=wid: self._to_clear.discard(w) if f.result().ok else None)
+            fut.add_done_callback(functools.partial(self._cleared, wid))
             futures.append(fut)
         return futures
+
+    def _cleared(self, workflow_id: str, fut: asyncio.Future[_PubResult]) -> None:
+        if fut.result().ok:
+            self._to_clear.discard(workflow_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1041,8 +1152,9 @@ async def watch(settings: MqttSettings, device: str = "+", out: TextIO = sys.std
             closed = conn.closed
             while not closed.done():
                 getter = asyncio.ensure_future(lines.get())
+                waiters: set[asyncio.Future[Any]] = {getter, closed}
                 try:
-                    await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     getter.cancel()
                 if getter.done() and not getter.cancelled():
@@ -1052,7 +1164,9 @@ async def watch(settings: MqttSettings, device: str = "+", out: TextIO = sys.std
                     topic, payload = lines.get_nowait()
                     out.write(format_event(topic, payload, settings.topic_prefix) + "\n")
                 out.flush()
-            log.warning("lost the connection to the MQTT broker (%s); reconnecting", closed.result())
+            log.warning(
+                "lost the connection to the MQTT broker (%s); reconnecting", closed.result()
+            )
         except _Lost:
             pass
         finally:

@@ -89,7 +89,9 @@ class Runner:
             log.warning("workflow %s stopped at shutdown; recovery resumes it", wf.id)
             raise
         except Exception:
-            log.exception("workflow %s: the runner failed; it stays in the database for recovery", wf.id)
+            log.exception(
+                "workflow %s: the runner failed; it stays in the database for recovery", wf.id
+            )
         finally:
             self._running.pop(wf.id, None)
             self._workflows.pop(wf.id, None)

@@ -307,7 +307,9 @@ def interrupted(plan: Plan, progress: Progress, *, error: str | None = None) -> 
     return _give_up(plan, _replace(base, error=msg), fl, msg, interrupted=True)
 
 
-def _give_up(plan: Plan, progress: Progress, fl: Inflight, error: str, *, interrupted: bool) -> Progress:
+def _give_up(
+    plan: Plan, progress: Progress, fl: Inflight, error: str, *, interrupted: bool
+) -> Progress:
     if fl.phase == "compensate":
         return _compensation_finished(
             _replace(

@@ -142,10 +142,14 @@ class Agent:
             interval = self.notifier.watchdog_interval()
             if interval:
                 tasks.append(
-                    tg.create_task(watchdog_loop(self.notifier, self._healthy, interval), name="watchdog")
+                    tg.create_task(
+                        watchdog_loop(self.notifier, self._healthy, interval), name="watchdog"
+                    )
                 )
             if self.board is not None and cfg.hardware is not None and cfg.hardware.simulate:
-                tasks.append(tg.create_task(self.board.simulate(cfg.hardware.simulate), name="simulate"))
+                tasks.append(
+                    tg.create_task(self.board.simulate(cfg.hardware.simulate), name="simulate")
+                )
             self.notifier.ready(self._status_text())
             log.info("agent %s ready", cfg.device_id)
             await self._stop.wait()
@@ -170,9 +174,8 @@ class Agent:
 
     def _status_text(self) -> str:
         paused = 0
-        return (
-            f"running {self.runner.running}, queued {self.runner.queued}, paused {paused}"
-            + ("" if self.link is None else (", mqtt up" if self.link.connected else ", mqtt down"))
+        return f"running {self.runner.running}, queued {self.runner.queued}, paused {paused}" + (
+            "" if self.link is None else (", mqtt up" if self.link.connected else ", mqtt down")
         )
 
     async def _status_loop(self) -> None:
@@ -212,7 +215,13 @@ class Agent:
     # -- extra control commands --------------------------------------------------------------------
     async def _pins(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.board is None:
-            return {"ok": False, "error": {"code": "no_hardware", "message": "This agent has no hardware section in its config."}}
+            return {
+                "ok": False,
+                "error": {
+                    "code": "no_hardware",
+                    "message": "This agent has no hardware section in its config.",
+                },
+            }
         reply: dict[str, Any] = {"ok": True, "pins": self.board.snapshot()}
         if req.get("history") and self.board.is_mock:
             # Mock pins record every state they took: the desktop's (and the tests') pin log.
@@ -223,7 +232,13 @@ class Agent:
 
     async def _set_input(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.board is None:
-            return {"ok": False, "error": {"code": "no_hardware", "message": "This agent has no hardware section in its config."}}
+            return {
+                "ok": False,
+                "error": {
+                    "code": "no_hardware",
+                    "message": "This agent has no hardware section in its config.",
+                },
+            }
         self.board.set_input(str(req.get("device")), bool(req.get("value")))
         return {"ok": True, "pins": self.board.snapshot()}
 
@@ -244,11 +259,16 @@ class Agent:
         """Test hook (only with EDGESAGA_TEST_HOOKS=1): block the event loop to prove the watchdog
         stops pinging when the loop is wedged."""
         if os.environ.get("EDGESAGA_TEST_HOOKS") != "1":
-            return {"ok": False, "error": {"code": "unknown_command", "message": "Unknown command '_block_loop'."}}
+            return {
+                "ok": False,
+                "error": {"code": "unknown_command", "message": "Unknown command '_block_loop'."},
+            }
         seconds = float(req.get("seconds", 1.0))
         asyncio.get_running_loop().call_soon(time.sleep, seconds)  # deliberately blocking
         return {"ok": True}
 
 
 def summary_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{s.value.lower()} {counts.get(s.value, 0)}" for s in WorkflowStatus if counts.get(s.value))
+    return ", ".join(
+        f"{s.value.lower()} {counts.get(s.value, 0)}" for s in WorkflowStatus if counts.get(s.value)
+    )

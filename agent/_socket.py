@@ -44,9 +44,13 @@ class ControlServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise OSError(f"{self.path} exists and is not a socket; remove it or change control_socket.")
+                raise OSError(
+                    f"{self.path} exists and is not a socket; remove it or change control_socket."
+                )
             self.path.unlink()  # stale: the database lock proves no other agent runs
-        self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=MAX_LINE)
+        self._server = await asyncio.start_unix_server(
+            self._client, path=str(self.path), limit=MAX_LINE
+        )
         os.chmod(self.path, 0o660)
 
     async def close(self) -> None:

@@ -232,7 +232,9 @@ class NewInstance:
 class _Request:
     __slots__ = ("fn", "future", "write")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any], write: bool):
+    def __init__(
+        self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any], write: bool
+    ):
         self.fn = fn
         self.future = future
         self.write = write
@@ -294,7 +296,10 @@ class SQLiteStore:
             self._take_lock()
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
-            target=self._run, args=(ready,), name=f"edgesaga-store:{Path(self.path).name}", daemon=True
+            target=self._run,
+            args=(ready,),
+            name=f"edgesaga-store:{Path(self.path).name}",
+            daemon=True,
         )
         self._thread.start()
         try:
@@ -402,8 +407,10 @@ class SQLiteStore:
             conn = self._connect()
             self._next_seq = self._load_next_seq(conn)
         except BaseException as exc:
-            err = exc if isinstance(exc, StoreError) else StoreError(
-                f"Cannot open the database {self.path}: {exc}"
+            err = (
+                exc
+                if isinstance(exc, StoreError)
+                else StoreError(f"Cannot open the database {self.path}: {exc}")
             )
             loop.call_soon_threadsafe(_set_exception, ready, err)
             return
@@ -485,7 +492,9 @@ class SQLiteStore:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, results, outbox_grew)
 
-    def _deliver(self, results: list[tuple[asyncio.Future[Any], bool, Any]], outbox_grew: bool) -> None:
+    def _deliver(
+        self, results: list[tuple[asyncio.Future[Any], bool, Any]], outbox_grew: bool
+    ) -> None:
         for fut, ok, value in results:
             if ok:
                 _set_result(fut, value)
@@ -520,7 +529,13 @@ class SQLiteStore:
         def q(conn: sqlite3.Connection) -> dict[str, Any]:
             return {
                 name: conn.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in ("journal_mode", "synchronous", "foreign_keys", "user_version", "page_size")
+                for name in (
+                    "journal_mode",
+                    "synchronous",
+                    "foreign_keys",
+                    "user_version",
+                    "page_size",
+                )
             }
 
         return await self.read(q)
@@ -571,7 +586,10 @@ class SQLiteStore:
         self._insert_events(conn, tr.workflow_id, tr.events)
 
     def _insert_events(
-        self, conn: sqlite3.Connection, workflow_id: str | None, events: Iterable[tuple[str, dict[str, Any]]]
+        self,
+        conn: sqlite3.Connection,
+        workflow_id: str | None,
+        events: Iterable[tuple[str, dict[str, Any]]],
     ) -> None:
         rows = []
         for kind, payload in events:
@@ -645,7 +663,9 @@ class SQLiteStore:
         """The stored reply to ``request_id``, or None."""
 
         def fn(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            row = conn.execute("SELECT reply FROM requests WHERE request_id=?", (request_id,)).fetchone()
+            row = conn.execute(
+                "SELECT reply FROM requests WHERE request_id=?", (request_id,)
+            ).fetchone()
             return json.loads(row[0]) if row else None
 
         return await self.read(fn)
@@ -714,7 +734,9 @@ class SQLiteStore:
 
     async def count_by_status(self) -> dict[str, int]:
         def fn(conn: sqlite3.Connection) -> dict[str, int]:
-            return dict(conn.execute("SELECT status, count(*) FROM instances GROUP BY status").fetchall())
+            return dict(
+                conn.execute("SELECT status, count(*) FROM instances GROUP BY status").fetchall()
+            )
 
         return await self.read(fn)
 
@@ -767,7 +789,9 @@ class SQLiteStore:
         await self.write(fn)
 
     async def outbox_count(self) -> int:
-        return await self.read(lambda conn: conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        return await self.read(
+            lambda conn: conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        )
 
     async def outbox_trim(self, cap: int) -> int:
         """Keep at most ``cap`` outbox items: drop the oldest events of *finished* workflows first
@@ -812,7 +836,11 @@ class SQLiteStore:
 
     # -- retention ---------------------------------------------------------------------------------
     async def prune(
-        self, *, max_age: float | None = None, max_finished: int | None = None, now: float | None = None
+        self,
+        *,
+        max_age: float | None = None,
+        max_finished: int | None = None,
+        now: float | None = None,
     ) -> list[str]:
         """Delete finished instances older than ``max_age`` seconds or beyond the newest
         ``max_finished``, with their journal and published events. Returns their ids."""
@@ -847,20 +875,24 @@ class SQLiteStore:
                 part = ids[chunk : chunk + 500]
                 m = ",".join("?" * len(part))
                 conn.execute(
-                    f"DELETE FROM journal WHERE n IN (SELECT n FROM instances WHERE id IN ({m}))", part
+                    f"DELETE FROM journal WHERE n IN (SELECT n FROM instances WHERE id IN ({m}))",
+                    part,
                 )
                 conn.execute(f"DELETE FROM instances WHERE id IN ({m})", part)
                 # their events (published or, with no broker, never to be) and request-id replies
                 conn.execute(f"DELETE FROM outbox WHERE workflow_id IN ({m})", part)
                 conn.execute(
-                    f"DELETE FROM requests WHERE json_extract(reply, '$.workflow_id') IN ({m})", part
+                    f"DELETE FROM requests WHERE json_extract(reply, '$.workflow_id') IN ({m})",
+                    part,
                 )
                 for wid in part:
                     self._keys.pop(wid, None)
             conn.execute(
                 "DELETE FROM definitions WHERE hash NOT IN (SELECT DISTINCT definition_hash FROM instances)"
             )
-            conn.execute("DELETE FROM requests WHERE created_at < ?", (now - (max_age or 30 * 86400),))
+            conn.execute(
+                "DELETE FROM requests WHERE created_at < ?", (now - (max_age or 30 * 86400),)
+            )
             return ids
 
         return await self.write(fn)

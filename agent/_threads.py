@@ -61,7 +61,9 @@ class DaemonPool:
 
 def _done(fut: asyncio.Future[Any], value: Any) -> None:
     if fut.done():
-        log.warning("a sync step returned after its timeout or cancel; the late result is discarded")
+        log.warning(
+            "a sync step returned after its timeout or cancel; the late result is discarded"
+        )
     else:
         fut.set_result(value)
 

@@ -97,7 +97,12 @@ class Mosquitto:
             raise SystemExit("footprint: mosquitto is not installed (apt-get install mosquitto).")
         self.port = _free_port()
         conf = directory / "mosquitto.conf"
-        lines = [f"listener {self.port} {HOST}", "allow_anonymous true", "persistence false", "log_dest none"]
+        lines = [
+            f"listener {self.port} {HOST}",
+            "allow_anonymous true",
+            "persistence false",
+            "log_dest none",
+        ]
         if os.geteuid() == 0:
             lines.append("user root")
         conf.write_text("\n".join(lines) + "\n")
@@ -240,7 +245,9 @@ def measure_agent(directory: Path, broker_port: int, idle: float) -> Sample:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
         if code != 0:
-            raise SystemExit(f"footprint: the agent exited with {code}; see {directory / 'agent.log'}")
+            raise SystemExit(
+                f"footprint: the agent exited with {code}; see {directory / 'agent.log'}"
+            )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -263,14 +270,24 @@ def _median(samples: list[Sample]) -> Sample:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="runs of each program (median; default 5)")
-    parser.add_argument("--idle", type=float, default=2.0, help="seconds the agent idles before RSS is read")
+    parser.add_argument(
+        "--runs", type=int, default=5, help="runs of each program (median; default 5)"
+    )
+    parser.add_argument(
+        "--idle", type=float, default=2.0, help="seconds the agent idles before RSS is read"
+    )
     args = parser.parse_args(argv)
     # An installed agent has byte-compiled modules (pip compiles at install, install.sh uses pip);
     # a checkout run with PYTHONDONTWRITEBYTECODE=1 would recompile ours on every start. Compile
     # them once so the agent is measured as deployed (the dependencies are already compiled).
     subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", *(str(ROOT / p) for p in ("agent", "hardware", "workflows"))],
+        [
+            sys.executable,
+            "-m",
+            "compileall",
+            "-q",
+            *(str(ROOT / p) for p in ("agent", "hardware", "workflows")),
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -290,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             broker.stop()
 
     p, b, a = (_median(results[k]) for k in ("pass", "bare", "agent"))
-    print(f"edgesaga footprint: median of {args.runs} runs each, Python {sys.version.split()[0]}, {os.uname().machine}")
+    print(
+        f"edgesaga footprint: median of {args.runs} runs each, Python {sys.version.split()[0]}, {os.uname().machine}"
+    )
     print(f"{'program':<44} {'exec->ready':>12} {'VmRSS':>10} {'VmHWM':>10}")
     rows = [
         ("python -c pass", p),
@@ -299,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, s in rows:
         label = label if len(label) <= 44 else label[:41] + "..."
-        print(f"{label:<44} {s.seconds * 1000:>9.0f} ms {s.rss_kb / 1024:>7.1f} MB {s.hwm_kb / 1024:>7.1f} MB")
+        print(
+            f"{label:<44} {s.seconds * 1000:>9.0f} ms {s.rss_kb / 1024:>7.1f} MB {s.hwm_kb / 1024:>7.1f} MB"
+        )
     print(f"  (bare import = python -c '{DEPENDENCIES}')")
 
     rss_limit = b.rss_kb / 1024 + RSS_TARGET_MB

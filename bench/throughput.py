@@ -56,7 +56,9 @@ def raw_commits(directory: Path, seconds: float) -> tuple[float, float]:
     return rate, written
 
 
-async def saga_run(directory: Path, workflow_type: str, in_flight: int, seconds: float, name: str) -> dict[str, float]:
+async def saga_run(
+    directory: Path, workflow_type: str, in_flight: int, seconds: float, name: str
+) -> dict[str, float]:
     builder = WorkflowBuilder(definitions=[ROOT / "bench"])
     async with SQLiteStore(directory / f"{name}.db") as store:
         # warm up (imports, first pages)
@@ -87,7 +89,9 @@ async def saga_run(directory: Path, workflow_type: str, in_flight: int, seconds:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default=None, help="directory on the disk to measure (default: ./.edgesaga/bench)")
+    ap.add_argument(
+        "--dir", default=None, help="directory on the disk to measure (default: ./.edgesaga/bench)"
+    )
     ap.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
     args = ap.parse_args()
     base = Path(args.dir) if args.dir else ROOT / ".edgesaga" / "bench"
@@ -101,7 +105,9 @@ def main() -> None:
             f"   ({raw_bytes:.0f} bytes written per commit)"
         )
         print()
-        print(f"{'run':<34}{'wf/s':>8}{'steps/s':>10}{'÷ raw':>8}{'commits/step':>14}{'bytes/step':>12}")
+        print(
+            f"{'run':<34}{'wf/s':>8}{'steps/s':>10}{'÷ raw':>8}{'commits/step':>14}{'bytes/step':>12}"
+        )
         for label, wtype, n in (
             ("async no-op, sequential", "NoopPayment", 1),
             ("async no-op, 32 in flight", "NoopPayment", 32),
@@ -114,7 +120,9 @@ def main() -> None:
                 f"{r['commits_per_step']:14.2f}{r['bytes_per_step']:12.0f}"
             )
         print()
-        print("targets: sequential ≥ 0.60 × raw, 32 in flight ≥ 2 × raw, ≤ 12 KiB (12288 B) per step")
+        print(
+            "targets: sequential ≥ 0.60 × raw, 32 in flight ≥ 2 × raw, ≤ 12 KiB (12288 B) per step"
+        )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -130,9 +130,14 @@ class Broker:
         if self.persistence:
             store = self.directory / "persist"
             store.mkdir(exist_ok=True)
-            lines += ["persistence true", f"persistence_location {store}/", "autosave_interval 3600"]
+            lines += [
+                "persistence true",
+                f"persistence_location {store}/",
+                "autosave_interval 3600",
+            ]
         lines += [
             "max_queued_messages 100000",
+            "set_tcp_nodelay true",
             f"log_dest file {self.log_file}",
             "log_type error",
             "log_type warning",
@@ -162,8 +167,13 @@ class Broker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited ({self._proc.returncode}):\n{self.log_text()}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.2):
+                raise RuntimeError(
+                    f"mosquitto exited ({self._proc.returncode}):\n{self.log_text()}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((HOST, self.port), timeout=0.2),
+            ):
                 return
             time.sleep(0.02)
         raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s")
@@ -331,13 +341,22 @@ class Probe:
         self._loop.call_soon_threadsafe(self._connected.clear)
 
     async def connect(self) -> Probe:
-        props = None
         if self.version == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 600 if self.persistent else 0
-        await asyncio.to_thread(
-            self.client.connect, HOST, self.broker.port, 30, clean_start=not self.persistent, properties=props
-        )
+            await asyncio.to_thread(
+                self.client.connect,
+                HOST,
+                self.broker.port,
+                30,
+                clean_start=not self.persistent,
+                properties=props,
+            )
+        else:
+            await asyncio.to_thread(self.client.connect, HOST, self.broker.port, 30)
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):  # Nagle off, as the agent does
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.loop_start()
         await asyncio.wait_for(self._connected.wait(), 10)
         return self
@@ -377,13 +396,17 @@ class Probe:
     def on(self, topic: str) -> list[Received]:
         return [m for m in self.messages if m.topic == topic]
 
-    async def wait_for(self, predicate: Callable[[list[Received]], bool], within: float = 10) -> None:
+    async def wait_for(
+        self, predicate: Callable[[list[Received]], bool], within: float = 10
+    ) -> None:
         """Wait up to ``within`` seconds until ``predicate(messages)`` holds."""
         deadline = time.monotonic() + within
         while not predicate(self.messages):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"condition not met in {within} s; got {len(self.messages)} messages")
+                raise TimeoutError(
+                    f"condition not met in {within} s; got {len(self.messages)} messages"
+                )
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
@@ -431,7 +454,9 @@ class Agent:
         """Wait until ``count`` workflows are in a terminal status."""
         deadline = time.monotonic() + within
         while True:
-            finished = [r for r in await self.store.list_instances(limit=100_000) if r.status.is_terminal]
+            finished = [
+                r for r in await self.store.list_instances(limit=100_000) if r.status.is_terminal
+            ]
             if len(finished) >= count:
                 return
             if time.monotonic() > deadline:
@@ -461,8 +486,16 @@ async def running_agent(
     async with SQLiteStore(db) as store:
         builder = WorkflowBuilder(definitions=definitions)
         runner = Runner(max_concurrent=max_concurrent)
-        control = Control(builder=builder, store=store, runner=runner, max_payload=settings.max_payload)
-        link = MqttLink(settings=settings, device_id=device, store=store, handler=control.handle_raw, **link_kwargs)
+        control = Control(
+            builder=builder, store=store, runner=runner, max_payload=settings.max_payload
+        )
+        link = MqttLink(
+            settings=settings,
+            device_id=device,
+            store=store,
+            handler=control.handle_raw,
+            **link_kwargs,
+        )
         async with asyncio.TaskGroup() as tg:
             runner_task = tg.create_task(runner.serve(), name="runner")
             link_task = tg.create_task(link.run(), name="mqtt-link")
@@ -478,7 +511,24 @@ async def running_agent(
         raise error
 
 
-def start_command(request_id: str, data: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+async def until(predicate: Callable[[], Any], *, within: float, every: float = 0.02) -> None:
+    """Poll ``predicate()`` (sync or async) until it is true; TimeoutError after ``within`` s.
+    For conditions with no notification to wait on (log records, counters, printed output)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {within} s")
+        await asyncio.sleep(every)
+
+
+def start_command(
+    request_id: str, data: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
     return {
         "request_id": request_id,
         "workflow_type": extra.pop("workflow_type", "PaymentProcessing"),

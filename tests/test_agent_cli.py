@@ -25,7 +25,9 @@ from tests.workflows.service.harness import (
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, f"rc {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"rc {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
     return result.stdout
 
 
@@ -35,7 +37,9 @@ def _show(config: Path, workflow_id: str) -> dict[str, Any]:
     return info
 
 
-def _wait_status(config: Path, workflow_id: str, *statuses: str, within: float = 10) -> dict[str, Any]:
+def _wait_status(
+    config: Path, workflow_id: str, *statuses: str, within: float = 10
+) -> dict[str, Any]:
     return poll(
         lambda: _show(config, workflow_id),
         lambda info: info["status"] in statuses,
@@ -97,7 +101,9 @@ def test_retry_a_failed_workflow_through_the_agent(
 ) -> None:
     config, agent = running
     flag = tmp_path / "flag"
-    reply = json.loads(_ok(cli(config, "start", "ServiceFlaky", "--data", json.dumps({"flag": str(flag)}))))
+    reply = json.loads(
+        _ok(cli(config, "start", "ServiceFlaky", "--data", json.dumps({"flag": str(flag)})))
+    )
     wid = reply["workflow_id"]
     failed = _wait_status(config, wid, "FAILED", "COMPLETED")
     assert failed["status"] == "FAILED"
@@ -120,14 +126,20 @@ def test_retry_a_failed_workflow_through_the_agent(
 
 def test_cancel_a_running_saga_through_the_agent(running: tuple[Path, AgentProcess]) -> None:
     config, _ = running
-    wid = json.loads(_ok(cli(config, "start", "ServiceCancelSaga", "--data", '{"seconds": 60}')))["workflow_id"]
+    wid = json.loads(_ok(cli(config, "start", "ServiceCancelSaga", "--data", '{"seconds": 60}')))[
+        "workflow_id"
+    ]
     poll(
         lambda: _show(config, wid),
-        lambda info: info["current_step"] == "Wait_Long" and info["journal"][-1]["outcome"] == "started",
+        lambda info: (
+            info["current_step"] == "Wait_Long" and info["journal"][-1]["outcome"] == "started"
+        ),
         what="the saga to block in Wait_Long",
     )
     _ok(cli(config, "cancel", wid, "--reason", "operator said so"))
-    info = _wait_status(config, wid, "CANCELLED", "COMPENSATION_FAILED", "FAILED_ROLLED_BACK", within=5)
+    info = _wait_status(
+        config, wid, "CANCELLED", "COMPENSATION_FAILED", "FAILED_ROLLED_BACK", within=5
+    )
     assert info["status"] == "CANCELLED"
     assert info["state"]["compensations"] == ["Reserve"]
     assert [(j["step"], j["phase"], j["outcome"]) for j in info["journal"]] == [
@@ -148,7 +160,9 @@ def test_pins_and_a_refused_test_hook(running: tuple[Path, AgentProcess]) -> Non
     assert reply["error"]["code"] == "unknown_command"
 
 
-def test_second_agent_on_the_same_database_refuses_to_start(running: tuple[Path, AgentProcess]) -> None:
+def test_second_agent_on_the_same_database_refuses_to_start(
+    running: tuple[Path, AgentProcess],
+) -> None:
     config, agent = running
     second = cli(config, "run", timeout=15)
     assert second.returncode != 0
@@ -182,8 +196,13 @@ def test_without_an_agent_retry_runs_in_process(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     flag = tmp_path / "flag"
     failed = cli(
-        config, "start", "ServiceFlaky", "--data", json.dumps({"flag": str(flag)}),
-        "--definitions", str(SERVICE_DEFS),
+        config,
+        "start",
+        "ServiceFlaky",
+        "--data",
+        json.dumps({"flag": str(flag)}),
+        "--definitions",
+        str(SERVICE_DEFS),
     )
     assert failed.returncode == 3, failed.stderr  # not COMPLETED
     wid = json.loads(failed.stdout)["workflow_id"]
@@ -197,18 +216,43 @@ def test_write_command_while_another_process_holds_the_database(tmp_path: Path) 
     marker = tmp_path / "started"
     data = json.dumps({"seconds": 30, "marker": str(marker)})
     holder = subprocess.Popen(
-        [sys.executable, "-m", "agent._cli", "start", "ServiceLong", "--id", "held-1", "--data", data,
-         "--definitions", str(SERVICE_DEFS), "--config", str(config)],
-        cwd=ROOT, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "agent._cli",
+            "start",
+            "ServiceLong",
+            "--id",
+            "held-1",
+            "--data",
+            data,
+            "--definitions",
+            str(SERVICE_DEFS),
+            "--config",
+            str(config),
+        ],
+        cwd=ROOT,
+        env=base_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
-        poll(lambda: marker.exists() or holder.poll() is not None, bool, what="the holder to start its step")
+        poll(
+            lambda: marker.exists() or holder.poll() is not None,
+            bool,
+            what="the holder to start its step",
+        )
         assert holder.poll() is None, holder.stderr.read() if holder.stderr else ""
 
-        for args in (("cancel", "held-1"), ("start", "ServiceQuick", "--definitions", str(SERVICE_DEFS))):
+        for args in (
+            ("cancel", "held-1"),
+            ("start", "ServiceQuick", "--definitions", str(SERVICE_DEFS)),
+        ):
             refused = cli(config, *args)
             assert refused.returncode == 2, refused
-            assert refused.stderr.startswith("edgesaga: error: Another edgesaga process already drives")
+            assert refused.stderr.startswith(
+                "edgesaga: error: Another edgesaga process already drives"
+            )
             assert "Traceback" not in refused.stderr
         # Reading needs no lock.
         rows = json.loads(_ok(cli(config, "list", "--json")))

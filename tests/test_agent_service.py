@@ -136,13 +136,17 @@ async def test_sigterm_sets_outputs_safe_publishes_offline_and_exits_0(
             lambda s: s["mqtt_connected"] is True,
             what="the agent to connect to the broker",
         )
-        assert await asyncio.to_thread(retained, broker.port, availability) == {availability: b"online"}
+        assert await asyncio.to_thread(retained, broker.port, availability) == {
+            availability: b"online"
+        }
 
         wid = agent.start("ServiceLamp", {"seconds": 30, "record": str(record)})
         await asyncio.to_thread(
             poll,
             lambda: agent.get(wid),
-            lambda info: info["current_step"] == "Hold" and info["journal"][-1]["outcome"] == "started",
+            lambda info: (
+                info["current_step"] == "Hold" and info["journal"][-1]["outcome"] == "started"
+            ),
             what="the workflow to hold the lamp on",
         )
         assert agent.request("pins")["pins"]["lamp"] is True
@@ -161,7 +165,9 @@ async def test_sigterm_sets_outputs_safe_publishes_offline_and_exits_0(
     assert True in history, history
     assert history[-1] is False, history
     # `offline` replaced `online` as the retained availability.
-    assert await asyncio.to_thread(retained, broker.port, availability) == {availability: b"offline"}
+    assert await asyncio.to_thread(retained, broker.port, availability) == {
+        availability: b"offline"
+    }
     # The cut workflow stays ACTIVE for recovery; it was not failed or cancelled by the stop.
     assert _db_status(db, wid) == "ACTIVE"
     assert "Traceback" not in agent.log_text()

@@ -31,14 +31,24 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.include_bundled is True
     assert cfg.max_concurrent == 4
     assert cfg.grace_period == 10.0
-    assert (cfg.retention.max_age_days, cfg.retention.max_finished, cfg.retention.interval) == (30.0, 1000, 3600.0)
+    assert (cfg.retention.max_age_days, cfg.retention.max_finished, cfg.retention.interval) == (
+        30.0,
+        1000,
+        3600.0,
+    )
     assert (cfg.logging.level, cfg.logging.format) == ("INFO", "text")
     assert cfg.hardware is None
     # Without an mqtt section the agent runs offline; the other MQTT keys keep their defaults.
     assert cfg.mqtt.enabled is False
     assert cfg.mqtt.model_copy(update={"enabled": True}) == MqttSettings()
     m = cfg.mqtt
-    assert (m.host, m.port, m.version, m.topic_prefix, m.keepalive) == ("localhost", 1883, "5", "edgesaga", 30)
+    assert (m.host, m.port, m.version, m.topic_prefix, m.keepalive) == (
+        "localhost",
+        1883,
+        "5",
+        "edgesaga",
+        30,
+    )
     assert (m.max_payload, m.outbox_cap, m.session_expiry) == (65536, 100_000, 7 * 24 * 3600)
     # An empty file means the same defaults.
     assert load_config(_write(tmp_path, ""), environ={}) == cfg
@@ -50,7 +60,10 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("max_concurent: 3\n", "max_concurent"),
         ("mqtt: {hots: broker}\n", "mqtt.hots"),
         ("retention: {max_rows: 5}\n", "retention.max_rows"),
-        ("hardware: {devices: {lamp: {kind: output, pin: 17, colour: red}}}\n", "hardware.devices.lamp.colour"),
+        (
+            "hardware: {devices: {lamp: {kind: output, pin: 17, colour: red}}}\n",
+            "hardware.devices.lamp.colour",
+        ),
     ],
 )
 def test_unknown_key_is_rejected_naming_it(tmp_path: Path, text: str, key: str) -> None:
@@ -64,7 +77,9 @@ def test_unknown_key_is_rejected_naming_it(tmp_path: Path, text: str, key: str) 
 
 def test_invalid_value_names_file_and_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "max_concurrent: 0\n")
-    with pytest.raises(ConfigError, match=r"agent\.yaml: max_concurrent: .*greater than or equal to 1"):
+    with pytest.raises(
+        ConfigError, match=r"agent\.yaml: max_concurrent: .*greater than or equal to 1"
+    ):
         load_config(path, environ={})
 
 
@@ -101,7 +116,9 @@ def test_relative_paths_are_resolved_against_the_config_directory(
 
 
 def test_environment_overrides(tmp_path: Path) -> None:
-    path = _write(tmp_path, "max_concurrent: 2\nmqtt: {enabled: true, host: from-file, port: 1884}\n")
+    path = _write(
+        tmp_path, "max_concurrent: 2\nmqtt: {enabled: true, host: from-file, port: 1884}\n"
+    )
     env = {
         "EDGESAGA_MAX_CONCURRENT": "8",
         "EDGESAGA_MQTT__HOST": "x",

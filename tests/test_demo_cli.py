@@ -29,7 +29,9 @@ def test_demo_tells_the_tutorial_story_and_exits_zero(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     out = r.stdout
     # success run, then the carrier failure, in the tutorial's order
-    assert out.index("WORKFLOW COMPLETED SUCCESSFULLY") < out.index("WORKFLOW FAILED - INITIATING ROLLBACK")
+    assert out.index("WORKFLOW COMPLETED SUCCESSFULLY") < out.index(
+        "WORKFLOW FAILED - INITIATING ROLLBACK"
+    )
     rollback = out[out.index("INITIATING ROLLBACK") :]
     assert (
         rollback.index("Releasing inventory")
@@ -68,27 +70,60 @@ def test_validate_reports_a_bad_definition_in_one_sentence(tmp_path: Path) -> No
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("edgesaga: error: ")
-    assert f"{bad}:6" in r.stderr and "step 'A'" in r.stderr and "nope" in r.stderr
+    assert f"{bad}:6" in r.stderr
+    assert "step 'A'" in r.stderr
+    assert "nope" in r.stderr
     ok = edgesaga("validate", str(ROOT / "workflows"), cwd=tmp_path)
     assert ok.returncode == 0
-    assert "PaymentProcessing 1.0.0" in ok.stdout and "Irrigation 1.0.0" in ok.stdout
+    assert "PaymentProcessing 1.0.0" in ok.stdout
+    assert "Irrigation 1.0.0" in ok.stdout
 
 
 def test_start_mistakes_are_one_clear_sentence(tmp_path: Path) -> None:
     r = edgesaga("start", "NoSuchType", "--db", str(tmp_path / "x.db"), cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "Unknown workflow type 'NoSuchType'" in r.stderr and "PaymentProcessing" in r.stderr
-    r = edgesaga("start", "PaymentProcessing", "--data", "{not json", "--db", str(tmp_path / "x.db"), cwd=tmp_path)
-    assert r.returncode == 2 and "--data is not valid JSON" in r.stderr
-    r = edgesaga("start", "PaymentProcessing", "--data", '{"order_id": 1}', "--db", str(tmp_path / "x.db"), cwd=tmp_path)
-    assert r.returncode == 2 and "does not fit PaymentState" in r.stderr
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "Unknown workflow type 'NoSuchType'" in r.stderr
+    assert "PaymentProcessing" in r.stderr
+    r = edgesaga(
+        "start",
+        "PaymentProcessing",
+        "--data",
+        "{not json",
+        "--db",
+        str(tmp_path / "x.db"),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    assert "--data is not valid JSON" in r.stderr
+    r = edgesaga(
+        "start",
+        "PaymentProcessing",
+        "--data",
+        '{"order_id": 1}',
+        "--db",
+        str(tmp_path / "x.db"),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    assert "does not fit PaymentState" in r.stderr
     r = edgesaga("show", "nope", "--db", str(tmp_path / "missing.db"), cwd=tmp_path)
-    assert r.returncode == 2 and "No database at" in r.stderr
+    assert r.returncode == 2
+    assert "No database at" in r.stderr
 
 
 def test_start_runs_in_process_and_is_idempotent_by_id(tmp_path: Path) -> None:
     data = '{"order_id": "O1", "customer_id": "C1", "amount": 5}'
-    args = ("start", "PaymentProcessing", "--data", data, "--id", "order-1", "--db", str(tmp_path / "s.db"))
+    args = (
+        "start",
+        "PaymentProcessing",
+        "--data",
+        data,
+        "--id",
+        "order-1",
+        "--db",
+        str(tmp_path / "s.db"),
+    )
     first = edgesaga(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("Creating order") == 1  # the steps' own prints come first
@@ -96,5 +131,7 @@ def test_start_runs_in_process_and_is_idempotent_by_id(tmp_path: Path) -> None:
     again = edgesaga(*args, cwd=tmp_path)
     assert again.returncode == 0
     assert "Creating order" not in again.stdout  # the existing workflow is returned, not re-run
-    rows = json.loads(edgesaga("list", "--json", "--db", str(tmp_path / "s.db"), cwd=tmp_path).stdout)
+    rows = json.loads(
+        edgesaga("list", "--json", "--db", str(tmp_path / "s.db"), cwd=tmp_path).stdout
+    )
     assert [r["workflow_id"] for r in rows] == ["order-1"]

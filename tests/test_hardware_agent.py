@@ -67,7 +67,8 @@ async def test_same_resource_runs_one_after_the_other_disjoint_alongside(board, 
     assert at("HwValve", "step_completed", "Valve_Off") < at(second, "step_started", "Pump_On")
     assert at("HwValve", "step_started", "Valve_On") < at(first, "step_completed", "Pump_Off")
     assert states(board, "valve") == [False, True, False]
-    assert builder.leases.holder("pump") is None and builder.leases.holder("valve") is None
+    assert builder.leases.holder("pump") is None
+    assert builder.leases.holder("valve") is None
 
 
 async def test_a_waiting_workflow_says_what_it_waits_for(board, tmp_path) -> None:
@@ -83,7 +84,8 @@ async def test_a_waiting_workflow_says_what_it_waits_for(board, tmp_path) -> Non
         assert second.waiting_for == ["pump"]
         assert first.waiting_for == []
         await asyncio.gather(t1, t2)
-        assert second.waiting_for == [] and second.status == "COMPLETED"
+        assert second.waiting_for == []
+        assert second.status == "COMPLETED"
 
 
 def _start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -121,7 +123,9 @@ def test_sigkill_with_the_pump_on_then_safe_before_recovery(tmp_path: Path) -> N
     mark = tmp_path / "hold.mark"
     defs = tmp_path / "defs"
     defs.mkdir()
-    (defs / "crash_pump.yaml").write_text((HW / "crash_pump.yaml.tmpl").read_text().replace("MARK", str(mark)))
+    (defs / "crash_pump.yaml").write_text(
+        (HW / "crash_pump.yaml.tmpl").read_text().replace("MARK", str(mark))
+    )
     sock = tmp_path / "control.sock"
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(
@@ -135,7 +139,9 @@ def test_sigkill_with_the_pump_on_then_safe_before_recovery(tmp_path: Path) -> N
                 "hardware": {
                     "pin_factory": "mock",
                     # initial on: the restarted agent must switch it off before it recovers
-                    "devices": {"pump": {"kind": "output", "pin": 27, "initial": True, "safe": False}},
+                    "devices": {
+                        "pump": {"kind": "output", "pin": 27, "initial": True, "safe": False}
+                    },
                 },
             }
         )
@@ -145,11 +151,13 @@ def test_sigkill_with_the_pump_on_then_safe_before_recovery(tmp_path: Path) -> N
     try:
         _wait_for(lambda: _ask(sock, "status"), 15, "the agent's control socket")
         reply = _ask(sock, "start", request_id="r1", workflow_type="HwCrashPump")
-        assert reply is not None and reply["ok"], reply
+        assert reply is not None
+        assert reply["ok"], reply
         wid = reply["workflow_id"]
         _wait_for(mark.exists, 10, "the Hold step to start")
         pins = _ask(sock, "pins")
-        assert pins is not None and pins["pins"]["pump"] is True  # the pump runs
+        assert pins is not None
+        assert pins["pins"]["pump"] is True
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
     finally:
@@ -160,6 +168,7 @@ def test_sigkill_with_the_pump_on_then_safe_before_recovery(tmp_path: Path) -> N
     mark.unlink()
     proc = _start_agent(cfg, log)
     try:
+
         def finished() -> dict[str, Any] | None:
             got = _ask(sock, "get", request_id="g", workflow_id=wid)
             return got if got and got.get("status") == "COMPLETED" else None

@@ -19,7 +19,9 @@ def test_all_is_sorted_unique_and_complete(package: str) -> None:
         for n, v in vars(mod).items()
         if not n.startswith("_") and not inspect.ismodule(v) and n not in ("annotations",)
     }
-    assert public == set(names), f"{package} defines public names missing from __all__: {public - set(names)}"
+    assert public == set(names), (
+        f"{package} defines public names missing from __all__: {public - set(names)}"
+    )
 
 
 @pytest.mark.parametrize("package", ["agent", "hardware"])
@@ -36,6 +38,7 @@ def test_exported_errors_share_one_root(package: str) -> None:
         assert issubclass(err, root), f"{err.__name__} does not derive from {root.__name__}"
         if err is root:
             continue
-        assert err.__doc__ and err.__doc__.strip().startswith("Raised when"), (
+        doc = (err.__doc__ or "").strip()
+        assert doc.startswith("Raised when"), (
             f"{err.__name__} needs a one-line 'Raised when ...' docstring"
         )

@@ -39,7 +39,9 @@ class _ReadyNotifier(Notifier):
         return False
 
 
-def _config(directory: Path, *, retention: dict[str, Any], mqtt: dict[str, Any] | None = None, **extra: Any) -> AgentConfig:
+def _config(
+    directory: Path, *, retention: dict[str, Any], mqtt: dict[str, Any] | None = None, **extra: Any
+) -> AgentConfig:
     path = write_config(
         directory,
         retention={"interval": 3600, **retention},
@@ -76,7 +78,11 @@ async def running(cfg: AgentConfig) -> AsyncIterator[Agent]:
 
 async def _start(agent: Agent, workflow_type: str, data: dict[str, Any] | None = None) -> str:
     assert agent.control is not None
-    payload = {"request_id": f"r-{uuid.uuid4()}", "workflow_type": workflow_type, "data": data or {}}
+    payload = {
+        "request_id": f"r-{uuid.uuid4()}",
+        "workflow_type": workflow_type,
+        "data": data or {},
+    }
     reply, _ = await agent.control.handle_raw("start", json.dumps(payload).encode())
     assert reply["ok"], reply
     return str(reply["workflow_id"])
@@ -132,9 +138,7 @@ def _rows(database: Path) -> dict[str, int]:
 
 
 def _size(database: Path) -> int:
-    return sum(
-        os.path.getsize(p) for p in (database, Path(f"{database}-wal")) if os.path.exists(p)
-    )
+    return sum(os.path.getsize(p) for p in (database, Path(f"{database}-wal")) if os.path.exists(p))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +270,12 @@ async def test_pruned_while_the_broker_is_down_stays_cleared_after_reconnect(
     cfg = _config(
         tmp_path,
         retention={"max_finished": 2, "max_age_days": 30},
-        mqtt={"port": broker.port, "topic_prefix": prefix, "reconnect_min": 0.2, "reconnect_max": 0.5},
+        mqtt={
+            "port": broker.port,
+            "topic_prefix": prefix,
+            "reconnect_min": 0.2,
+            "reconnect_max": 0.5,
+        },
     )
     async with running(cfg) as agent:
         assert agent.store is not None

@@ -1,6 +1,6 @@
 """State model of the PaymentProcessing workflow (the saga tutorial's ``PaymentState``)."""
 
-from typing import Optional  # noqa: UP035 - kept as in the tutorial
+from typing import Optional
 
 from pydantic import BaseModel
 

@@ -136,7 +136,11 @@ def create_shipment(state: PaymentState, context: StepContext, **kwargs) -> dict
     # Simulate shipment creation
     tracking_number = f"TRACK-{uuid.uuid4().hex[:10].upper()}"
     print(f" ✓ Shipment created: {tracking_number}")
-    return {"shipment_created": True, "tracking_number": tracking_number, "workflow_status": "completed"}
+    return {
+        "shipment_created": True,
+        "tracking_number": tracking_number,
+        "workflow_status": "completed",
+    }
 
 
 def cancel_shipment(state: PaymentState, context: StepContext, **kwargs) -> dict:

@@ -79,7 +79,9 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli(config: Path, *args: str, timeout: float = 20.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    config: Path, *args: str, timeout: float = 20.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``edgesaga <args> --config <config>`` and return the finished process."""
     return subprocess.run(
         [sys.executable, "-m", "agent._cli", *args, "--config", str(config)],
@@ -120,9 +122,7 @@ class NotifyListener:
             except OSError:
                 return
             now = time.monotonic()
-            fields = dict(
-                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
-            )
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             with self._lock:
                 self.messages.append((now, fields))
 
@@ -139,7 +139,9 @@ class NotifyListener:
         """Arrival times of every datagram carrying ``key=value``."""
         return [t for t, f in self.snapshot() if f.get(key) == value]
 
-    def wait_for(self, key: str, value: str = "1", *, within: float = 15.0) -> tuple[float, dict[str, str]]:
+    def wait_for(
+        self, key: str, value: str = "1", *, within: float = 15.0
+    ) -> tuple[float, dict[str, str]]:
         """The first datagram with ``key=value``, waiting up to ``within`` seconds."""
         deadline = time.monotonic() + within
         while True:
@@ -239,7 +241,9 @@ class AgentProcess:
         try:
             return self.proc.wait(timeout=within)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the agent did not exit within {within} s; log:\n{self.log_text()}") from None
+            raise AssertionError(
+                f"the agent did not exit within {within} s; log:\n{self.log_text()}"
+            ) from None
 
     def kill(self) -> None:
         """Teardown: SIGKILL if still running, then release everything."""
@@ -266,7 +270,9 @@ def poll(
         if ok(value):
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}; last value: {value!r}")
+            raise AssertionError(
+                f"timed out after {within} s waiting for {what}; last value: {value!r}"
+            )
         time.sleep(interval)
 
 
@@ -298,7 +304,9 @@ def journal(database: Path, workflow_id: str) -> list[tuple[str, str, int, str]]
 # MQTT: a late subscriber
 
 
-def retained(port: int, *topics: str, settle: float = 0.5, within: float = 10.0) -> dict[str, bytes]:
+def retained(
+    port: int, *topics: str, settle: float = 0.5, within: float = 10.0
+) -> dict[str, bytes]:
     """Subscribe to ``topics`` (filters allowed) as a fresh client and return the retained messages
     the broker hands over, by topic. Empty retained payloads (cleared topics) are left out."""
     got: dict[str, bytes] = {}

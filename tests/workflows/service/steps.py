@@ -51,7 +51,9 @@ def _claim_first_run(marker: str | None, attempt: int) -> bool:
     return True
 
 
-async def sleep_first_time(state: ServiceState, context: StepContext, **params: Any) -> dict[str, Any]:
+async def sleep_first_time(
+    state: ServiceState, context: StepContext, **params: Any
+) -> dict[str, Any]:
     """Sleeps ``seconds`` on its first execution only: the first run creates ``marker``; a run
     that finds the marker (the re-run after an interrupted attempt) returns at once."""
     if await asyncio.to_thread(_claim_first_run, state.marker, context.attempt):
