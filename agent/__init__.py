@@ -3,6 +3,7 @@
 The whole public API is listed in ``__all__``; everything else lives in private modules.
 """
 
+from agent._config import AgentConfig, ConfigError, load_config
 from agent._context import StepContext
 from agent._definition import (
     LoadedDefinition,
@@ -25,11 +26,16 @@ from agent._errors import (
     WorkflowNotActive,
     WorkflowNotFound,
 )
+from agent._mqtt import MqttLink, MqttSettings, TlsSettings
+from agent._service import Agent
 from agent._status import WorkflowStatus
 from agent._store import InstanceRecord, JournalEntry, MemoryStore, OutboxItem, SQLiteStore
 
 __all__ = [
+    "Agent",
+    "AgentConfig",
     "AgentError",
+    "ConfigError",
     "DatabaseLocked",
     "DefinitionError",
     "DiskFull",
@@ -39,6 +45,8 @@ __all__ = [
     "JournalEntry",
     "LoadedDefinition",
     "MemoryStore",
+    "MqttLink",
+    "MqttSettings",
     "OutboxItem",
     "RetryPolicy",
     "SQLiteStore",
@@ -46,6 +54,7 @@ __all__ = [
     "StepDefinition",
     "StepTimeout",
     "StoreError",
+    "TlsSettings",
     "UnknownWorkflowType",
     "Workflow",
     "WorkflowBuilder",
@@ -53,5 +62,6 @@ __all__ = [
     "WorkflowNotActive",
     "WorkflowNotFound",
     "WorkflowStatus",
+    "load_config",
     "load_definition",
 ]

@@ -88,6 +88,89 @@ async def test_a_waiting_workflow_says_what_it_waits_for(board, tmp_path) -> Non
         assert second.status == "COMPLETED"
 
 
+# -- the irrigation workflow and a custom GPIO step, through the real engine ---------------------
+
+
+@pytest.fixture
+def irrigation_board():
+    factory = MockFactory(pin_class=MockPWMPin)
+    b = Board(
+        devices={
+            "valve": {"kind": "output", "pin": 17},
+            "pump": {"kind": "output", "pin": 27},
+            "level": {"kind": "input", "pin": 22, "pull_up": True},
+        },
+        pin_factory=factory,
+    )
+    yield b
+    b.close()
+    factory.reset()
+    factory.close()
+
+
+async def test_irrigation_completes_when_the_level_arrives(irrigation_board, tmp_path) -> None:
+    board = irrigation_board
+    builder = WorkflowBuilder(definitions=[ROOT / "workflows" / "irrigation"], hardware=board)
+    loop = asyncio.get_running_loop()
+    # the float switch closes 50 ms in, driven from another thread like a real GPIO callback
+    timer = loop.call_later(
+        0.05,
+        lambda: asyncio.get_running_loop().run_in_executor(None, board.set_input, "level", True),
+    )
+    async with SQLiteStore(tmp_path / "db") as store:
+        wf = await builder.start_workflow("Irrigation", {"zone": "B"}, store=store)
+        journal = await store.journal(wf.id)
+    timer.cancel()
+    assert wf.status == "COMPLETED"
+    assert wf.state.level_reached is True
+    assert states(board, "valve") == [False, True, False]
+    assert states(board, "pump") == [False, True, False]
+    assert [(j.step, j.phase, j.outcome) for j in journal] == [
+        ("Open_Valve", "forward", "completed"),
+        ("Start_Pump", "forward", "completed"),
+        ("Wait_For_Level", "forward", "completed"),
+        ("Stop_Pump", "forward", "completed"),
+        ("Close_Valve", "forward", "completed"),
+    ]
+
+
+async def test_irrigation_times_out_and_rolls_back(irrigation_board, tmp_path) -> None:
+    board = irrigation_board
+    text = (ROOT / "workflows" / "irrigation" / "irrigation.yaml").read_text()
+    assert "timeout: 3," in text
+    (tmp_path / "irrigation.yaml").write_text(text.replace("timeout: 3,", "timeout: 0.2,"))
+    builder = WorkflowBuilder(definitions=[tmp_path / "irrigation.yaml"], hardware=board)
+    async with SQLiteStore(tmp_path / "db") as store:
+        wf = await builder.start_workflow("Irrigation", store=store)
+        journal = await store.journal(wf.id)
+    assert wf.status == "FAILED_ROLLED_BACK"
+    assert "DeviceTimeout" in (wf.error or "")
+    assert states(board, "valve") == [False, True, False]
+    assert states(board, "pump") == [False, True, False]
+    assert [(j.step, j.phase, j.outcome) for j in journal] == [
+        ("Open_Valve", "forward", "completed"),
+        ("Start_Pump", "forward", "completed"),
+        ("Wait_For_Level", "forward", "failed"),
+        ("Start_Pump", "compensate", "completed"),
+        ("Open_Valve", "compensate", "completed"),
+    ]
+
+
+async def test_custom_step_turns_the_pump_on_and_raises_then_pump_is_off(
+    irrigation_board, tmp_path
+) -> None:
+    board = irrigation_board
+    builder = WorkflowBuilder(definitions=[HW], hardware=board)
+    async with SQLiteStore(tmp_path / "db") as store:
+        wf = await builder.start_workflow("HwCustomFail", store=store)
+    assert wf.status == "FAILED_ROLLED_BACK"
+    assert "flow sensor reports no flow" in (wf.error or "")
+    # the failed step's own compensation does not run (it never completed); the workflow's
+    # terminal failure drives its resources to their safe values, so the pump is off
+    assert states(board, "pump") == [False, True, False]
+    assert states(board, "valve") == [False, True, False]
+
+
 def _start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("NOTIFY_SOCKET", None)

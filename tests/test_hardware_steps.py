@@ -339,7 +339,7 @@ def test_steps_all_is_sorted_and_complete() -> None:
     assert steps.__all__ == sorted(public)
 
 
-# -- the irrigation workflow, run by a toy saga runner ----------------------------------------
+# -- the irrigation workflow's definition binds (the engine runs it in test_hardware_agent.py) --
 
 
 def _resolve(path: str) -> Any:
@@ -349,29 +349,6 @@ def _resolve(path: str) -> Any:
 
 def load_irrigation() -> dict[str, Any]:
     return yaml.safe_load((IRRIGATION / "irrigation.yaml").read_text())
-
-
-async def run_saga(definition: dict[str, Any], board: Board) -> tuple[str, HardwareState]:
-    """Forward steps in order; on failure, compensations of completed steps newest first (§5)."""
-    state = _resolve(definition["initial_state_model"])()
-    done: list[dict[str, Any]] = []
-    for step in definition["steps"]:
-        try:
-            result = await _resolve(step["function"])(
-                state, make_context(board, step["name"]), **step["params"]
-            )
-        except Exception:
-            for undo in reversed(done):
-                if "compensate_function" in undo:
-                    ctx = make_context(board, undo["name"], compensating=True)
-                    state = merge(
-                        state,
-                        await _resolve(undo["compensate_function"])(state, ctx, **undo["params"]),
-                    )
-            return "FAILED_ROLLED_BACK", state
-        state = merge(state, result)
-        done.append(step)
-    return "COMPLETED", state
 
 
 def test_irrigation_definition_binds() -> None:
@@ -394,28 +371,3 @@ def test_irrigation_definition_binds() -> None:
                 inspect.signature(_resolve(step[key])).bind(
                     model(), make_context(None), **step["params"]
                 )
-
-
-async def test_irrigation_completes_when_the_level_arrives(board: Board) -> None:
-    timer, _ = drive_later(0.05, lambda: board.set_input("level", True))
-    try:
-        status, state = await run_saga(load_irrigation(), board)
-    finally:
-        timer.join()
-    assert status == "COMPLETED"
-    assert isinstance(state, IrrigationState)
-    assert state.level_reached is True
-    assert state.fill_seconds is not None
-    assert states(board, "valve") == [False, True, False]
-    assert states(board, "pump") == [False, True, False]
-
-
-async def test_irrigation_rolls_back_when_the_level_never_comes(board: Board) -> None:
-    definition = load_irrigation()
-    definition["steps"][2]["params"]["timeout"] = 0.1
-    status, state = await run_saga(definition, board)
-    assert status == "FAILED_ROLLED_BACK"
-    assert isinstance(state, IrrigationState)
-    assert state.level_reached is False
-    assert states(board, "valve") == [False, True, False]
-    assert states(board, "pump") == [False, True, False]
