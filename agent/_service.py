@@ -31,6 +31,12 @@ from agent._store import SQLiteStore
 log = logging.getLogger("edgesaga.agent")
 
 
+_NO_HARDWARE = {
+    "ok": False,
+    "error": {"code": "no_hardware", "message": "This agent has no hardware section in its config."},
+}
+
+
 class Agent:
     """The agent process: owns the store, the board, the runner, the control socket and MQTT.
 
@@ -215,13 +221,7 @@ class Agent:
     # -- extra control commands --------------------------------------------------------------------
     async def _pins(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.board is None:
-            return {
-                "ok": False,
-                "error": {
-                    "code": "no_hardware",
-                    "message": "This agent has no hardware section in its config.",
-                },
-            }
+            return _NO_HARDWARE
         reply: dict[str, Any] = {"ok": True, "pins": self.board.snapshot()}
         if req.get("history") and self.board.is_mock:
             # Mock pins record every state they took: the desktop's (and the tests') pin log.
@@ -232,13 +232,7 @@ class Agent:
 
     async def _set_input(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.board is None:
-            return {
-                "ok": False,
-                "error": {
-                    "code": "no_hardware",
-                    "message": "This agent has no hardware section in its config.",
-                },
-            }
+            return _NO_HARDWARE
         self.board.set_input(str(req.get("device")), bool(req.get("value")))
         return {"ok": True, "pins": self.board.snapshot()}
 

@@ -480,6 +480,7 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 self._next_seq = seq_before
+                self._keys.clear()  # a rolled-back insert may have cached a key
                 err = _wrap(exc, self.path)
                 outcomes = [(r.future, False, err) for r in writes]
             else:
@@ -571,6 +572,10 @@ class SQLiteStore:
         )
         if cur.rowcount != 1:
             raise StoreError(f"Workflow {tr.workflow_id} is not in the database (pruned?).")
+        self._append(conn, n, tr)
+
+    def _append(self, conn: sqlite3.Connection, n: int, tr: Transition) -> None:
+        """The journal rows and outbox events of a transition."""
         for op in tr.journal:
             if isinstance(op, JournalStart):
                 conn.execute(
@@ -616,7 +621,7 @@ class SQLiteStore:
                 (new.definition_hash, new.workflow_type, new.workflow_version, new.definition),
             )
             tr = new.first
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO instances(id, workflow_type, definition_hash, status, current_step, "
                 "error, state, progress, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -632,7 +637,8 @@ class SQLiteStore:
                     tr.at,
                 ),
             )
-            self._apply(conn, tr)
+            n = self._keys[new.id] = cur.lastrowid
+            self._append(conn, n, tr)
             if new.request is not None:
                 self._put_request(conn, *new.request)
             return True
