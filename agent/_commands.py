@@ -102,6 +102,7 @@ ERROR_CODES = (
     "not_found",
     "invalid_transition",
     "busy",
+    "disk_full",
     "internal_error",
 )
 

@@ -22,6 +22,7 @@ from agent._commands import (
 from agent._engine import Workflow, WorkflowBuilder
 from agent._errors import (
     AgentError,
+    DiskFull,
     InvalidData,
     InvalidTransition,
     UnknownWorkflowType,
@@ -110,6 +111,9 @@ class Control:
             return error_reply(rid, "not_found", str(err))
         except InvalidTransition as err:
             return error_reply(rid, "invalid_transition", str(err))
+        except DiskFull as err:
+            log.error("command %s (request %s): %s", command.command, rid, err)
+            return error_reply(rid, "disk_full", str(err))
         except AgentError as err:
             log.exception("command %s (request %s) failed", command.command, rid)
             return error_reply(rid, "internal_error", str(err))

@@ -33,7 +33,10 @@ log = logging.getLogger("edgesaga.agent")
 
 _NO_HARDWARE = {
     "ok": False,
-    "error": {"code": "no_hardware", "message": "This agent has no hardware section in its config."},
+    "error": {
+        "code": "no_hardware",
+        "message": "This agent has no hardware section in its config.",
+    },
 }
 
 

@@ -468,7 +468,12 @@ class SQLiteStore:
                         try:
                             value = req.fn(conn)
                         except Exception as exc:
+                            if not conn.in_transaction:
+                                # SQLite rolled the whole transaction back itself (a full disk,
+                                # an I/O error): every request of the batch fails with this error.
+                                raise
                             self._next_seq = seq_mark  # keep event numbers gap-free
+                            self._keys.clear()  # a rolled-back insert may have cached a key
                             conn.execute("ROLLBACK TO req")
                             conn.execute("RELEASE req")
                             outcomes.append((req.future, False, _wrap(exc, self.path)))
