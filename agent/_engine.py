@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -382,12 +383,30 @@ class Workflow:
                 w.cancel()
 
     async def _hold_resources(self) -> None:
+        """Lease the workflow's resources; a workflow still waiting for them when it is cancelled,
+        with nothing to undo, is cancelled without waiting for its turn."""
         resources = self.definition.spec.resources
-        if resources:
-            await self._builder.leases.acquire(self.id, resources)
+        if not resources:
+            return
+        acquire = asyncio.ensure_future(self._builder.leases.acquire(self.id, resources))
+        cancelled = asyncio.ensure_future(self._cancel.wait())
+        try:
+            await asyncio.wait({acquire, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+            if not acquire.done():
+                nothing_to_undo = not self._progress.completed and self._progress.inflight is None
+                if self._cancel.is_set() and nothing_to_undo:
+                    acquire.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await acquire
+                else:
+                    await acquire  # compensations need the devices: wait for them
 
     def _on_terminal(self) -> None:
-        resources = self.definition.spec.resources
+        # Only the devices this workflow holds: one cancelled while it waited holds none, and must
+        # not switch off what another workflow is driving.
+        resources = sorted(self._builder.leases.held_by(self.id))
         hw = self._builder.hardware
         if resources and hw is not None and self.status is not WorkflowStatus.COMPLETED:
             try:

@@ -281,3 +281,22 @@ def test_sigkill_with_the_pump_on_then_safe_before_recovery(tmp_path: Path) -> N
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+async def test_a_workflow_waiting_for_its_resources_can_be_cancelled(board, tmp_path) -> None:
+    builder = WorkflowBuilder(definitions=[HW], hardware=board)
+    async with SQLiteStore(tmp_path / "db") as store:
+        first = await builder.create_workflow("HwPumpA", store=store)
+        second = await builder.create_workflow("HwPumpB", store=store)
+        t1 = asyncio.create_task(first.run())
+        await asyncio.sleep(0.05)
+        t2 = asyncio.create_task(second.run())
+        await asyncio.sleep(0.05)
+        assert second.waiting_for == ["pump"]
+        await second.cancel("no longer needed")
+        assert await asyncio.wait_for(t2, 1) == "CANCELLED"
+        assert not first.status.is_terminal  # the holder was not disturbed:
+        assert board["pump"].value is True  # its pump still runs (no safe state for a non-holder)
+        assert await t1 == "COMPLETED"
+        assert (await store.journal(second.id)) == []  # it never ran a step
+    assert states(board, "pump") == [False, True, False]
