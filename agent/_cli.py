@@ -570,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return asyncio.run(args.func(args))
+        code: int = asyncio.run(args.func(args))
+        return code
     except (AgentError, UsageError, HardwareError) as exc:
         print(f"edgesaga: error: {exc}", file=sys.stderr)
         return 2

@@ -203,10 +203,11 @@ def _check_callable(
         raise DefinitionError(
             f"{dotted!r} is not callable.", path=path, step=step, key=key, line=line
         )
+    checked: Callable[..., Any] = func
     try:
-        sig = inspect.signature(func)
+        sig = inspect.signature(checked)
     except (TypeError, ValueError):
-        return func  # builtins without a signature: trust them
+        return checked  # builtins without a signature: trust them
     try:
         sig.bind(_Placeholder(), _Placeholder(), **params)
     except TypeError as exc:
@@ -218,7 +219,7 @@ def _check_callable(
             key=key,
             line=line,
         ) from exc
-    return func
+    return checked
 
 
 def canonical_json(data: Any) -> str:
@@ -237,15 +238,19 @@ def build_definition(raw: Any, *, source: str, node: yaml.Node | None = None) ->
         spec = WorkflowDefinition.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = tuple(err["loc"])
+        err_loc = tuple(err["loc"])
         step_name = None
-        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
-            steps = raw.get("steps")
-            if isinstance(steps, list) and loc[1] < len(steps) and isinstance(steps[loc[1]], dict):
-                step_name = steps[loc[1]].get("name") or f"#{loc[1] + 1}"
+        if len(err_loc) >= 2 and err_loc[0] == "steps" and isinstance(err_loc[1], int):
+            raw_steps = raw.get("steps")
+            if (
+                isinstance(raw_steps, list)
+                and err_loc[1] < len(raw_steps)
+                and isinstance(raw_steps[err_loc[1]], dict)
+            ):
+                step_name = raw_steps[err_loc[1]].get("name") or f"#{err_loc[1] + 1}"
             else:
-                step_name = f"#{loc[1] + 1}"
-        key = str(loc[-1]) if loc and isinstance(loc[-1], str) else None
+                step_name = f"#{err_loc[1] + 1}"
+        key = str(err_loc[-1]) if err_loc and isinstance(err_loc[-1], str) else None
         if err["type"] == "extra_forbidden":
             msg = f"unknown key {key!r}; remove it or fix its spelling"
         elif err["type"] == "literal_error" and key == "type":
@@ -257,7 +262,7 @@ def build_definition(raw: Any, *, source: str, node: yaml.Node | None = None) ->
             msg = err["msg"]
         more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
         raise DefinitionError(
-            f"{msg}{more}.", path=source, step=step_name, key=key, line=_line_of(node, loc)
+            f"{msg}{more}.", path=source, step=step_name, key=key, line=_line_of(node, err_loc)
         ) from None
 
     seen: set[str] = set()

@@ -438,6 +438,7 @@ class Workflow:
         )
         state = self.state  # the step may change it in place; a failure restores the committed copy
         timeout = step.spec.timeout
+        task: asyncio.Future[Any]
         if step_is_async(func):
             task = asyncio.get_running_loop().create_task(func(state, ctx, **params))
             # Only an async forward step can be stopped by a cancel (see cancel()).

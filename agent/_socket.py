@@ -117,7 +117,8 @@ def request(path: Path, command: str, timeout: float = 30.0, **fields: Any) -> d
             buf += chunk
     if not buf:
         raise ConnectionError(f"The agent at {path} closed the connection without a reply.")
-    return json.loads(buf)
+    reply: dict[str, Any] = json.loads(buf)
+    return reply
 
 
 def agent_listening(path: Path) -> bool:

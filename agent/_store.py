@@ -642,7 +642,7 @@ class SQLiteStore:
                     tr.at,
                 ),
             )
-            n = self._keys[new.id] = cur.lastrowid
+            n = self._keys[new.id] = int(cur.lastrowid or 0)
             self._append(conn, n, tr)
             if new.request is not None:
                 self._put_request(conn, *new.request)
@@ -728,7 +728,8 @@ class SQLiteStore:
         statuses = [status] if isinstance(status, str) else list(status or [])
 
         def fn(conn: sqlite3.Connection) -> list[InstanceRecord]:
-            where, args = [], []
+            where: list[str] = []
+            args: list[Any] = []
             if statuses:
                 where.append(f"i.status IN ({','.join('?' * len(statuses))})")
                 args.extend(WorkflowStatus(s).value for s in statuses)
