@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,35 @@ class UsageError(Exception):
 # helpers
 
 
-def _builder(args: argparse.Namespace, *, hardware: Any = None) -> WorkflowBuilder:
-    paths: list[str | Path] = [bundled_definitions_dir(), *getattr(args, "definitions", [])]
-    return WorkflowBuilder(definitions=paths, hardware=hardware)
+@contextlib.contextmanager
+def _local(args: argparse.Namespace) -> Iterator[WorkflowBuilder]:
+    """A builder for running workflows in this process (no agent running).
+
+    With ``--config`` it loads the config's definitions and builds its hardware board (outputs to
+    their safe values first, as the agent would), so a hardware workflow runs the same way."""
+    cfg_path = _config_path(args)
+    cfg = None
+    if cfg_path:
+        from agent._config import load_config
+
+        cfg = load_config(cfg_path)
+    paths: list[str | Path] = []
+    if cfg is None or cfg.include_bundled:
+        paths.append(bundled_definitions_dir())
+    if cfg is not None:
+        paths.extend(cfg.definitions)
+    paths.extend(getattr(args, "definitions", []))
+    board = None
+    if cfg is not None and cfg.hardware is not None:
+        from hardware import Board
+
+        board = Board.from_config(cfg.hardware)
+        board.safe_state()
+    try:
+        yield WorkflowBuilder(definitions=paths, hardware=board)
+    finally:
+        if board is not None:
+            board.close()
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -254,7 +281,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     print(" EDGESAGA SAGA PATTERN DEMO")
     print(RULE)
     print(f"Database: {db} (SQLite, WAL, synchronous=FULL)")
-    builder = _builder(args)
+    builder = WorkflowBuilder(definitions=[bundled_definitions_dir()])
     async with SQLiteStore(db) as store:
         ok = await _demo_payment(builder, store, fail=False)
         bad = await _demo_payment(builder, store, fail=True)
@@ -298,18 +325,20 @@ async def cmd_start(args: argparse.Namespace) -> int:
         reply = _remote(sock, "start", **fields)
         print(json.dumps(reply, indent=2))
         return 0
-    builder = _builder(args)
-    async with _open_store(args, write=True) as store:
-        wf = await builder.create_workflow(
-            args.workflow_type,
-            initial_data=data,
-            store=store,
-            workflow_id=args.id,
-            saga_mode=True if args.saga else None,
-        )
-        print(f"started {wf.workflow_type} {wf.id}", file=sys.stderr)
-        status = await wf.run()
-        print(json.dumps({**wf.snapshot(), "state": wf.state.model_dump(mode="json")}, indent=2))
+    with _local(args) as builder:
+        async with _open_store(args, write=True) as store:
+            wf = await builder.create_workflow(
+                args.workflow_type,
+                initial_data=data,
+                store=store,
+                workflow_id=args.id,
+                saga_mode=True if args.saga else None,
+            )
+            print(f"started {wf.workflow_type} {wf.id}", file=sys.stderr)
+            status = await wf.run()
+            print(
+                json.dumps({**wf.snapshot(), "state": wf.state.model_dump(mode="json")}, indent=2)
+            )
     return 0 if status is WorkflowStatus.COMPLETED else 3
 
 
@@ -350,9 +379,9 @@ async def cmd_show(args: argparse.Namespace) -> int:
 
 
 async def cmd_recover(args: argparse.Namespace) -> int:
-    builder = _builder(args)
-    async with _open_store(args, write=True) as store:
-        workflows = await builder.recover(store)
+    with _local(args) as builder:
+        async with _open_store(args, write=True) as store:
+            workflows = await builder.recover(store)
     for wf in workflows:
         print(f"{wf.id}  {wf.workflow_type:<20} {wf.status.value}")
     if not workflows:
@@ -368,12 +397,12 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
             fields["reason"] = args.reason
         print(json.dumps(_remote(sock, "cancel", **fields), indent=2))
         return 0
-    builder = _builder(args)
-    async with _open_store(args, write=True) as store:
-        wf = await builder.cancel(
-            args.workflow_id, store, reason=args.reason or "cancelled on request"
-        )
-        print(json.dumps(wf.snapshot(), indent=2))
+    with _local(args) as builder:
+        async with _open_store(args, write=True) as store:
+            wf = await builder.cancel(
+                args.workflow_id, store, reason=args.reason or "cancelled on request"
+            )
+            print(json.dumps(wf.snapshot(), indent=2))
     return 0
 
 
@@ -382,10 +411,10 @@ async def cmd_retry(args: argparse.Namespace) -> int:
     if sock is not None:
         print(json.dumps(_remote(sock, "retry", workflow_id=args.workflow_id), indent=2))
         return 0
-    builder = _builder(args)
-    async with _open_store(args, write=True) as store:
-        wf = await builder.retry(args.workflow_id, store)
-        print(json.dumps(wf.snapshot(), indent=2))
+    with _local(args) as builder:
+        async with _open_store(args, write=True) as store:
+            wf = await builder.retry(args.workflow_id, store)
+            print(json.dumps(wf.snapshot(), indent=2))
     return 0 if wf.status is WorkflowStatus.COMPLETED else 3
 
 

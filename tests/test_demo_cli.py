@@ -135,3 +135,28 @@ def test_start_runs_in_process_and_is_idempotent_by_id(tmp_path: Path) -> None:
         edgesaga("list", "--json", "--db", str(tmp_path / "s.db"), cwd=tmp_path).stdout
     )
     assert [r["workflow_id"] for r in rows] == ["order-1"]
+
+
+def test_start_without_an_agent_uses_the_configs_definitions_and_hardware(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "database": "db/edgesaga.db",
+                "definitions": [str(ROOT / "tests" / "workflows" / "hw")],
+                "hardware": {
+                    "pin_factory": "mock",
+                    "devices": {
+                        "pump": {"kind": "output", "pin": 27},
+                        "valve": {"kind": "output", "pin": 17},
+                    },
+                },
+            }
+        )
+    )
+    r = edgesaga("start", "HwPumpA", "--config", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout[r.stdout.index("{") :])
+    assert out["status"] == "COMPLETED"
+    assert out["state"]["gpio"]["Pump_On"]["device"] == "pump"
+    assert (tmp_path / "db" / "edgesaga.db").exists()  # the config's database, relative to it
