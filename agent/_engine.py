@@ -852,7 +852,31 @@ class WorkflowBuilder:
             live = self._live.get(rec.id)
             if live is not None and live.store is store and live.is_running:
                 continue
-            wf = self._from_record(rec, store)
+            try:
+                full = await store.load_instance(rec.id)  # with its definition snapshot
+                if full is None:
+                    continue
+                wf = self._from_record(full, store)
+            except Exception as exc:
+                # One instance that cannot be rebuilt (its step module was removed, say) must not
+                # keep the others from resuming: it stays as it is, and a person is told.
+                message = (
+                    f"Workflow {rec.id} ({rec.workflow_type}) cannot be resumed: {exc} It stays "
+                    f"{rec.status.value}; restore the code it was started with and restart the agent."
+                )
+                log.error(message)
+                await store.add_alert(
+                    {
+                        "seq": None,
+                        "at": iso(time.time()),
+                        "alert": "recovery_failed",
+                        "workflow_id": rec.id,
+                        "workflow_type": rec.workflow_type,
+                        "message": message,
+                    },
+                    workflow_id=rec.id,
+                )
+                continue
             self._live[rec.id] = wf
             await wf._recover_inflight()
             workflows.append(wf)

@@ -607,3 +607,64 @@ async def test_events_rollback(payment, store, capsys) -> None:
     ]
     failed = next(e for e in evs if e["event"] == "step_failed")
     assert "Inventory service unavailable" in failed["error"]
+
+
+async def test_recovery_runs_an_old_version_from_its_snapshot_and_skips_one_it_cannot_rebuild(
+    tmp_path,
+) -> None:
+    """After the YAML changed, recovery resumes instances from the definition stored with them; an
+    instance whose step module is gone is left alone (with an alert), the others still resume."""
+    import textwrap
+
+    from agent import SQLiteStore, WorkflowBuilder
+
+    mod = tmp_path / "gone_steps.py"
+    mod.write_text("def step(state, context, **params):\n    return None\n")
+    defs = tmp_path / "defs"
+    defs.mkdir()
+    yaml_v1 = textwrap.dedent(
+        """
+        workflow_type: Versioned
+        workflow_version: "1.0.0"
+        initial_state_model: workflows.payment.models.PaymentState
+        steps:
+          - {name: A, function: workflows.payment.steps.create_order}
+          - {name: B, function: workflows.payment.steps.charge_payment}
+        """
+    )
+    (defs / "v.yaml").write_text(yaml_v1)
+    (defs / "gone.yaml").write_text(
+        "workflow_type: Gone\nworkflow_version: '1'\n"
+        "initial_state_model: workflows.payment.models.PaymentState\n"
+        "steps:\n  - {name: A, function: gone_steps.step}\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        data = {"order_id": "O", "customer_id": "C", "amount": 1.0}
+        async with SQLiteStore(tmp_path / "db") as store:
+            b1 = WorkflowBuilder(definitions=[defs])
+            old = await b1.create_workflow("Versioned", data, store=store)
+            gone = await b1.create_workflow("Gone", data, store=store)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("gone_steps", None)
+    mod.unlink()
+    (defs / "gone.yaml").unlink()
+    (defs / "v.yaml").write_text(
+        yaml_v1.replace('"1.0.0"', '"2.0.0"').replace("- {name: B,", "- {name: C,")
+    )
+    async with SQLiteStore(tmp_path / "db") as store:
+        b2 = WorkflowBuilder(definitions=[defs])
+        recovered = await b2.recover(store)
+        assert [w.id for w in recovered] == [old.id]
+        assert recovered[0].status == "COMPLETED"
+        assert [j.step for j in await store.journal(old.id)] == ["A", "B"]  # v1's steps
+        rec = await store.load_instance(gone.id)
+        assert rec is not None
+        assert rec.status == "ACTIVE"
+        alerts = [i.payload for i in await store.outbox_pending(1000) if i.kind == "alert"]
+        assert [a["alert"] for a in alerts] == ["recovery_failed"]
+        assert alerts[0]["workflow_id"] == gone.id
+        assert "gone_steps" in alerts[0]["message"]
