@@ -209,3 +209,35 @@ def test_sigterm_during_a_long_step_exits_within_the_grace_period_and_the_step_r
     assert info["state"]["done"] == ["Long_Sleep#2"]
     second.terminate()
     assert second.wait_exit(10) == 0
+
+
+async def test_sigkill_of_edgesaga_run_makes_the_broker_publish_offline(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """The real agent process (not a harness) dies without a word: the broker's last will says
+    `offline`, retained, to whoever asks later."""
+    prefix = unique_prefix()
+    availability = f"{prefix}/svc-test/availability"
+    config = write_config(
+        tmp_path, mqtt={"port": broker.port, "topic_prefix": prefix, "reconnect_max": 1.0}
+    )
+    with agent_process(config) as agent:
+        await asyncio.to_thread(agent.wait_ready)
+        await asyncio.to_thread(
+            poll,
+            lambda: agent.request("status"),
+            lambda s: s["mqtt_connected"] is True,
+            what="the agent to connect to the broker",
+        )
+        assert await asyncio.to_thread(retained, broker.port, availability) == {
+            availability: b"online"
+        }
+        agent.kill()
+        assert await asyncio.to_thread(agent.wait_exit, 10) == -9
+
+    def offline() -> dict[str, bytes]:
+        return retained(broker.port, availability)
+
+    assert await asyncio.to_thread(
+        poll, offline, lambda got: got == {availability: b"offline"}, what="the last will"
+    ) == {availability: b"offline"}
