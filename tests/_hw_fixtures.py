@@ -45,6 +45,19 @@ def mock_pins() -> Iterator[MockFactory]:
         factory.reset()
 
 
+@pytest.fixture
+def mock_factory() -> Iterator[MockFactory]:
+    with mock_pins() as factory:
+        yield factory
+
+
+@pytest.fixture
+def board(mock_factory: MockFactory) -> Iterator[Board]:
+    """A board with the irrigation wiring plus a pwm fan (``DEVICES``), on mock pins."""
+    with Board(devices=DEVICES, pin_factory=mock_factory) as hw:
+        yield hw
+
+
 def states(board: Board, name: str) -> list[Any]:
     """Every state the mock pin went through, oldest first (the exact list, unlike assert_states)."""
     return [s.state for s in board[name].gpio.pin.states]

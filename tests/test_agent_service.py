@@ -162,7 +162,7 @@ async def test_sigterm_sets_outputs_safe_publishes_offline_and_exits_0(
     # The pin's whole history, written by an exit hook in the agent process: on while the
     # workflow held it, and off (its safe value) when the process ended.
     history = json.loads(record.read_text())
-    assert True in history, history
+    assert history.count(True) >= 1, history  # it was on
     assert history[-1] is False, history
     # `offline` replaced `online` as the retained availability.
     assert await asyncio.to_thread(retained, broker.port, availability) == {

@@ -13,31 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from agent import SQLiteStore, WorkflowBuilder
 from agent._socket import request
-from hardware import Board
+from tests._hw_fixtures import states
 
 ROOT = Path(__file__).resolve().parents[1]
 HW = ROOT / "tests" / "workflows" / "hw"
-
-
-@pytest.fixture
-def board():
-    factory = MockFactory(pin_class=MockPWMPin)
-    b = Board(
-        devices={"pump": {"kind": "output", "pin": 27}, "valve": {"kind": "output", "pin": 17}},
-        pin_factory=factory,
-    )
-    yield b
-    b.close()
-    factory.reset()
-    factory.close()
-
-
-def states(board: Board, name: str) -> list[bool]:
-    return [s.state for s in board[name].gpio.pin.states]
 
 
 async def test_same_resource_runs_one_after_the_other_disjoint_alongside(board, tmp_path) -> None:
@@ -91,25 +73,7 @@ async def test_a_waiting_workflow_says_what_it_waits_for(board, tmp_path) -> Non
 # -- the irrigation workflow and a custom GPIO step, through the real engine ---------------------
 
 
-@pytest.fixture
-def irrigation_board():
-    factory = MockFactory(pin_class=MockPWMPin)
-    b = Board(
-        devices={
-            "valve": {"kind": "output", "pin": 17},
-            "pump": {"kind": "output", "pin": 27},
-            "level": {"kind": "input", "pin": 22, "pull_up": True},
-        },
-        pin_factory=factory,
-    )
-    yield b
-    b.close()
-    factory.reset()
-    factory.close()
-
-
-async def test_irrigation_completes_when_the_level_arrives(irrigation_board, tmp_path) -> None:
-    board = irrigation_board
+async def test_irrigation_completes_when_the_level_arrives(board, tmp_path) -> None:
     builder = WorkflowBuilder(definitions=[ROOT / "workflows" / "irrigation"], hardware=board)
     loop = asyncio.get_running_loop()
     # the float switch closes 50 ms in, driven from another thread like a real GPIO callback
@@ -134,8 +98,7 @@ async def test_irrigation_completes_when_the_level_arrives(irrigation_board, tmp
     ]
 
 
-async def test_irrigation_times_out_and_rolls_back(irrigation_board, tmp_path) -> None:
-    board = irrigation_board
+async def test_irrigation_times_out_and_rolls_back(board, tmp_path) -> None:
     text = (ROOT / "workflows" / "irrigation" / "irrigation.yaml").read_text()
     assert "timeout: 3," in text
     (tmp_path / "irrigation.yaml").write_text(text.replace("timeout: 3,", "timeout: 0.2,"))
@@ -157,9 +120,8 @@ async def test_irrigation_times_out_and_rolls_back(irrigation_board, tmp_path) -
 
 
 async def test_custom_step_turns_the_pump_on_and_raises_then_pump_is_off(
-    irrigation_board, tmp_path
+    board, tmp_path
 ) -> None:
-    board = irrigation_board
     builder = WorkflowBuilder(definitions=[HW], hardware=board)
     async with SQLiteStore(tmp_path / "db") as store:
         wf = await builder.start_workflow("HwCustomFail", store=store)

@@ -43,23 +43,8 @@ from tests._hw_fixtures import (  # noqa: E402 - imported after register_assert_
     ROOT,
     DeviceContract,
     Rig,
-    mock_pins,
     states,
 )
-
-
-# Fixtures are defined here, not imported, so a conftest fixture of the same name cannot shadow them.
-@pytest.fixture
-def mock_factory() -> Iterator[MockFactory]:
-    with mock_pins() as factory:
-        yield factory
-
-
-@pytest.fixture
-def board(mock_factory: MockFactory) -> Iterator[Board]:
-    with Board(devices=DEVICES, pin_factory=mock_factory) as hw:
-        yield hw
-
 
 # -- the shared device contract, on mock pins -------------------------------------------------
 

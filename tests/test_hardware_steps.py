@@ -6,12 +6,10 @@ import asyncio
 import importlib
 import inspect
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
-from gpiozero.pins.mock import MockFactory
 from pydantic import ValidationError
 
 from hardware import (
@@ -30,27 +28,12 @@ from workflows.irrigation.models import IrrigationState
 pytest.register_assert_rewrite("tests._hw_fixtures")
 
 from tests._hw_fixtures import (  # noqa: E402 - imported after register_assert_rewrite on purpose
-    DEVICES,
     IRRIGATION,
     Ticker,
     drive_later,
     make_context,
-    mock_pins,
     states,
 )
-
-
-# Fixtures are defined here, not imported, so a conftest fixture of the same name cannot shadow them.
-@pytest.fixture
-def mock_factory() -> Iterator[MockFactory]:
-    with mock_pins() as factory:
-        yield factory
-
-
-@pytest.fixture
-def board(mock_factory: MockFactory) -> Iterator[Board]:
-    with Board(devices=DEVICES, pin_factory=mock_factory) as hw:
-        yield hw
 
 
 class PlainState(HardwareState):
