@@ -1,6 +1,6 @@
 """The MQTT link (DESIGN §8): commands in; replies, events, alerts and retained state out.
 
-Why paho-mqtt directly rather than aiomqtt 2.x (both are pinned dependencies):
+Why paho-mqtt directly rather than aiomqtt 2.x on top of it (so aiomqtt is not a dependency):
 
 * **Manual acknowledgements.** A command is PUBACKed only after its reply was published (and the
   broker acknowledged that reply), so a command cut short by a crash or a lost connection is

@@ -108,6 +108,7 @@ def main() -> None:
         print(
             f"{'run':<34}{'wf/s':>8}{'steps/s':>10}{'÷ raw':>8}{'commits/step':>14}{'bytes/step':>12}"
         )
+        results: dict[str, dict[str, float]] = {}
         for label, wtype, n in (
             ("async no-op, sequential", "NoopPayment", 1),
             ("async no-op, 32 in flight", "NoopPayment", 32),
@@ -115,14 +116,22 @@ def main() -> None:
             ("sync (thread) no-op, 32 in flight", "NoopPaymentSync", 32),
         ):
             r = asyncio.run(saga_run(directory, wtype, n, args.seconds, f"{wtype}-{n}"))
+            results[label] = r
             print(
                 f"{label:<34}{r['workflows_s']:8.0f}{r['steps_s']:10.0f}{r['steps_s'] / raw:8.2f}"
                 f"{r['commits_per_step']:14.2f}{r['bytes_per_step']:12.0f}"
             )
         print()
-        print(
-            "targets: sequential ≥ 0.60 × raw, 32 in flight ≥ 2 × raw, ≤ 12 KiB (12288 B) per step"
-        )
+        seq, par = results["async no-op, sequential"], results["async no-op, 32 in flight"]
+        checks = [
+            ("sequential steps/s ≥ 0.60 × raw commits/s", seq["steps_s"] / raw, 0.60, True),
+            ("32 in flight steps/s ≥ 2 × raw commits/s", par["steps_s"] / raw, 2.0, True),
+            ("bytes written per step ≤ 12288, sequential", seq["bytes_per_step"], 12288, False),
+            ("bytes written per step ≤ 12288, 32 in flight", par["bytes_per_step"], 12288, False),
+        ]
+        for text, value, target, at_least in checks:
+            ok = value >= target if at_least else value <= target
+            print(f"target {text}: {value:.2f}  {'PASS' if ok else 'FAIL'}")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
