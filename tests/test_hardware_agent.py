@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 from agent import SQLiteStore, WorkflowBuilder
 from agent._socket import request
+from hardware import Board
 from tests._hw_fixtures import states
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,15 +55,22 @@ async def test_same_resource_runs_one_after_the_other_disjoint_alongside(board, 
     assert builder.leases.holder("valve") is None
 
 
-async def test_a_waiting_workflow_says_what_it_waits_for(board, tmp_path) -> None:
+@contextlib.asynccontextmanager
+async def second_waits_for_the_pump(board: Board, db: Path):
+    """Two workflows needing the pump: the first runs, the second waits for its lease."""
     builder = WorkflowBuilder(definitions=[HW], hardware=board)
-    async with SQLiteStore(tmp_path / "db") as store:
+    async with SQLiteStore(db) as store:
         first = await builder.create_workflow("HwPumpA", store=store)
         second = await builder.create_workflow("HwPumpB", store=store)
         t1 = asyncio.create_task(first.run())
         await asyncio.sleep(0.05)
         t2 = asyncio.create_task(second.run())
         await asyncio.sleep(0.05)
+        yield store, first, second, t1, t2
+
+
+async def test_a_waiting_workflow_says_what_it_waits_for(board, tmp_path) -> None:
+    async with second_waits_for_the_pump(board, tmp_path / "db") as (_, first, second, t1, t2):
         assert second.status == "ACTIVE"
         assert second.waiting_for == ["pump"]
         assert first.waiting_for == []
@@ -119,9 +128,7 @@ async def test_irrigation_times_out_and_rolls_back(board, tmp_path) -> None:
     ]
 
 
-async def test_custom_step_turns_the_pump_on_and_raises_then_pump_is_off(
-    board, tmp_path
-) -> None:
+async def test_custom_step_turns_the_pump_on_and_raises_then_pump_is_off(board, tmp_path) -> None:
     builder = WorkflowBuilder(definitions=[HW], hardware=board)
     async with SQLiteStore(tmp_path / "db") as store:
         wf = await builder.start_workflow("HwCustomFail", store=store)
@@ -246,14 +253,7 @@ def test_sigkill_with_the_pump_on_then_safe_before_recovery(tmp_path: Path) -> N
 
 
 async def test_a_workflow_waiting_for_its_resources_can_be_cancelled(board, tmp_path) -> None:
-    builder = WorkflowBuilder(definitions=[HW], hardware=board)
-    async with SQLiteStore(tmp_path / "db") as store:
-        first = await builder.create_workflow("HwPumpA", store=store)
-        second = await builder.create_workflow("HwPumpB", store=store)
-        t1 = asyncio.create_task(first.run())
-        await asyncio.sleep(0.05)
-        t2 = asyncio.create_task(second.run())
-        await asyncio.sleep(0.05)
+    async with second_waits_for_the_pump(board, tmp_path / "db") as (store, first, second, t1, t2):
         assert second.waiting_for == ["pump"]
         await second.cancel("no longer needed")
         assert await asyncio.wait_for(t2, 1) == "CANCELLED"
