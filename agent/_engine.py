@@ -46,6 +46,7 @@ from agent._store import (
     NewInstance,
     SQLiteStore,
     Transition,
+    dumps,
     iso,
 )
 from agent._threads import DaemonPool
@@ -53,6 +54,12 @@ from agent._threads import DaemonPool
 log = logging.getLogger("edgesaga.workflow")
 
 step_is_async = functools.cache(inspect.iscoroutinefunction)
+
+
+@functools.cache
+def _step_logger(workflow_type: str, step: str) -> logging.Logger:
+    return logging.getLogger(f"edgesaga.step.{workflow_type}.{step}")
+
 
 _INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
 
@@ -434,7 +441,7 @@ class Workflow:
             params=dict(params),
             hardware=self._builder.hardware,
             compensating=compensating,
-            logger=logging.getLogger(f"edgesaga.step.{self.workflow_type}.{step.name}"),
+            logger=_step_logger(self.workflow_type, step.name),
         )
         state = self.state  # the step may change it in place; a failure restores the committed copy
         timeout = step.spec.timeout
@@ -599,7 +606,7 @@ class Workflow:
             current_step=self.current_step,
             error=self.error,
             state_json=state_json,
-            progress_json=json.dumps(self._progress.to_json(), separators=(",", ":")),
+            progress_json=dumps(self._progress.to_json()),
             at=at,
             journal=pending.journal,
             events=pending.events,

@@ -12,7 +12,7 @@ migration of stored progress.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +40,8 @@ class Plan:
     """The ordered steps of a workflow."""
 
     steps: tuple[StepPlan, ...]
+    _by_name: dict[str, StepPlan] = field(init=False, repr=False, compare=False)
+    _after: dict[str, str | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.steps]
@@ -47,21 +49,18 @@ class Plan:
             raise ValueError("Step names must be unique within a plan.")
         if not names:
             raise ValueError("A plan needs at least one step.")
+        object.__setattr__(self, "_by_name", {s.name: s for s in self.steps})
+        object.__setattr__(self, "_after", dict(zip(names, [*names[1:], None], strict=True)))
 
     def get(self, name: str) -> StepPlan:
-        for step in self.steps:
-            if step.name == name:
-                return step
-        raise KeyError(name)
+        return self._by_name[name]
 
     @property
     def first(self) -> str:
         return self.steps[0].name
 
     def after(self, name: str) -> str | None:
-        names = [s.name for s in self.steps]
-        i = names.index(name)
-        return names[i + 1] if i + 1 < len(names) else None
+        return self._after[name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,27 +96,23 @@ class Progress:
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        fl = self.inflight
-        return {
-            "status": self.status.value,
-            "saga": self.saga,
-            "next_step": self.next_step,
-            "completed": list(self.completed),
-            "to_compensate": list(self.to_compensate),
-            "compensated": list(self.compensated),
-            "compensation_failed": list(self.compensation_failed),
-            "failed_step": self.failed_step,
-            "error": self.error,
-            "cancelled": self.cancelled,
-            "failures": dict(self.failures),
-            "interrupts": dict(self.interrupts),
-            "executions": dict(self.executions),
-            "inflight": None
-            if fl is None
-            else {"step": fl.step, "phase": fl.phase, "seq": fl.seq, "attempt": fl.attempt},
-            "journal_seq": self.journal_seq,
-            "not_before": self.not_before,
-        }
+        """The fields that differ from their defaults (``status`` always): compact, because it is
+        rewritten with every commit."""
+        out: dict[str, Any] = {"status": self.status.value}
+        for name, default in _DEFAULTS:
+            value = getattr(self, name)
+            if value != default:
+                if name == "inflight":
+                    value = {
+                        "step": value.step,
+                        "phase": value.phase,
+                        "seq": value.seq,
+                        "attempt": value.attempt,
+                    }
+                elif type(value) is tuple:
+                    value = list(value)
+                out[name] = value
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Progress:
@@ -143,14 +138,31 @@ class Progress:
 
 
 _FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Progress))
+_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
+    (f.name, {} if f.default is dataclasses.MISSING else f.default)
+    for f in dataclasses.fields(Progress)
+    if f.name != "status"
+)
 
 
-def _replace(progress: Progress, **changes: Any) -> Progress:
-    """``dataclasses.replace`` without its per-call introspection (it runs several times a step)."""
-    new = object.__new__(Progress)
-    for name in _FIELDS:
-        object.__setattr__(new, name, changes[name] if name in changes else getattr(progress, name))
-    return new
+def _make_replace() -> Any:
+    # ``dataclasses.replace`` without its per-call introspection (it runs several times a step):
+    # one generated function that copies every field, taking the changed ones from its arguments.
+    body = "".join(f"    _set(new, {n!r}, get({n!r}, progress.{n}))\n" for n in _FIELDS)
+    src = (
+        "def _replace(progress, **changes):\n"
+        "    new = _new(Progress)\n"
+        "    get = changes.get\n"
+        f"{body}"
+        "    return new\n"
+    )
+    namespace: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__}
+    namespace["Progress"] = Progress
+    exec(src, namespace)  # generated from the dataclass's own field names
+    return namespace["_replace"]
+
+
+_replace: Callable[..., Progress] = _make_replace()
 
 
 def _key(phase: Phase, step: str) -> str:

@@ -99,6 +99,10 @@ FINISHED = tuple(
 )
 
 
+#: Compact JSON for what the store writes (one encoder: ``json.dumps`` with arguments builds a new
+#: one on every call).
+dumps = json.JSONEncoder(separators=(",", ":")).encode
+
 _iso_cache: tuple[float, str] = (-1.0, "")
 
 
@@ -230,17 +234,33 @@ class NewInstance:
 
 
 class _Request:
-    __slots__ = ("fn", "future", "write")
+    __slots__ = ("fn", "future", "transition", "write")
 
     def __init__(
-        self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any], write: bool
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        future: asyncio.Future[Any],
+        write: bool,
+        transition: Transition | None = None,
     ):
         self.fn = fn
         self.future = future
         self.write = write
+        self.transition = transition  # a plain transition commit, which can join a bulk write
 
 
 _STOP = object()
+
+_UPDATE_INSTANCE = (
+    "UPDATE instances SET status=?, current_step=?, error=?, state=?, progress=?, updated_at=?, "
+    "finished_at=? WHERE n=?"
+)
+_INSERT_JOURNAL = (
+    "INSERT INTO journal(n, seq, step, phase, attempt, outcome, started_at)"
+    " VALUES (?,?,?,?,?, 'started', ?)"
+)
+_END_JOURNAL = "UPDATE journal SET outcome=?, ended_at=?, error=? WHERE n=? AND seq=?"
+_INSERT_EVENT = "INSERT INTO outbox(seq, kind, workflow_id, payload) VALUES (?,?,?,?)"
 
 
 class SQLiteStore:
@@ -446,40 +466,24 @@ class SQLiteStore:
 
     def _execute_batch(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        reads = [r for r in batch if not r.write]
-        writes = [r for r in batch if r.write]
-        for req in reads:
+        writes = []
+        for req in batch:
+            if req.write:
+                writes.append(req)
+                continue
             try:
                 results.append((req.future, True, req.fn(conn)))
             except Exception as exc:
                 results.append((req.future, False, _wrap(exc, self.path)))
         if writes:
             seq_before = self._next_seq
-            outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 if len(writes) == 1:
                     # Alone in the transaction: its failure rolls back the whole (same) thing.
-                    outcomes.append((writes[0].future, True, writes[0].fn(conn)))
+                    outcomes = [(writes[0].future, True, writes[0].fn(conn))]
                 else:
-                    for req in writes:
-                        conn.execute("SAVEPOINT req")
-                        seq_mark = self._next_seq
-                        try:
-                            value = req.fn(conn)
-                        except Exception as exc:
-                            if not conn.in_transaction:
-                                # SQLite rolled the whole transaction back itself (a full disk,
-                                # an I/O error): every request of the batch fails with this error.
-                                raise
-                            self._next_seq = seq_mark  # keep event numbers gap-free
-                            self._keys.clear()  # a rolled-back insert may have cached a key
-                            conn.execute("ROLLBACK TO req")
-                            conn.execute("RELEASE req")
-                            outcomes.append((req.future, False, _wrap(exc, self.path)))
-                        else:
-                            conn.execute("RELEASE req")
-                            outcomes.append((req.future, True, value))
+                    outcomes = self._write_group(conn, writes)
                 conn.execute("COMMIT")
             except Exception as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -497,6 +501,55 @@ class SQLiteStore:
             outbox_grew = False
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, results, outbox_grew)
+
+    def _write_group(
+        self, conn: sqlite3.Connection, writes: list[_Request]
+    ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+        """Several write requests in one transaction, one failing request not sinking the others.
+
+        Plain transition commits (the bulk of the traffic) are written together with one
+        ``executemany`` per table inside one savepoint; if anything in that goes wrong they are
+        redone one by one. Every other request gets a savepoint of its own.
+        """
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        bulk = [r for r in writes if r.transition is not None]
+        if len(bulk) > 1 and len({r.transition.workflow_id for r in bulk if r.transition}) == len(
+            bulk
+        ):
+            conn.execute("SAVEPOINT bulk")
+            seq_mark = self._next_seq
+            try:
+                self._apply_many(conn, [r.transition for r in bulk if r.transition is not None])
+            except Exception:
+                if not conn.in_transaction:
+                    raise  # SQLite rolled the whole transaction back itself (full disk, I/O)
+                self._next_seq = seq_mark
+                self._keys.clear()
+                conn.execute("ROLLBACK TO bulk")
+                conn.execute("RELEASE bulk")
+            else:
+                conn.execute("RELEASE bulk")
+                outcomes.extend((r.future, True, None) for r in bulk)
+                writes = [r for r in writes if r.transition is None]
+        for req in writes:
+            conn.execute("SAVEPOINT req")
+            seq_mark = self._next_seq
+            try:
+                value = req.fn(conn)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back itself (a full disk, an I/O
+                    # error): every request of the batch fails with this error.
+                    raise
+                self._next_seq = seq_mark  # keep event numbers gap-free
+                self._keys.clear()  # a rolled-back insert may have cached a key
+                conn.execute("ROLLBACK TO req")
+                conn.execute("RELEASE req")
+                outcomes.append((req.future, False, _wrap(exc, self.path)))
+            else:
+                conn.execute("RELEASE req")
+                outcomes.append((req.future, True, value))
+        return outcomes
 
     def _deliver(
         self, results: list[tuple[asyncio.Future[Any], bool, Any]], outbox_grew: bool
@@ -562,8 +615,7 @@ class SQLiteStore:
         finished = tr.at if tr.status.value in FINISHED else None
         n = self._key(conn, tr.workflow_id)
         cur = conn.execute(
-            "UPDATE instances SET status=?, current_step=?, error=?, state=?, progress=?, "
-            "updated_at=?, finished_at=? WHERE n=?",
+            _UPDATE_INSTANCE,
             (
                 tr.status.value,
                 tr.current_step,
@@ -583,17 +635,53 @@ class SQLiteStore:
         """The journal rows and outbox events of a transition."""
         for op in tr.journal:
             if isinstance(op, JournalStart):
-                conn.execute(
-                    "INSERT INTO journal(n, seq, step, phase, attempt, outcome, started_at)"
-                    " VALUES (?,?,?,?,?, 'started', ?)",
-                    (n, op.seq, op.step, op.phase, op.attempt, op.at),
-                )
+                conn.execute(_INSERT_JOURNAL, (n, op.seq, op.step, op.phase, op.attempt, op.at))
             else:
-                conn.execute(
-                    "UPDATE journal SET outcome=?, ended_at=?, error=? WHERE n=? AND seq=?",
-                    (op.outcome, op.at, op.error, n, op.seq),
-                )
+                conn.execute(_END_JOURNAL, (op.outcome, op.at, op.error, n, op.seq))
         self._insert_events(conn, tr.workflow_id, tr.events)
+
+    def _apply_many(self, conn: sqlite3.Connection, transitions: list[Transition]) -> None:
+        """:meth:`_apply` for several workflows at once: one ``executemany`` per statement."""
+        updates = []
+        starts = []
+        ends = []
+        events = []
+        seq = self._next_seq
+        for tr in transitions:
+            n = self._key(conn, tr.workflow_id)
+            updates.append(
+                (
+                    tr.status.value,
+                    tr.current_step,
+                    tr.error,
+                    tr.state_json,
+                    tr.progress_json,
+                    tr.at,
+                    tr.at if tr.status.value in FINISHED else None,
+                    n,
+                )
+            )
+            for op in tr.journal:
+                if isinstance(op, JournalStart):
+                    starts.append((n, op.seq, op.step, op.phase, op.attempt, op.at))
+                else:
+                    ends.append((op.outcome, op.at, op.error, n, op.seq))
+            for kind, payload in tr.events:
+                payload["seq"] = seq
+                events.append((seq, kind, tr.workflow_id, _stored(kind, payload)))
+                seq += 1
+        cur = conn.executemany(_UPDATE_INSTANCE, updates)
+        if cur.rowcount != len(updates):
+            raise StoreError("A workflow of this batch is not in the database (pruned?).")
+        if starts:
+            conn.executemany(
+                _INSERT_JOURNAL, starts
+            )  # before the ends: an end may follow its start
+        if ends:
+            conn.executemany(_END_JOURNAL, ends)
+        if events:
+            conn.executemany(_INSERT_EVENT, events)
+        self._next_seq = seq
 
     def _insert_events(
         self,
@@ -606,11 +694,9 @@ class SQLiteStore:
             seq = self._next_seq
             self._next_seq += 1
             payload["seq"] = seq
-            rows.append((seq, kind, workflow_id, json.dumps(payload, separators=(",", ":"))))
+            rows.append((seq, kind, workflow_id, _stored(kind, payload)))
         if rows:
-            conn.executemany(
-                "INSERT INTO outbox(seq, kind, workflow_id, payload) VALUES (?,?,?,?)", rows
-            )
+            conn.executemany(_INSERT_EVENT, rows)
 
     async def create_instance(self, new: NewInstance) -> bool:
         """Insert a new instance (and its definition snapshot, first transition, events and
@@ -652,7 +738,13 @@ class SQLiteStore:
 
     async def commit(self, transition: Transition) -> None:
         """Commit one transition (instance row, journal rows, outbox events) atomically."""
-        await self.write(lambda conn: self._apply(conn, transition))
+        if self._thread is None or self._loop is None:
+            raise StoreError("The store is not open; use `async with SQLiteStore(path) as store:`.")
+        if self.readonly:
+            raise StoreError(f"{self.path} is open read-only.")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._queue.put(_Request(lambda conn: self._apply(conn, transition), fut, True, transition))
+        await fut
 
     async def add_alert(self, payload: dict[str, Any], workflow_id: str | None = None) -> None:
         """Queue an alert (kind ``alert``) in the outbox."""
@@ -772,10 +864,12 @@ class SQLiteStore:
 
         def fn(conn: sqlite3.Connection) -> list[OutboxItem]:
             rows = conn.execute(
-                "SELECT seq, kind, workflow_id, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                "SELECT o.seq, o.kind, o.workflow_id, o.payload, i.workflow_type FROM outbox o "
+                "LEFT JOIN instances i ON i.id = o.workflow_id WHERE o.seq > ? ORDER BY o.seq "
+                "LIMIT ?",
                 (after_seq, limit),
             )
-            return [OutboxItem(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+            return [OutboxItem(r[0], r[1], r[2], _expanded(*r)) for r in rows]
 
         return await self.read(fn)
 
@@ -923,6 +1017,35 @@ class MemoryStore(SQLiteStore):
 
     def __init__(self) -> None:
         super().__init__(":memory:", exclusive=False)
+
+
+#: What a stored workflow event leaves out: its columns (seq, workflow_id), its instance row
+#: (workflow_type) and null fields. Every event of every step is written to an SD card, so it is
+#: stored compact and made whole again when it is read for publishing.
+_IMPLIED = frozenset(("seq", "workflow_id", "workflow_type"))
+_EVENT_TEMPLATE: dict[str, Any] = dict.fromkeys(
+    ("seq", "at", "workflow_id", "workflow_type", "event", "step", "attempt", "status", "error")
+)
+
+
+def _stored(kind: str, payload: dict[str, Any]) -> str:
+    if kind != "event":
+        return dumps(payload)
+    return dumps({k: v for k, v in payload.items() if v is not None and k not in _IMPLIED})
+
+
+def _expanded(
+    seq: int, kind: str, workflow_id: str | None, text: str, workflow_type: str | None
+) -> dict[str, Any]:
+    payload: dict[str, Any] = json.loads(text)
+    if kind != "event":
+        return payload
+    whole = dict(_EVENT_TEMPLATE)
+    whole["workflow_id"] = workflow_id
+    whole["workflow_type"] = workflow_type
+    whole.update(payload)
+    whole["seq"] = seq
+    return whole
 
 
 def _wrap(exc: Exception, path: str) -> Exception:

@@ -6,6 +6,9 @@ Every test uses a real SQLite file in ``tmp_path``.
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -247,6 +250,81 @@ async def test_failed_request_in_a_batch_does_not_sink_the_others(
     assert await store.get_request("r-batch") == {"ok": True}
     assert await store.outbox_count() == before  # the ghost's event was rolled back
     assert await wf.run() is WorkflowStatus.COMPLETED
+
+
+async def test_bulk_write_of_transitions_survives_one_bad_one(
+    store: SQLiteStore, builder: WorkflowBuilder
+) -> None:
+    """Transitions of several workflows queued together are written with one executemany per
+    table; one for a workflow that is not there makes the batch fall back to one savepoint each,
+    so only that one fails and the event numbers stay gap-free."""
+    one = await builder.create_workflow("Quick", {}, store=store)
+    two = await builder.create_workflow("Quick", {}, store=store)
+
+    def transition(workflow_id: str, step: str) -> Transition:
+        return Transition(
+            workflow_id=workflow_id,
+            status=WorkflowStatus.ACTIVE,
+            current_step=step,
+            error=None,
+            state_json="{}",
+            progress_json='{"status":"ACTIVE","next_step":"One"}',
+            at=time.time(),
+            events=[("event", {"seq": None, "event": "status_changed", "step": step})],
+        )
+
+    top = max([i.seq for i in await store.outbox_pending(limit=1000)], default=0)
+    commits = store.commits
+    gate = threading.Event()
+    blocked = asyncio.ensure_future(store.read(lambda conn: gate.wait(5)))  # hold the store thread
+    await asyncio.sleep(0.05)
+    writes = [
+        asyncio.ensure_future(store.commit(transition(wid, step)))
+        for wid, step in ((one.id, "Two"), ("no-such-workflow", "X"), (two.id, "Two"))
+    ]
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await blocked is True
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    assert results[0] is None
+    assert results[2] is None
+    assert isinstance(results[1], StoreError)
+    assert "no-such-workflow" in str(results[1])
+    assert store.commits == commits + 1  # all three in one transaction
+    for wf in (one, two):
+        record = await store.load_instance(wf.id)
+        assert record is not None
+        assert record.current_step == "Two"
+    items = [i for i in await store.outbox_pending(limit=1000) if i.seq > top]
+    assert [i.workflow_id for i in items] == [one.id, two.id]
+    assert [i.seq for i in items] == [top + 1, top + 2]
+
+
+async def test_events_are_stored_compact_and_read_back_whole(
+    db: Path, store: SQLiteStore, builder: WorkflowBuilder
+) -> None:
+    wf = await run_quick(builder, store)
+    items = await store.outbox_pending(limit=1000)
+    first = items[1]  # step_started of the first step
+    assert first.payload == {
+        "seq": first.seq,
+        "at": first.payload["at"],
+        "workflow_id": wf.id,
+        "workflow_type": "Quick",
+        "event": "step_started",
+        "step": "One",
+        "attempt": 1,
+        "status": "ACTIVE",
+        "error": None,
+    }
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        raw = conn.execute("SELECT payload FROM outbox WHERE seq = ?", (first.seq,)).fetchone()[0]
+    finally:
+        conn.close()
+    stored = json.loads(raw)
+    assert set(stored) == {"at", "event", "step", "attempt", "status"}  # no ids, no nulls
+    assert len(raw) < len(json.dumps(first.payload, separators=(",", ":"))) * 0.7
 
 
 # ------------------------------------------------------------------------------------------------
