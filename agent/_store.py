@@ -31,7 +31,9 @@ from agent._status import WorkflowStatus
 log = logging.getLogger("edgesaga.store")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: A journal row's key: instance number * JOURNAL_SPAN + attempt seq (see migration 2).
+JOURNAL_SPAN = 1 << 32
 #: Smaller pages mean fewer bytes per commit on an SD card (see docs/decisions.md).
 PAGE_SIZE = 1024
 
@@ -84,6 +86,29 @@ _MIGRATIONS: dict[int, str] = {
         key TEXT PRIMARY KEY,
         value TEXT
     );
+    """,
+    # The journal becomes a rowid table keyed n * 2^32 + seq: a workflow's attempts are appended
+    # at the right edge of a rowid B-tree, which fills its pages (the (n, seq) index B-tree split
+    # them in half), so a step commit writes fewer pages.
+    2: """
+    CREATE TABLE journal_v2 (
+        k INTEGER PRIMARY KEY,
+        n INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        step TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        error TEXT
+    );
+    INSERT INTO journal_v2
+        SELECT n * 4294967296 + seq, n, seq, step, phase, attempt, outcome, started_at, ended_at,
+               error
+        FROM journal ORDER BY n, seq;
+    DROP TABLE journal;
+    ALTER TABLE journal_v2 RENAME TO journal;
     """,
 }
 
@@ -256,10 +281,12 @@ _UPDATE_INSTANCE = (
     "finished_at=? WHERE n=?"
 )
 _INSERT_JOURNAL = (
-    "INSERT INTO journal(n, seq, step, phase, attempt, outcome, started_at)"
-    " VALUES (?,?,?,?,?, 'started', ?)"
+    "INSERT INTO journal(k, n, seq, step, phase, attempt, outcome, started_at)"
+    f" VALUES (?1 * {JOURNAL_SPAN} + ?2, ?1, ?2, ?3, ?4, ?5, 'started', ?6)"
 )
-_END_JOURNAL = "UPDATE journal SET outcome=?, ended_at=?, error=? WHERE n=? AND seq=?"
+_END_JOURNAL = (
+    f"UPDATE journal SET outcome=?1, ended_at=?2, error=?3 WHERE k = ?4 * {JOURNAL_SPAN} + ?5"
+)
 _INSERT_EVENT = "INSERT INTO outbox(seq, kind, workflow_id, payload) VALUES (?,?,?,?)"
 
 
@@ -850,8 +877,9 @@ class SQLiteStore:
         def fn(conn: sqlite3.Connection) -> list[JournalEntry]:
             rows = conn.execute(
                 "SELECT i.id, j.seq, j.step, j.phase, j.attempt, j.outcome, j.started_at, "
-                "j.ended_at, j.error FROM journal j JOIN instances i ON i.n = j.n "
-                "WHERE i.id = ? ORDER BY j.seq",
+                "j.ended_at, j.error FROM instances i JOIN journal j "
+                f"ON j.k BETWEEN i.n * {JOURNAL_SPAN} AND i.n * {JOURNAL_SPAN} + {JOURNAL_SPAN - 1} "
+                "WHERE i.id = ? ORDER BY j.k",
                 (workflow_id,),
             )
             return [JournalEntry(*r) for r in rows]
@@ -980,9 +1008,10 @@ class SQLiteStore:
             for chunk in range(0, len(ids), 500):
                 part = ids[chunk : chunk + 500]
                 m = ",".join("?" * len(part))
-                conn.execute(
-                    f"DELETE FROM journal WHERE n IN (SELECT n FROM instances WHERE id IN ({m}))",
-                    part,
+                conn.executemany(
+                    f"DELETE FROM journal WHERE k BETWEEN ?1 * {JOURNAL_SPAN} "
+                    f"AND ?1 * {JOURNAL_SPAN} + {JOURNAL_SPAN - 1}",
+                    conn.execute(f"SELECT n FROM instances WHERE id IN ({m})", part).fetchall(),
                 )
                 conn.execute(f"DELETE FROM instances WHERE id IN ({m})", part)
                 # their events (published or, with no broker, never to be) and request-id replies

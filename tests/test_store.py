@@ -24,9 +24,9 @@ from agent import (
     WorkflowBuilder,
     WorkflowStatus,
 )
-from agent._store import Transition
+from agent._store import _MIGRATIONS, JournalStart, Transition
 
-EXPECTED_PRAGMAS = {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "user_version": 1}
+EXPECTED_PRAGMAS = {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "user_version": 2}
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ async def test_pragmas_on_create_and_after_reopen(db: Path) -> None:
         pragmas = await ro.pragmas()
         assert pragmas["journal_mode"] == "wal"
         assert pragmas["synchronous"] == 2
-        assert pragmas["user_version"] == 1
+        assert pragmas["user_version"] == 2
 
 
 async def test_second_store_on_the_same_file_is_locked_out(db: Path) -> None:
@@ -116,6 +116,56 @@ async def test_newer_schema_is_refused(db: Path) -> None:
     with pytest.raises(StoreError, match="newer"):
         await SQLiteStore(db).open()
     assert not SQLiteStore.is_locked(db)  # a failed open releases the lock
+
+
+async def test_version_1_database_is_migrated_with_its_journal(db: Path) -> None:
+    """A database written by the first release (journal keyed (n, seq), WITHOUT ROWID) opens with
+    its journal intact, and its workflows keep appending to it."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in _MIGRATIONS[1].split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO definitions VALUES ('h', 'Old', '1', '{}')")
+    for n, wid in ((1, "wf-a"), (2, "wf-b")):
+        conn.execute(
+            "INSERT INTO instances(n, id, workflow_type, definition_hash, status, current_step, "
+            "state, progress, created_at, updated_at) VALUES (?, ?, 'Old', 'h', 'ACTIVE', 'S2', "
+            "'{}', '{\"status\":\"ACTIVE\"}', 1.0, 2.0)",
+            (n, wid),
+        )
+        conn.executemany(
+            "INSERT INTO journal VALUES (?, ?, ?, 'forward', 1, ?, ?, ?, ?)",
+            [
+                (n, 1, "S1", "completed", 1.0, 1.5, None),
+                (n, 2, "S2", "failed", 1.5, 1.8, f"boom {wid}"),
+            ],
+        )
+    conn.close()
+
+    async with SQLiteStore(db) as store:
+        assert (await store.pragmas())["user_version"] == 2
+        for wid in ("wf-a", "wf-b"):
+            rows = await store.journal(wid)
+            assert [(r.workflow_id, r.seq, r.step, r.outcome, r.error) for r in rows] == [
+                (wid, 1, "S1", "completed", None),
+                (wid, 2, "S2", "failed", f"boom {wid}"),
+            ]
+        await store.commit(
+            Transition(
+                workflow_id="wf-a",
+                status=WorkflowStatus.ACTIVE,
+                current_step="S2",
+                error=None,
+                state_json="{}",
+                progress_json='{"status":"ACTIVE"}',
+                at=3.0,
+                journal=[JournalStart(3, "S2", "forward", 2, 3.0)],
+            )
+        )
+        assert [r.seq for r in await store.journal("wf-a")] == [1, 2, 3]
+        assert [r.seq for r in await store.journal("wf-b")] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------------
