@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import time
 import uuid
 import weakref
@@ -59,6 +60,26 @@ step_is_async = functools.cache(inspect.iscoroutinefunction)
 @functools.cache
 def _step_logger(workflow_type: str, step: str) -> logging.Logger:
     return logging.getLogger(f"edgesaga.step.{workflow_type}.{step}")
+
+
+_random_pool = bytearray()
+
+
+def _forget_random_pool() -> None:
+    _random_pool.clear()  # a forked child must not hand out its parent's ids
+
+
+os.register_at_fork(after_in_child=_forget_random_pool)
+
+
+def new_workflow_id() -> str:
+    """A random (version 4) UUID, as ``uuid.uuid4()`` but reading ``os.urandom`` once per 256
+    ids: on small boards and VMs ``getrandom`` can cost more than the rest of a step."""
+    if not _random_pool:
+        _random_pool.extend(os.urandom(16 * 256))
+    raw = bytes(_random_pool[-16:])
+    del _random_pool[-16:]
+    return str(uuid.UUID(bytes=raw, version=4))
 
 
 _INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
@@ -752,7 +773,7 @@ class WorkflowBuilder:
             if existing is not None and existing.store is store:
                 return existing
         state = self.validate_data(workflow_type, initial_data)
-        wid = workflow_id or str(uuid.uuid4())
+        wid = workflow_id or new_workflow_id()
         saga_on = definition.spec.saga_mode if saga_mode is None else saga_mode
         progress = saga.start(self._plan_for(definition), saga=saga_on)
         now = time.time()

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -128,19 +129,25 @@ FINISHED = tuple(
 #: one on every call).
 dumps = json.JSONEncoder(separators=(",", ":")).encode
 
-_iso_cache: tuple[float, str] = (-1.0, "")
+_iso_second: tuple[int, str] = (-1, "")
 
 
 def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with milliseconds (``2026-11-26T22:55:10.382Z``)."""
-    global _iso_cache
+    """Epoch seconds as ISO 8601 UTC with milliseconds (``2026-11-26T22:55:10.382Z``), as
+    ``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")`` gives them; the date
+    and time of the current second are formatted once (this runs for every event)."""
+    global _iso_second
     if ts is None:
         return None
-    if _iso_cache[0] == ts:
-        return _iso_cache[1]
-    text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-    _iso_cache = (ts, text)
-    return text
+    frac, whole = math.modf(ts)  # the rounding datetime.fromtimestamp does
+    second, micros = int(whole), round(frac * 1_000_000)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    if _iso_second[0] != second:
+        _iso_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_iso_second[1]}.{micros // 1000:03d}Z"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -725,43 +732,43 @@ class SQLiteStore:
         if rows:
             conn.executemany(_INSERT_EVENT, rows)
 
+    def _create(self, conn: sqlite3.Connection, new: NewInstance) -> bool:
+        if conn.execute("SELECT 1 FROM instances WHERE id=?", (new.id,)).fetchone():
+            return False
+        conn.execute(
+            "INSERT OR IGNORE INTO definitions(hash, workflow_type, workflow_version, body) "
+            "VALUES (?,?,?,?)",
+            (new.definition_hash, new.workflow_type, new.workflow_version, new.definition),
+        )
+        tr = new.first
+        cur = conn.execute(
+            "INSERT INTO instances(id, workflow_type, definition_hash, status, current_step, "
+            "error, state, progress, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                new.id,
+                new.workflow_type,
+                new.definition_hash,
+                tr.status.value,
+                tr.current_step,
+                tr.error,
+                tr.state_json,
+                tr.progress_json,
+                tr.at,
+                tr.at,
+            ),
+        )
+        n = self._keys[new.id] = int(cur.lastrowid or 0)
+        self._append(conn, n, tr)
+        if new.request is not None:
+            self._put_request(conn, *new.request)
+        return True
+
     async def create_instance(self, new: NewInstance) -> bool:
         """Insert a new instance (and its definition snapshot, first transition, events and
         request-id reply) in one transaction. Returns False, writing nothing, when an instance with
         that id already exists."""
 
-        def fn(conn: sqlite3.Connection) -> bool:
-            if conn.execute("SELECT 1 FROM instances WHERE id=?", (new.id,)).fetchone():
-                return False
-            conn.execute(
-                "INSERT OR IGNORE INTO definitions(hash, workflow_type, workflow_version, body) "
-                "VALUES (?,?,?,?)",
-                (new.definition_hash, new.workflow_type, new.workflow_version, new.definition),
-            )
-            tr = new.first
-            cur = conn.execute(
-                "INSERT INTO instances(id, workflow_type, definition_hash, status, current_step, "
-                "error, state, progress, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    new.id,
-                    new.workflow_type,
-                    new.definition_hash,
-                    tr.status.value,
-                    tr.current_step,
-                    tr.error,
-                    tr.state_json,
-                    tr.progress_json,
-                    tr.at,
-                    tr.at,
-                ),
-            )
-            n = self._keys[new.id] = int(cur.lastrowid or 0)
-            self._append(conn, n, tr)
-            if new.request is not None:
-                self._put_request(conn, *new.request)
-            return True
-
-        return await self.write(fn)
+        return await self.write(lambda conn: self._create(conn, new))
 
     async def commit(self, transition: Transition) -> None:
         """Commit one transition (instance row, journal rows, outbox events) atomically."""

@@ -6,24 +6,34 @@ Prints raw commits/s (WAL + synchronous=FULL, one small insert per transaction),
 no-op payment saga run sequentially and with 32 in flight: workflows/s, steps/s, the ratio
 steps/s ÷ raw commits/s, commits per step, and bytes written per step (write_bytes from
 /proc/self/io, which counts the store thread too).
+
+Then three floors, which replay exactly what one no-op workflow wrote (captured from a real run)
+with no engine at all: the store's own statements in a bare loop on one thread, and the same
+writes through the real store (writer thread, group commit), sequential and 32 in flight. The
+saga's figures cannot beat these on the same machine; the gap between them is the engine's cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import dataclasses
 import os
 import shutil
 import sqlite3
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent import SQLiteStore, WorkflowBuilder  # noqa: E402
+from agent._store import NewInstance, Transition  # noqa: E402
 
 STEPS_PER_WORKFLOW = 4
 
@@ -54,6 +64,112 @@ def raw_commits(directory: Path, seconds: float) -> tuple[float, float]:
     written = (write_bytes() - bytes0) / n
     conn.close()
     return rate, written
+
+
+# ------------------------------------------------------------------------------------------------
+# Floors: what one workflow writes, replayed without the engine, so the saga figures can be read
+# against the best this schema (and this store) can do on this machine.
+
+
+async def capture(workflow_type: str) -> tuple[NewInstance, list[Transition]]:
+    """Run one workflow through the real engine on a scratch store and keep what it wrote."""
+    builder = WorkflowBuilder(definitions=[ROOT / "bench"])
+    writes: list[Any] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        async with SQLiteStore(Path(tmp) / "capture.db") as store:
+            create, commit = store.create_instance, store.commit
+
+            async def create_instance(new: NewInstance) -> bool:
+                writes.append(copy.deepcopy(new))
+                return await create(new)
+
+            async def commit_one(tr: Transition) -> None:
+                writes.append(copy.deepcopy(tr))
+                await commit(tr)
+
+            store.create_instance = create_instance  # type: ignore[method-assign]
+            store.commit = commit_one  # type: ignore[method-assign]
+            await builder.start_workflow(workflow_type, store=store)
+    return writes[0], writes[1:]
+
+
+def renamed(
+    shape: tuple[NewInstance, list[Transition]], workflow_id: str
+) -> tuple[NewInstance, list[Transition]]:
+    new, transitions = shape
+
+    def again(tr: Transition) -> Transition:  # the store numbers events in their dicts: copy them
+        events = [(kind, dict(payload)) for kind, payload in tr.events]
+        return dataclasses.replace(tr, workflow_id=workflow_id, events=events)
+
+    return dataclasses.replace(new, id=workflow_id, first=again(new.first)), [
+        again(tr) for tr in transitions
+    ]
+
+
+def sql_floor(
+    directory: Path, shape: tuple[NewInstance, list[Transition]], seconds: float
+) -> dict[str, float]:
+    """The store's own statements for each commit, run in a bare loop on one thread."""
+    store = SQLiteStore(directory / "floor-sql.db", exclusive=False)
+    conn = store._connect()
+    done = commits = 0
+    bytes0 = write_bytes()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        new, transitions = renamed(shape, str(uuid.uuid4()))
+        for write in (new, *transitions):
+            conn.execute("BEGIN IMMEDIATE")
+            if isinstance(write, NewInstance):
+                store._create(conn, write)
+            else:
+                store._apply(conn, write)
+            conn.execute("COMMIT")
+            commits += 1
+        done += 1
+    elapsed = time.perf_counter() - start
+    conn.close()
+    steps = done * STEPS_PER_WORKFLOW
+    return {
+        "workflows_s": done / elapsed,
+        "steps_s": steps / elapsed,
+        "commits_per_step": commits / steps,
+        "bytes_per_step": (write_bytes() - bytes0) / steps,
+    }
+
+
+async def store_floor(
+    directory: Path,
+    shape: tuple[NewInstance, list[Transition]],
+    in_flight: int,
+    seconds: float,
+    name: str,
+) -> dict[str, float]:
+    """The same writes through the real store (writer thread, group commit), no engine."""
+    async with SQLiteStore(directory / f"{name}.db") as store:
+        commits0, bytes0 = store.commits, write_bytes()
+        done = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                new, transitions = renamed(shape, str(uuid.uuid4()))
+                await store.create_instance(new)
+                for tr in transitions:
+                    await store.commit(tr)
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        elapsed = time.perf_counter() - start
+        steps = done * STEPS_PER_WORKFLOW
+        return {
+            "workflows_s": done / elapsed,
+            "steps_s": steps / elapsed,
+            "commits_per_step": (store.commits - commits0) / steps,
+            "bytes_per_step": (write_bytes() - bytes0) / steps,
+        }
 
 
 async def saga_run(
@@ -87,6 +203,13 @@ async def saga_run(
         }
 
 
+def row(label: str, r: dict[str, float], raw: float) -> None:
+    print(
+        f"{label:<34}{r['workflows_s']:8.0f}{r['steps_s']:10.0f}{r['steps_s'] / raw:8.2f}"
+        f"{r['commits_per_step']:14.2f}{r['bytes_per_step']:12.0f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -117,10 +240,15 @@ def main() -> None:
         ):
             r = asyncio.run(saga_run(directory, wtype, n, args.seconds, f"{wtype}-{n}"))
             results[label] = r
-            print(
-                f"{label:<34}{r['workflows_s']:8.0f}{r['steps_s']:10.0f}{r['steps_s'] / raw:8.2f}"
-                f"{r['commits_per_step']:14.2f}{r['bytes_per_step']:12.0f}"
-            )
+            row(label, r, raw)
+        print()
+        print("floors: what the async no-op saga writes, replayed with no engine")
+        shape = asyncio.run(capture("NoopPayment"))
+        row("bare loop, one thread, sequential", sql_floor(directory, shape, args.seconds), raw)
+        for n in (1, 32):
+            r = asyncio.run(store_floor(directory, shape, n, args.seconds, f"floor-{n}"))
+            label = "store, sequential" if n == 1 else "store, 32 in flight"
+            row(label, r, raw)
         print()
         seq, par = results["async no-op, sequential"], results["async no-op, 32 in flight"]
         checks = [
