@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import time
+import types
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Coroutine, Generator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,33 @@ from agent._threads import DaemonPool
 log = logging.getLogger("edgesaga.workflow")
 
 step_is_async = functools.cache(inspect.iscoroutinefunction)
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
+    """Go on driving a coroutine whose first ``send(None)`` already ran and yielded
+    ``waiting_on``, as its own task would have: what it yields goes up to the task that drives
+    this, and what that task sends or throws goes down to it (``yield from``, after the start)."""
+    while True:
+        try:
+            sent = yield waiting_on
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # a cancel or timeout, delivered to the step
+            try:
+                waiting_on = coro.throw(exc)
+            except StopIteration as finished:
+                return finished.value
+        else:
+            try:
+                waiting_on = coro.send(sent)
+            except StopIteration as finished:
+                return finished.value
+
+
+async def _finish(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:
+    return await _resume(coro, waiting_on)
 
 
 @functools.cache
@@ -468,7 +496,17 @@ class Workflow:
         timeout = step.spec.timeout
         task: asyncio.Future[Any]
         if step_is_async(func):
-            task = asyncio.get_running_loop().create_task(func(state, ctx, **params))
+            coro = func(state, ctx, **params)
+            try:
+                # Run it at once, as an eager task would: most steps (a GPIO write, a no-op)
+                # finish without waiting, and then need no task and no trip round the loop.
+                waiting_on = coro.send(None)
+            except StopIteration as finished:
+                return self._outcome(state, finished.value, step)
+            except Exception as exc:
+                self._restore_state()
+                return _Outcome(False, error=f"{type(exc).__name__}: {exc}")
+            task = asyncio.get_running_loop().create_task(_finish(coro, waiting_on))
             # Only an async forward step can be stopped by a cancel (see cancel()).
             self._step_task = None if compensating else task
         else:
@@ -511,6 +549,9 @@ class Workflow:
             return _Outcome(False, error=f"{type(exc).__name__}: {exc}")
         finally:
             self._step_task = None
+        return self._outcome(state, result, step)
+
+    def _outcome(self, state: BaseModel, result: Any, step: LoadedStep) -> _Outcome:
         try:
             new_state = self._merge(state, result, step)
         except InvalidData as err:

@@ -97,21 +97,44 @@ class Progress:
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         """The fields that differ from their defaults (``status`` always): compact, because it is
-        rewritten with every commit."""
+        rewritten with every commit. (Spelled out field by field: it runs for every commit.)"""
         out: dict[str, Any] = {"status": self.status.value}
-        for name, default in _DEFAULTS:
-            value = getattr(self, name)
-            if value != default:
-                if name == "inflight":
-                    value = {
-                        "step": value.step,
-                        "phase": value.phase,
-                        "seq": value.seq,
-                        "attempt": value.attempt,
-                    }
-                elif type(value) is tuple:
-                    value = list(value)
-                out[name] = value
+        if self.saga:
+            out["saga"] = True
+        if self.next_step is not None:
+            out["next_step"] = self.next_step
+        if self.completed:
+            out["completed"] = list(self.completed)
+        if self.to_compensate:
+            out["to_compensate"] = list(self.to_compensate)
+        if self.compensated:
+            out["compensated"] = list(self.compensated)
+        if self.compensation_failed:
+            out["compensation_failed"] = list(self.compensation_failed)
+        if self.failed_step is not None:
+            out["failed_step"] = self.failed_step
+        if self.error is not None:
+            out["error"] = self.error
+        if self.cancelled:
+            out["cancelled"] = True
+        if self.failures:
+            out["failures"] = dict(self.failures)
+        if self.interrupts:
+            out["interrupts"] = dict(self.interrupts)
+        if self.executions:
+            out["executions"] = dict(self.executions)
+        fl = self.inflight
+        if fl is not None:
+            out["inflight"] = {
+                "step": fl.step,
+                "phase": fl.phase,
+                "seq": fl.seq,
+                "attempt": fl.attempt,
+            }
+        if self.journal_seq:
+            out["journal_seq"] = self.journal_seq
+        if self.not_before is not None:
+            out["not_before"] = self.not_before
         return out
 
     @classmethod
@@ -138,11 +161,6 @@ class Progress:
 
 
 _FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Progress))
-_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
-    (f.name, {} if f.default is dataclasses.MISSING else f.default)
-    for f in dataclasses.fields(Progress)
-    if f.name != "status"
-)
 
 
 def _make_replace() -> Any:
@@ -253,24 +271,29 @@ def _require_inflight(progress: Progress) -> Inflight:
 def succeeded(plan: Plan, progress: Progress) -> Progress:
     """The in-flight attempt completed."""
     fl = _require_inflight(progress)
-    base = _replace(
-        progress, inflight=None, failures=_drop(progress.failures, _key(fl.phase, fl.step))
-    )
-    if fl.phase == "forward":
+    key = _key(fl.phase, fl.step)
+    failures = _drop(progress.failures, key) if key in progress.failures else progress.failures
+    if fl.phase == "forward" and not progress.cancelled:  # the common case, in one copy
         nxt = plan.after(fl.step)
-        done = (*base.completed, fl.step)
-        if progress.cancelled:
-            # A cancel arrived while the step ran: it completed, so (saga mode) it joins the rollback.
-            if not progress.saga:
-                return _replace(
-                    base, completed=done, next_step=None, status=WorkflowStatus.CANCELLED
-                )
-            return _begin_rollback(plan, _replace(base, completed=done), None)
+        done = (*progress.completed, fl.step)
         if nxt is None:
             return _replace(
-                base, completed=done, next_step=None, status=WorkflowStatus.COMPLETED, error=None
+                progress,
+                inflight=None,
+                failures=failures,
+                completed=done,
+                next_step=None,
+                status=WorkflowStatus.COMPLETED,
+                error=None,
             )
-        return _replace(base, completed=done, next_step=nxt)
+        return _replace(progress, inflight=None, failures=failures, completed=done, next_step=nxt)
+    base = _replace(progress, inflight=None, failures=failures)
+    if fl.phase == "forward":
+        # A cancel arrived while the step ran: it completed, so (saga mode) it joins the rollback.
+        done = (*base.completed, fl.step)
+        if not progress.saga:
+            return _replace(base, completed=done, next_step=None, status=WorkflowStatus.CANCELLED)
+        return _begin_rollback(plan, _replace(base, completed=done), None)
     return _compensation_finished(
         _replace(
             base, to_compensate=base.to_compensate[1:], compensated=(*base.compensated, fl.step)

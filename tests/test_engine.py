@@ -428,6 +428,35 @@ async def test_cancel_running_async_step(make, store) -> None:
     assert record.status is S.CANCELLED
 
 
+async def test_async_step_that_waits_several_times_returns_its_result(make, store) -> None:
+    """An async step runs at once and, when it waits, goes on in a task of its own; its result is
+    merged the same either way."""
+    builder = make([step("Now", "record_async"), step("Later", "several_waits")])
+    wf = await start(builder, store)
+    assert await wf.run() is S.COMPLETED
+    assert wf.state.note == "after three waits"
+    assert names(wf.id) == ["Now", "Later"]
+
+
+async def test_cancel_reaches_a_step_that_awaits_its_clean_up(make, store) -> None:
+    builder = make(
+        [step("A", "record", "undo"), step("Wait", "cleans_up_when_cancelled", "undo")],
+        saga_mode=True,
+    )
+    wf = await start(builder, store)
+    runner = asyncio.create_task(wf.run())
+    await eventually(lambda: "Wait" in names(wf.id))
+    await wf.cancel()
+    assert await asyncio.wait_for(runner, 5) is S.CANCELLED
+    assert names(wf.id) == ["A", "Wait", "cleaned:Wait", "undo:Wait", "undo:A"]
+    assert await journal(store, wf) == [
+        ("forward", "A", 1, "completed"),
+        ("forward", "Wait", 1, "cancelled"),
+        ("compensate", "Wait", 1, "completed"),
+        ("compensate", "A", 1, "completed"),
+    ]
+
+
 async def test_cancel_during_a_retry_delay_does_not_wait_it_out(make, store) -> None:
     retry = {"max_attempts": 3, "initial_delay": 30, "multiplier": 1.0}
     builder = make(

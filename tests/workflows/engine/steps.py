@@ -152,6 +152,27 @@ async def wait_forever(state: EngineState, context: StepContext, **params: Any) 
         raise
 
 
+async def several_waits(state: EngineState, context: StepContext) -> dict[str, Any]:
+    """Suspends several times (a bare yield, a timer, a future set later), then returns."""
+    _called(context)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_later(0.01, fut.set_result, "after three waits")
+    return {"note": await fut}
+
+
+async def cleans_up_when_cancelled(state: EngineState, context: StepContext) -> None:
+    """Waits until cancelled, then still awaits its own clean-up before giving up."""
+    _called(context)
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.01)
+        _called(context, f"cleaned:{context.step_name}")
+        raise
+
+
 # -- retry after fixing the cause -----------------------------------------------------------------
 
 
