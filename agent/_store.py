@@ -130,15 +130,18 @@ FINISHED = tuple(
 dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 _iso_second: tuple[int, str] = (-1, "")
+_iso_last: tuple[float, str] = (-1.0, "")  # the events of one transition share their time
 
 
 def iso(ts: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC with milliseconds (``2026-11-26T22:55:10.382Z``), as
     ``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")`` gives them; the date
     and time of the current second are formatted once (this runs for every event)."""
-    global _iso_second
+    global _iso_second, _iso_last
     if ts is None:
         return None
+    if ts == _iso_last[0]:
+        return _iso_last[1]
     frac, whole = math.modf(ts)  # the rounding datetime.fromtimestamp does
     second, micros = int(whole), round(frac * 1_000_000)
     if micros >= 1_000_000:
@@ -147,7 +150,9 @@ def iso(ts: float | None) -> str | None:
         second, micros = second - 1, micros + 1_000_000
     if _iso_second[0] != second:
         _iso_second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{_iso_second[1]}.{micros // 1000:03d}Z"
+    text = f"{_iso_second[1]}.{micros // 1000:03d}Z"
+    _iso_last = (ts, text)
+    return text
 
 
 # ------------------------------------------------------------------------------------------------
