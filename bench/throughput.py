@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +130,37 @@ def sql_floor(
         done += 1
     elapsed = time.perf_counter() - start
     conn.close()
+    return rates(done, elapsed, commits, write_bytes() - bytes0)
+
+
+def rates(done: int, elapsed: float, commits: int, written: int) -> dict[str, float]:
     steps = done * STEPS_PER_WORKFLOW
     return {
         "workflows_s": done / elapsed,
         "steps_s": steps / elapsed,
         "commits_per_step": commits / steps,
-        "bytes_per_step": (write_bytes() - bytes0) / steps,
+        "bytes_per_step": written / steps,
     }
+
+
+async def in_flight_run(
+    store: SQLiteStore, in_flight: int, seconds: float, one: Callable[[], Awaitable[None]]
+) -> dict[str, float]:
+    """``one()`` (a whole workflow) again and again in ``in_flight`` concurrent loops."""
+    commits0, bytes0 = store.commits, write_bytes()
+    done = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await one()
+            done += 1
+
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - start
+    return rates(done, elapsed, store.commits - commits0, write_bytes() - bytes0)
 
 
 async def store_floor(
@@ -148,29 +172,14 @@ async def store_floor(
 ) -> dict[str, float]:
     """The same writes through the real store (writer thread, group commit), no engine."""
     async with SQLiteStore(directory / f"{name}.db") as store:
-        commits0, bytes0 = store.commits, write_bytes()
-        done = 0
-        start = time.perf_counter()
-        deadline = start + seconds
 
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < deadline:
-                new, transitions = renamed(shape, str(uuid.uuid4()))
-                await store.create_instance(new)
-                for tr in transitions:
-                    await store.commit(tr)
-                done += 1
+        async def one() -> None:
+            new, transitions = renamed(shape, str(uuid.uuid4()))
+            await store.create_instance(new)
+            for tr in transitions:
+                await store.commit(tr)
 
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        elapsed = time.perf_counter() - start
-        steps = done * STEPS_PER_WORKFLOW
-        return {
-            "workflows_s": done / elapsed,
-            "steps_s": steps / elapsed,
-            "commits_per_step": (store.commits - commits0) / steps,
-            "bytes_per_step": (write_bytes() - bytes0) / steps,
-        }
+        return await in_flight_run(store, in_flight, seconds, one)
 
 
 async def saga_run(
@@ -181,27 +190,12 @@ async def saga_run(
         # warm up (imports, first pages)
         for _ in range(5):
             await builder.start_workflow(workflow_type, store=store)
-        commits0, bytes0 = store.commits, write_bytes()
-        done = 0
-        start = time.perf_counter()
-        deadline = start + seconds
 
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < deadline:
-                wf = await builder.start_workflow(workflow_type, store=store)
-                assert wf.status == "COMPLETED", wf.status
-                done += 1
+        async def one() -> None:
+            wf = await builder.start_workflow(workflow_type, store=store)
+            assert wf.status == "COMPLETED", wf.status
 
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        elapsed = time.perf_counter() - start
-        steps = done * STEPS_PER_WORKFLOW
-        return {
-            "workflows_s": done / elapsed,
-            "steps_s": steps / elapsed,
-            "commits_per_step": (store.commits - commits0) / steps,
-            "bytes_per_step": (write_bytes() - bytes0) / steps,
-        }
+        return await in_flight_run(store, in_flight, seconds, one)
 
 
 def row(label: str, r: dict[str, float]) -> None:

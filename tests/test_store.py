@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _engine_fixtures import PAYMENT_DATA, PAYMENT_DIR, step, write_definition
@@ -52,6 +53,26 @@ async def run_quick(builder: WorkflowBuilder, store: SQLiteStore, **kw: object) 
     wf = await builder.create_workflow("Quick", {}, store=store, **kw)  # type: ignore[arg-type]
     assert await wf.run() is WorkflowStatus.COMPLETED
     return wf
+
+
+def bare_transition(
+    workflow_id: str, step: str | None, *, at: float | None = None, **extra: Any
+) -> Transition:
+    """A transition to ACTIVE at ``step`` with one status event, built by hand (no engine)."""
+    fields: dict[str, Any] = {
+        "events": [("event", {"seq": None, "event": "status_changed", "step": step})],
+        **extra,
+    }
+    return Transition(
+        workflow_id=workflow_id,
+        status=WorkflowStatus.ACTIVE,
+        current_step=step,
+        error=None,
+        state_json="{}",
+        progress_json='{"status":"ACTIVE"}',
+        at=time.time() if at is None else at,
+        **fields,
+    )
 
 
 def subset(pragmas: dict[str, object]) -> dict[str, object]:
@@ -153,15 +174,8 @@ async def test_version_1_database_is_migrated_with_its_journal(db: Path) -> None
                 (wid, 2, "S2", "failed", f"boom {wid}"),
             ]
         await store.commit(
-            Transition(
-                workflow_id="wf-a",
-                status=WorkflowStatus.ACTIVE,
-                current_step="S2",
-                error=None,
-                state_json="{}",
-                progress_json='{"status":"ACTIVE"}',
-                at=3.0,
-                journal=[JournalStart(3, "S2", "forward", 2, 3.0)],
+            bare_transition(
+                "wf-a", "S2", at=3.0, journal=[JournalStart(3, "S2", "forward", 2, 3.0)]
             )
         )
         assert [r.seq for r in await store.journal("wf-a")] == [1, 2, 3]
@@ -280,16 +294,7 @@ async def test_failed_request_in_a_batch_does_not_sink_the_others(
     store: SQLiteStore, builder: WorkflowBuilder
 ) -> None:
     wf = await builder.create_workflow("Quick", {}, store=store)
-    ghost = Transition(
-        workflow_id="no-such-workflow",
-        status=WorkflowStatus.ACTIVE,
-        current_step=None,
-        error=None,
-        state_json="{}",
-        progress_json="{}",
-        at=time.time(),
-        events=[("event", {"event": "status_changed"})],
-    )
+    ghost = bare_transition("no-such-workflow", None)
     before = await store.outbox_count()
     results = await asyncio.gather(
         store.commit(ghost), store.put_request("r-batch", {"ok": True}), return_exceptions=True
@@ -311,25 +316,13 @@ async def test_bulk_write_of_transitions_survives_one_bad_one(
     one = await builder.create_workflow("Quick", {}, store=store)
     two = await builder.create_workflow("Quick", {}, store=store)
 
-    def transition(workflow_id: str, step: str) -> Transition:
-        return Transition(
-            workflow_id=workflow_id,
-            status=WorkflowStatus.ACTIVE,
-            current_step=step,
-            error=None,
-            state_json="{}",
-            progress_json='{"status":"ACTIVE","next_step":"One"}',
-            at=time.time(),
-            events=[("event", {"seq": None, "event": "status_changed", "step": step})],
-        )
-
     top = max([i.seq for i in await store.outbox_pending(limit=1000)], default=0)
     commits = store.commits
     gate = threading.Event()
     blocked = asyncio.ensure_future(store.read(lambda conn: gate.wait(5)))  # hold the store thread
     await asyncio.sleep(0.05)
     writes = [
-        asyncio.ensure_future(store.commit(transition(wid, step)))
+        asyncio.ensure_future(store.commit(bare_transition(wid, step)))
         for wid, step in ((one.id, "Two"), ("no-such-workflow", "X"), (two.id, "Two"))
     ]
     await asyncio.sleep(0.05)
