@@ -272,7 +272,17 @@ def succeeded(plan: Plan, progress: Progress) -> Progress:
     """The in-flight attempt completed."""
     fl = _require_inflight(progress)
     key = _key(fl.phase, fl.step)
-    failures = _drop(progress.failures, key) if key in progress.failures else progress.failures
+    # A completed attempt never runs again, so its counters go (the progress is rewritten with
+    # every commit): failures, interrupts and executions, which only number the next attempt.
+    counters = {
+        name: _drop(counts, key)
+        for name, counts in (
+            ("failures", progress.failures),
+            ("interrupts", progress.interrupts),
+            ("executions", progress.executions),
+        )
+        if key in counts
+    }
     if fl.phase == "forward" and not progress.cancelled:  # the common case, in one copy
         nxt = plan.after(fl.step)
         done = (*progress.completed, fl.step)
@@ -280,14 +290,14 @@ def succeeded(plan: Plan, progress: Progress) -> Progress:
             return _replace(
                 progress,
                 inflight=None,
-                failures=failures,
                 completed=done,
                 next_step=None,
                 status=WorkflowStatus.COMPLETED,
                 error=None,
+                **counters,
             )
-        return _replace(progress, inflight=None, failures=failures, completed=done, next_step=nxt)
-    base = _replace(progress, inflight=None, failures=failures)
+        return _replace(progress, inflight=None, completed=done, next_step=nxt, **counters)
+    base = _replace(progress, inflight=None, **counters)
     if fl.phase == "forward":
         # A cancel arrived while the step ran: it completed, so (saga mode) it joins the rollback.
         done = (*base.completed, fl.step)
