@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -12,7 +11,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from agent._definition import bundled_definitions_dir, discover, load_definition
 from agent._engine import Workflow, WorkflowBuilder
@@ -20,6 +20,9 @@ from agent._errors import AgentError, WorkflowNotFound
 from agent._status import WorkflowStatus
 from agent._store import SQLiteStore
 from hardware import HardwareError
+
+if TYPE_CHECKING:
+    import argparse  # imported by _parser(), which `edgesaga run` does not need
 
 DEFAULT_DB = Path(".edgesaga") / "edgesaga.db"
 RULE = "=" * 70
@@ -486,6 +489,8 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="edgesaga",
         description="Durable saga workflows for Raspberry-Pi-class devices.",
@@ -591,9 +596,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_args(argv: Sequence[str]) -> SimpleNamespace | None:
+    """The arguments of ``edgesaga run [--config PATH]`` (the systemd unit's command line) parsed
+    without argparse, or None for any other command line.
+
+    Importing argparse and building the parser with all its sub-commands is a noticeable part of
+    the agent's start-up. The result has the attributes argparse would set; anything else (help,
+    other options, ``--log-level``, a value that looks like an option) is left to argparse."""
+    match list(argv):
+        case ["run"]:
+            config = None
+        case ["run", "--config", str() as path] if path and not path.startswith("-"):
+            config = path
+        case ["run", str() as option] if option.startswith("--config=") and option != "--config=":
+            config = option.removeprefix("--config=")
+        case _:
+            return None
+    log_level = os.environ.get("EDGESAGA_LOG_LEVEL", "WARNING")
+    return SimpleNamespace(log_level=log_level, command="run", config=config, func=cmd_run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _run_args(sys.argv[1:] if argv is None else argv) or _parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format="%(levelname)s %(name)s: %(message)s",

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from agent._errors import AgentError
+from agent._errors import error_reply as error_reply
 from agent._status import WorkflowStatus
 
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -130,10 +131,6 @@ class CommandError(AgentError, ValueError):
 
     def reply(self) -> dict[str, Any]:
         return error_reply(self.request_id, self.code, self.message)
-
-
-def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
-    return {"request_id": request_id, "ok": False, "error": {"code": code, "message": message}}
 
 
 def _peek(obj: Any, key: str) -> str | None:

@@ -1,18 +1,26 @@
 """The agent config (``agent.yaml``): pydantic, unknown keys rejected, ``EDGESAGA_...`` overrides."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: pydantic would have to evaluate each field's
+# annotation from its text (compiling it) when the models are built, at every start of the agent.
 
 import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from agent._definition import safe_load_yaml
 from agent._errors import AgentError
-from agent._mqtt import MqttSettings
 from hardware import BoardConfig
 
 ENV_PREFIX = "EDGESAGA_"
@@ -46,6 +54,80 @@ class LoggingSettings(BaseModel):
         return value.upper() if isinstance(value, str) else value
 
 
+class TlsSettings(BaseModel):
+    """``mqtt.tls``: verify the broker with ``ca_file`` (system CAs when omitted) and optionally
+    present a client certificate. ``insecure`` skips the host name check (the chain is still
+    verified); use it only for a broker reached by an address its certificate does not name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> Self:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError(
+                "mqtt.tls.key_file is set without mqtt.tls.cert_file; set both or neither."
+            )
+        return self
+
+
+class MqttSettings(BaseModel):
+    """The ``mqtt:`` section of the agent config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    host: str = Field("localhost", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = Field(
+        None, min_length=1, max_length=128
+    )  # default "edgesaga-<device_id>"
+    keepalive: int = Field(30, ge=5, le=65535)
+    version: Literal["5", "3.1.1"] = "5"
+    topic_prefix: str = Field("edgesaga", min_length=1, max_length=200)
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsSettings | None = None
+    max_payload: int = Field(65536, ge=256)
+    outbox_cap: int = Field(100_000, ge=1)
+    reconnect_min: float = Field(0.5, gt=0)
+    reconnect_max: float = Field(30.0, gt=0)
+    session_expiry: int = Field(7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        # `version: 5` in YAML is an int; accept it as "5".
+        return (
+            str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        )
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        if any(c in value for c in "+#\x00") or value.startswith("/") or value.endswith("/"):
+            raise ValueError(
+                "mqtt.topic_prefix must not contain '+', '#' or NUL, nor start or end with '/'."
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Self:
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("mqtt.reconnect_max must be at least mqtt.reconnect_min.")
+        return self
+
+    def read_password(self) -> str | None:
+        """The password from ``password_file`` (stripped), or None. Blocking: call it off the loop."""
+        if self.password_file is None:
+            return None
+        return self.password_file.read_text(encoding="utf-8").strip()
+
+
 class AgentConfig(BaseModel):
     """Everything ``edgesaga run`` needs; see docs/configuration.md for every key."""
 
@@ -57,7 +139,7 @@ class AgentConfig(BaseModel):
         max_length=100,
     )
     database: Path = Path(".edgesaga/edgesaga.db")
-    definitions: list[Path] = Field(default_factory=list)
+    definitions: list[Path] = Field(default_factory=lambda: [])  # a lambda: see StepDefinition
     include_bundled: bool = True
     max_concurrent: int = Field(4, ge=1, le=1000)
     grace_period: float = Field(10.0, ge=0)
@@ -133,7 +215,7 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"Cannot read the config file {p}: {exc.strerror or exc}.") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded, _ = safe_load_yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)

@@ -1,24 +1,17 @@
-"""Carries out commands (from MQTT or the local socket) against the builder, store and runner."""
+"""Carries out commands (from MQTT or the local socket) against the builder, store and runner.
+
+The command models (:mod:`agent._commands`) are imported by the methods that use them, on the first
+command: the agent builds this handler before it reports READY, but needs no command model until a
+command arrives, and building them is a noticeable part of start-up.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent._commands import (
-    CancelCommand,
-    Command,
-    CommandError,
-    GetCommand,
-    ListCommand,
-    ResumeCommand,
-    RetryCommand,
-    StartCommand,
-    error_reply,
-    parse_command,
-)
 from agent._engine import Workflow, WorkflowBuilder
 from agent._errors import (
     AgentError,
@@ -27,14 +20,16 @@ from agent._errors import (
     InvalidTransition,
     UnknownWorkflowType,
     WorkflowNotFound,
+    error_reply,
 )
 from agent._runner import Runner
 from agent._store import SQLiteStore
 
+if TYPE_CHECKING:
+    from agent._commands import Command, StartCommand
+
 log = logging.getLogger("edgesaga.control")
 
-#: Commands whose first reply is stored, so a repeat (QoS 1 redelivery) gets it again.
-_MUTATING = (StartCommand, CancelCommand, ResumeCommand, RetryCommand)
 _REQUEST_NS = uuid.UUID("6f1f3c1e-5f0a-4a8e-9a53-7e0d2f1b9c11")
 
 
@@ -61,6 +56,8 @@ class Control:
         self, name: str, payload: bytes | str
     ) -> tuple[dict[str, Any], str | None]:
         """Parse and execute; returns ``(reply, reply_to)``. Never raises for bad input."""
+        from agent._commands import CommandError, parse_command
+
         try:
             command = parse_command(name, payload, max_payload=self.max_payload)
         except CommandError as err:
@@ -70,8 +67,11 @@ class Control:
 
     async def execute(self, command: Command) -> dict[str, Any]:
         """Carry out a validated command and return the reply (ok or error)."""
+        from agent._commands import CancelCommand, ResumeCommand, RetryCommand, StartCommand
+
         rid = command.request_id
-        if not isinstance(command, _MUTATING):
+        # The first reply of a mutating command is stored, so a repeat (QoS 1 redelivery) gets it.
+        if not isinstance(command, StartCommand | CancelCommand | ResumeCommand | RetryCommand):
             return await self._guarded(command)
         # A repeat of a request id gets the first answer, also when both arrive at once.
         running = self._inflight.get(rid)
@@ -98,6 +98,8 @@ class Control:
             self._inflight.pop(rid, None)
 
     async def _guarded(self, command: Command) -> dict[str, Any]:
+        from agent._commands import CommandError
+
         rid = command.request_id
         try:
             return await self._dispatch(command)
@@ -122,6 +124,16 @@ class Control:
             return error_reply(rid, "internal_error", f"{type(err).__name__}: {err}")
 
     async def _dispatch(self, command: Command) -> dict[str, Any]:
+        from agent._commands import (
+            CancelCommand,
+            CommandError,
+            GetCommand,
+            ListCommand,
+            ResumeCommand,
+            RetryCommand,
+            StartCommand,
+        )
+
         match command:
             case StartCommand():
                 return await self._start(command)
@@ -176,6 +188,8 @@ class Control:
         )  # pragma: no cover
 
     async def _start(self, command: StartCommand) -> dict[str, Any]:
+        from agent._commands import CommandError
+
         rid = command.request_id
         self.builder.definition(command.workflow_type)  # unknown types fail before anything else
         self.builder.validate_data(command.workflow_type, command.data)

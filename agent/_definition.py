@@ -1,6 +1,7 @@
 """Workflow definitions: YAML parsed into pydantic models, every dotted path imported and checked."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: pydantic would have to evaluate each field's
+# annotation from its text (compiling it) when the models are built, at every start of the agent.
 
 import hashlib
 import importlib
@@ -8,13 +9,13 @@ import inspect
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent._context import _Frozen
 from agent._errors import DefinitionError
 
 StepType = Literal["STANDARD", "DECISION", "HUMAN_INPUT", "DELAY", "PARALLEL"]
@@ -52,7 +53,9 @@ class StepDefinition(BaseModel):
     function: str = Field(min_length=1)
     compensate_function: str | None = None
     automate_next: bool = False
-    params: dict[str, Any] = Field(default_factory=dict)
+    # Factories are lambdas, not the builtins dict/list: pydantic inspects a factory's signature,
+    # and for a builtin that means tokenizing its text signature (milliseconds at start-up).
+    params: dict[str, Any] = Field(default_factory=lambda: {})
     retry: RetryPolicy = RetryPolicy()
     compensate_retry: RetryPolicy = DEFAULT_COMPENSATE_RETRY
     max_interrupts: int = Field(3, ge=1, le=1000)
@@ -70,7 +73,7 @@ class WorkflowDefinition(BaseModel):
     initial_state_model: str = Field(min_length=1)
     description: str | None = None
     saga_mode: bool = False
-    resources: list[str] = Field(default_factory=list)
+    resources: list[str] = Field(default_factory=lambda: [])  # a lambda: see StepDefinition
     steps: list[StepDefinition] = Field(min_length=1)
 
     @field_validator("workflow_version", mode="before")
@@ -80,25 +83,39 @@ class WorkflowDefinition(BaseModel):
         return str(value) if isinstance(value, int | float) else value
 
 
-@dataclass(frozen=True, slots=True)
-class LoadedStep:
+class LoadedStep(_Frozen):
     """A step with its functions imported."""
+
+    __match_args__ = ("spec", "function", "compensate")
+    __slots__ = __match_args__
 
     spec: StepDefinition
     function: Callable[..., Any]
     compensate: Callable[..., Any] | None
+
+    def __init__(
+        self,
+        spec: StepDefinition,
+        function: Callable[..., Any],
+        compensate: Callable[..., Any] | None,
+    ) -> None:
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "function", function)
+        object.__setattr__(self, "compensate", compensate)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
 
-@dataclass(frozen=True, slots=True)
-class LoadedDefinition:
+class LoadedDefinition(_Frozen):
     """A validated definition with every dotted path resolved.
 
     ``snapshot`` is the canonical JSON stored with each instance; ``hash`` its SHA-256.
     """
+
+    __match_args__ = ("spec", "state_model", "steps", "source", "snapshot", "hash")
+    __slots__ = __match_args__
 
     spec: WorkflowDefinition
     state_model: type[BaseModel]
@@ -106,6 +123,23 @@ class LoadedDefinition:
     source: str
     snapshot: str
     hash: str
+
+    def __init__(
+        self,
+        spec: WorkflowDefinition,
+        state_model: type[BaseModel],
+        steps: tuple[LoadedStep, ...],
+        source: str,
+        snapshot: str,
+        hash: str,
+    ) -> None:
+        init = object.__setattr__
+        init(self, "spec", spec)
+        init(self, "state_model", state_model)
+        init(self, "steps", steps)
+        init(self, "source", source)
+        init(self, "snapshot", snapshot)
+        init(self, "hash", hash)
 
     @property
     def workflow_type(self) -> str:
@@ -146,6 +180,31 @@ def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
     return line
 
 
+# libyaml's parser when PyYAML was built with it (the wheels are): ~10x faster than the pure-Python
+# one, which took a sizeable share of `edgesaga run`'s start-up. Construction and tag resolution are
+# PyYAML's Python code either way, so both give the same data and the same node lines.
+_FAST_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def safe_load_yaml(text: str, *, compose: bool = False) -> tuple[Any, yaml.Node | None]:
+    """``yaml.safe_load(text)`` and, with ``compose``, ``yaml.compose(text)`` (the node tree that
+    :func:`_line_of` reads), parsed by libyaml when available.
+
+    Text libyaml rejects is parsed again by the pure-Python loader, so an error (its message and its
+    line) reads exactly as PyYAML's own, and whatever PyYAML accepts is still accepted."""
+    try:
+        return _parse_yaml(text, _FAST_LOADER, compose=compose)
+    except yaml.YAMLError:
+        if _FAST_LOADER is yaml.SafeLoader:
+            raise
+    return _parse_yaml(text, yaml.SafeLoader, compose=compose)
+
+
+def _parse_yaml(text: str, loader: Any, *, compose: bool) -> tuple[Any, yaml.Node | None]:
+    node = yaml.compose(text, Loader=loader) if compose else None
+    return yaml.load(text, Loader=loader), node
+
+
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -156,8 +215,7 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     except UnicodeDecodeError as exc:
         raise DefinitionError("the file is not UTF-8 text.", path=str(path)) from exc
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, node = safe_load_yaml(text, compose=True)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)

@@ -1,6 +1,13 @@
-"""One error tree for the agent, rooted at :class:`AgentError`."""
+"""One error tree for the agent, rooted at :class:`AgentError`, and the error reply of a command."""
 
 from __future__ import annotations
+
+from typing import Any
+
+
+def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+    """The reply to a refused command (MQTT or control socket); ``code`` names the problem."""
+    return {"request_id": request_id, "ok": False, "error": {"code": code, "message": message}}
 
 
 class AgentError(Exception):

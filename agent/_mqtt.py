@@ -39,8 +39,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -48,9 +47,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent._commands import error_reply
+
+# The settings models live with the rest of the agent config, which `edgesaga run` loads before
+# READY; this module (and paho) are imported after READY. Re-exported here for existing imports.
+from agent._config import MqttSettings as MqttSettings
+from agent._config import TlsSettings as TlsSettings
 from agent._store import OutboxItem, SQLiteStore, iso
 
 log = logging.getLogger("edgesaga.mqtt")
@@ -65,84 +68,6 @@ _OFFLINE_TIMEOUT = 2.0  # seconds a clean stop waits for the PUBACK of `offline`
 _MAX_QOS0_BACKLOG = (
     1000  # QoS 0 commands beyond this backlog are dropped (QoS 1 is bounded by the broker)
 )
-
-
-# ------------------------------------------------------------------------------------------------
-# Settings
-
-
-class TlsSettings(BaseModel):
-    """``mqtt.tls``: verify the broker with ``ca_file`` (system CAs when omitted) and optionally
-    present a client certificate. ``insecure`` skips the host name check (the chain is still
-    verified); use it only for a broker reached by an address its certificate does not name."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    insecure: bool = False
-
-    @model_validator(mode="after")
-    def _key_needs_cert(self) -> TlsSettings:
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError(
-                "mqtt.tls.key_file is set without mqtt.tls.cert_file; set both or neither."
-            )
-        return self
-
-
-class MqttSettings(BaseModel):
-    """The ``mqtt:`` section of the agent config."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = True
-    host: str = Field("localhost", min_length=1)
-    port: int = Field(1883, ge=1, le=65535)
-    client_id: str | None = Field(
-        None, min_length=1, max_length=128
-    )  # default "edgesaga-<device_id>"
-    keepalive: int = Field(30, ge=5, le=65535)
-    version: Literal["5", "3.1.1"] = "5"
-    topic_prefix: str = Field("edgesaga", min_length=1, max_length=200)
-    username: str | None = None
-    password_file: Path | None = None
-    tls: TlsSettings | None = None
-    max_payload: int = Field(65536, ge=256)
-    outbox_cap: int = Field(100_000, ge=1)
-    reconnect_min: float = Field(0.5, gt=0)
-    reconnect_max: float = Field(30.0, gt=0)
-    session_expiry: int = Field(7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_as_text(cls, value: Any) -> Any:
-        # `version: 5` in YAML is an int; accept it as "5".
-        return (
-            str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
-        )
-
-    @field_validator("topic_prefix")
-    @classmethod
-    def _valid_prefix(cls, value: str) -> str:
-        if any(c in value for c in "+#\x00") or value.startswith("/") or value.endswith("/"):
-            raise ValueError(
-                "mqtt.topic_prefix must not contain '+', '#' or NUL, nor start or end with '/'."
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> MqttSettings:
-        if self.reconnect_max < self.reconnect_min:
-            raise ValueError("mqtt.reconnect_max must be at least mqtt.reconnect_min.")
-        return self
-
-    def read_password(self) -> str | None:
-        """The password from ``password_file`` (stripped), or None. Blocking: call it off the loop."""
-        if self.password_file is None:
-            return None
-        return self.password_file.read_text(encoding="utf-8").strip()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """``edgesaga run``: the long-running agent.
 
 Order at start: open the store (an exclusive lock: one agent per database) → outputs to their safe
-values → recover → control socket → MQTT in the background (the agent works offline) → READY=1.
+values → recover → control socket → READY=1 → MQTT in the background (the agent works offline).
 On SIGTERM/SIGINT: STOPPING=1, stop taking work, give running steps ``grace_period`` seconds to
 reach a checkpoint (a step still running then is left for recovery, counted as interrupted),
 outputs safe, ``offline`` published, store closed, exit 0.
@@ -134,20 +134,6 @@ class Agent:
                 tg.create_task(self._retention_loop(), name="retention"),
                 tg.create_task(self._status_loop(), name="status"),
             ]
-            if cfg.mqtt.enabled:
-                from agent._mqtt import MqttLink
-
-                assert self.store is not None
-                assert self.control is not None
-                self.link = MqttLink(
-                    settings=cfg.mqtt,
-                    device_id=cfg.device_id,
-                    store=self.store,
-                    handler=self.control.handle_raw,
-                )
-                link_task = tg.create_task(self.link.run(), name="mqtt")
-            else:
-                link_task = None
             interval = self.notifier.watchdog_interval()
             if interval:
                 tasks.append(
@@ -161,6 +147,22 @@ class Agent:
                 )
             self.notifier.ready(self._status_text())
             log.info("agent %s ready", cfg.device_id)
+            # The MQTT link is built after READY: the agent works offline, so connecting never was
+            # part of being ready, and its module (with paho) is a large part of start-up. Nothing
+            # runs between READY and here (no await), so no task sees the agent without its link.
+            link_task = None
+            if cfg.mqtt.enabled:
+                from agent._mqtt import MqttLink
+
+                assert self.store is not None
+                assert self.control is not None
+                self.link = MqttLink(
+                    settings=cfg.mqtt,
+                    device_id=cfg.device_id,
+                    store=self.store,
+                    handler=self.control.handle_raw,
+                )
+                link_task = tg.create_task(self.link.run(), name="mqtt")
             await self._stop.wait()
 
             # -- graceful shutdown --
@@ -183,9 +185,11 @@ class Agent:
 
     def _status_text(self) -> str:
         paused = 0
-        return f"running {self.runner.running}, queued {self.runner.queued}, paused {paused}" + (
-            "" if self.link is None else (", mqtt up" if self.link.connected else ", mqtt down")
-        )
+        if self.link is not None:
+            mqtt = ", mqtt up" if self.link.connected else ", mqtt down"
+        else:  # at READY the link is not built yet: it is down
+            mqtt = ", mqtt down" if self.config.mqtt.enabled else ""
+        return f"running {self.runner.running}, queued {self.runner.queued}, paused {paused}{mqtt}"
 
     async def _status_loop(self) -> None:
         last = ""

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent._commands import error_reply
+from agent._errors import error_reply
 
 log = logging.getLogger("edgesaga.control")
 

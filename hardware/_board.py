@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
@@ -53,13 +53,49 @@ log = logging.getLogger("edgesaga.hardware")
 EDGE_BUFFER = 256
 
 
-@dataclass(frozen=True, slots=True)
 class Edge:
-    """An input changed: ``device`` became ``value`` at ``at`` (``time.monotonic()`` seconds)."""
+    """An input changed: ``device`` became ``value`` at ``at`` (``time.monotonic()`` seconds).
+
+    Immutable, compared and hashed by value: a frozen, slotted dataclass written out, because
+    ``@dataclass`` generates its methods with ``exec`` when the class is defined, a noticeable
+    cost in the agent's start-up.
+    """
+
+    __match_args__ = ("device", "value", "at")
+    __slots__ = __match_args__
 
     device: str
     value: bool
     at: float
+
+    def __init__(self, device: str, value: bool, at: float) -> None:
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "at", at)
+
+    def __repr__(self) -> str:
+        return f"Edge(device={self.device!r}, value={self.value!r}, at={self.at!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Edge) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.device, self.value, self.at) == (other.device, other.value, other.at)
+
+    def __hash__(self) -> int:
+        return hash((self.device, self.value, self.at))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __getstate__(self) -> tuple[str, bool, float]:
+        return (self.device, self.value, self.at)
+
+    def __setstate__(self, state: tuple[str, bool, float]) -> None:
+        for name, value in zip(self.__match_args__, state, strict=True):
+            object.__setattr__(self, name, value)
 
 
 class _Closed:

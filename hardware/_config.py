@@ -1,6 +1,7 @@
 """Pydantic models for the hardware config: devices, pin factory and desktop simulation."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: pydantic would have to evaluate each field's
+# annotation from its text (compiling it) when the models are built, at every start of the agent.
 
 from collections.abc import Mapping
 from os import PathLike
@@ -177,8 +178,10 @@ class BoardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     pin_factory: str | None = None
-    devices: dict[str, DeviceConfig] = Field(default_factory=dict)
-    simulate: list[SimulatedChange] = Field(default_factory=list)
+    # Lambdas, not the builtins dict/list: pydantic inspects a factory's signature, and for a
+    # builtin that means tokenizing its text signature (milliseconds at the agent's start-up).
+    devices: dict[str, DeviceConfig] = Field(default_factory=lambda: {})
+    simulate: list[SimulatedChange] = Field(default_factory=lambda: [])
 
     @field_validator("pin_factory")
     @classmethod

@@ -1,6 +1,7 @@
 """Base state model for workflows that use the bundled GPIO steps."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: pydantic would have to evaluate each field's
+# annotation from its text (compiling it) when the models are built, at every start of the agent.
 
 from typing import Any
 
@@ -17,4 +18,6 @@ class HardwareState(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    gpio: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # A lambda, not the builtin dict: pydantic inspects a factory's signature, and for a builtin
+    # that means tokenizing its text signature (milliseconds at the agent's start-up).
+    gpio: dict[str, dict[str, Any]] = Field(default_factory=lambda: {})
