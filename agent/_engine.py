@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import inspect
 import json
@@ -16,7 +15,7 @@ import uuid
 import weakref
 from collections.abc import Coroutine, Generator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ValidationError
 
@@ -137,8 +136,7 @@ def _plan(definition: LoadedDefinition) -> saga.Plan:
     return saga.Plan(tuple(steps))
 
 
-@dataclasses.dataclass(slots=True)
-class _Outcome:
+class _Outcome(NamedTuple):
     ok: bool
     state: BaseModel | None = None
     result: dict[str, Any] | None = None
@@ -239,7 +237,7 @@ class Workflow:
         The flag is stored with the next commit (pass ``saga=True`` to ``create_workflow`` to store it
         with the instance row itself)."""
         if not self._progress.saga:
-            self._progress = dataclasses.replace(self._progress, saga=True)
+            self._progress = self._progress._replace(saga=True)
 
     def snapshot(self) -> dict[str, Any]:
         """The JSON snapshot published on the retained state topic."""

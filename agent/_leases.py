@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(slots=True)
-class _Waiter:
+class _Waiter(NamedTuple):
     owner: str
     names: frozenset[str]
-    future: asyncio.Future[None] = field(repr=False)
+    future: asyncio.Future[None]
 
 
 class LeaseManager:

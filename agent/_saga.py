@@ -11,18 +11,18 @@ migration of stored progress.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
 
 from agent._status import WorkflowStatus
 
 Phase = Literal["forward", "compensate"]
 
+_NO_COUNTS: Mapping[str, int] = MappingProxyType({})  # the shared, read-only empty counter
 
-@dataclass(frozen=True, slots=True)
-class StepPlan:
+
+class StepPlan(NamedTuple):
     """What the state machine needs to know about a step."""
 
     name: str
@@ -35,22 +35,29 @@ class StepPlan:
     compensate_retry_delays: tuple[float, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
 class Plan:
     """The ordered steps of a workflow."""
 
-    steps: tuple[StepPlan, ...]
-    _by_name: dict[str, StepPlan] = field(init=False, repr=False, compare=False)
-    _after: dict[str, str | None] = field(init=False, repr=False, compare=False)
+    __slots__ = ("_after", "_by_name", "steps")
 
-    def __post_init__(self) -> None:
-        names = [s.name for s in self.steps]
+    def __init__(self, steps: tuple[StepPlan, ...]) -> None:
+        names = [s.name for s in steps]
         if len(set(names)) != len(names):
             raise ValueError("Step names must be unique within a plan.")
         if not names:
             raise ValueError("A plan needs at least one step.")
-        object.__setattr__(self, "_by_name", {s.name: s for s in self.steps})
-        object.__setattr__(self, "_after", dict(zip(names, [*names[1:], None], strict=True)))
+        self.steps = steps
+        self._by_name = {s.name: s for s in steps}
+        self._after: dict[str, str | None] = dict(zip(names, [*names[1:], None], strict=True))
+
+    def __repr__(self) -> str:
+        return f"Plan(steps={self.steps!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return self.steps == other.steps if isinstance(other, Plan) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.steps)
 
     def get(self, name: str) -> StepPlan:
         return self._by_name[name]
@@ -63,8 +70,7 @@ class Plan:
         return self._after[name]
 
 
-@dataclass(frozen=True, slots=True)
-class Inflight:
+class Inflight(NamedTuple):
     """The attempt whose "started" record is committed but whose outcome is not."""
 
     step: str
@@ -73,9 +79,13 @@ class Inflight:
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """Where a workflow instance stands; stored as JSON beside its state."""
+class Progress(NamedTuple):
+    """Where a workflow instance stands; stored as JSON beside its state.
+
+    The records of the state machine are named tuples: immutable, cheap to copy with
+    ``_replace`` (several times a step), and cheap to define (a frozen dataclass compiles its
+    methods at every start of the agent).
+    """
 
     status: WorkflowStatus = WorkflowStatus.ACTIVE
     saga: bool = False
@@ -87,9 +97,9 @@ class Progress:
     failed_step: str | None = None
     error: str | None = None
     cancelled: bool = False
-    failures: Mapping[str, int] = field(default_factory=dict)
-    interrupts: Mapping[str, int] = field(default_factory=dict)
-    executions: Mapping[str, int] = field(default_factory=dict)
+    failures: Mapping[str, int] = _NO_COUNTS
+    interrupts: Mapping[str, int] = _NO_COUNTS
+    executions: Mapping[str, int] = _NO_COUNTS
     inflight: Inflight | None = None
     journal_seq: int = 0
     not_before: float | None = None
@@ -145,8 +155,7 @@ class Progress:
             d[key] = tuple(d.get(key, ()))
         if d.get("inflight"):
             d["inflight"] = Inflight(**d["inflight"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k in cls._fields})
 
     @property
     def current_step(self) -> str | None:
@@ -160,27 +169,7 @@ class Progress:
         return self.failed_step
 
 
-_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Progress))
-
-
-def _make_replace() -> Any:
-    # ``dataclasses.replace`` without its per-call introspection (it runs several times a step):
-    # one generated function that copies every field, taking the changed ones from its arguments.
-    body = "".join(f"    _set(new, {n!r}, get({n!r}, progress.{n}))\n" for n in _FIELDS)
-    src = (
-        "def _replace(progress, **changes):\n"
-        "    new = _new(Progress)\n"
-        "    get = changes.get\n"
-        f"{body}"
-        "    return new\n"
-    )
-    namespace: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__}
-    namespace["Progress"] = Progress
-    exec(src, namespace)  # generated from the dataclass's own field names
-    return namespace["_replace"]
-
-
-_replace: Callable[..., Progress] = _make_replace()
+_replace = Progress._replace
 
 
 def _key(phase: Phase, step: str) -> str:
@@ -207,8 +196,7 @@ def _delay(delays: tuple[float, ...], failures: int) -> float:
 # Queries
 
 
-@dataclass(frozen=True, slots=True)
-class Run:
+class Run(NamedTuple):
     """Run ``step`` in ``phase``; ``not_before`` is an epoch time to wait for (retry backoff)."""
 
     step: str
@@ -216,8 +204,7 @@ class Run:
     not_before: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Stop:
+class Stop(NamedTuple):
     """Nothing to run: the workflow is finished, failed, or waits for someone."""
 
     status: WorkflowStatus
@@ -274,30 +261,35 @@ def succeeded(plan: Plan, progress: Progress) -> Progress:
     key = _key(fl.phase, fl.step)
     # A completed attempt never runs again, so its counters go (the progress is rewritten with
     # every commit): failures, interrupts and executions, which only number the next attempt.
-    counters = {
-        name: _drop(counts, key)
-        for name, counts in (
-            ("failures", progress.failures),
-            ("interrupts", progress.interrupts),
-            ("executions", progress.executions),
-        )
-        if key in counts
-    }
+    failures, interrupts, executions = (
+        _drop(counts, key) if key in counts else counts
+        for counts in (progress.failures, progress.interrupts, progress.executions)
+    )
     if fl.phase == "forward" and not progress.cancelled:  # the common case, in one copy
         nxt = plan.after(fl.step)
         done = (*progress.completed, fl.step)
         if nxt is None:
-            return _replace(
-                progress,
+            return progress._replace(
                 inflight=None,
                 completed=done,
                 next_step=None,
                 status=WorkflowStatus.COMPLETED,
                 error=None,
-                **counters,
+                failures=failures,
+                interrupts=interrupts,
+                executions=executions,
             )
-        return _replace(progress, inflight=None, completed=done, next_step=nxt, **counters)
-    base = _replace(progress, inflight=None, **counters)
+        return progress._replace(
+            inflight=None,
+            completed=done,
+            next_step=nxt,
+            failures=failures,
+            interrupts=interrupts,
+            executions=executions,
+        )
+    base = progress._replace(
+        inflight=None, failures=failures, interrupts=interrupts, executions=executions
+    )
     if fl.phase == "forward":
         # A cancel arrived while the step ran: it completed, so (saga mode) it joins the rollback.
         done = (*base.completed, fl.step)

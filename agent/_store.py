@@ -21,10 +21,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 from agent._errors import DatabaseLocked, DiskFull, StoreError
 from agent._status import WorkflowStatus
@@ -159,8 +158,7 @@ def iso(ts: float | None) -> str | None:
 # Records
 
 
-@dataclass(frozen=True, slots=True)
-class InstanceRecord:
+class InstanceRecord(NamedTuple):
     """One workflow instance as stored."""
 
     id: str
@@ -187,8 +185,7 @@ class InstanceRecord:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class JournalEntry:
+class JournalEntry(NamedTuple):
     """One attempt of a step or a compensation."""
 
     workflow_id: str
@@ -214,8 +211,7 @@ class JournalEntry:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxItem:
+class OutboxItem(NamedTuple):
     """An event or alert waiting to be published; ``payload["seq"] == seq``."""
 
     seq: int
@@ -224,8 +220,7 @@ class OutboxItem:
     payload: dict[str, Any]
 
 
-@dataclass(slots=True)
-class JournalStart:
+class JournalStart(NamedTuple):
     seq: int
     step: str
     phase: str
@@ -233,16 +228,14 @@ class JournalStart:
     at: float
 
 
-@dataclass(slots=True)
-class JournalEnd:
+class JournalEnd(NamedTuple):
     seq: int
     outcome: str
     at: float
     error: str | None = None
 
 
-@dataclass(slots=True)
-class Transition:
+class Transition(NamedTuple):
     """Everything one state transition writes, committed atomically."""
 
     workflow_id: str
@@ -252,12 +245,11 @@ class Transition:
     state_json: str
     progress_json: str
     at: float
-    journal: list[JournalStart | JournalEnd] = field(default_factory=list)
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (kind, payload)
+    journal: Sequence[JournalStart | JournalEnd] = ()
+    events: Sequence[tuple[str, dict[str, Any]]] = ()  # (kind, payload)
 
 
-@dataclass(slots=True)
-class NewInstance:
+class NewInstance(NamedTuple):
     id: str
     workflow_type: str
     workflow_version: str

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import dataclasses
 import os
 import shutil
 import sqlite3
@@ -101,11 +100,9 @@ def renamed(
 
     def again(tr: Transition) -> Transition:  # the store numbers events in their dicts: copy them
         events = [(kind, dict(payload)) for kind, payload in tr.events]
-        return dataclasses.replace(tr, workflow_id=workflow_id, events=events)
+        return tr._replace(workflow_id=workflow_id, events=events)
 
-    return dataclasses.replace(new, id=workflow_id, first=again(new.first)), [
-        again(tr) for tr in transitions
-    ]
+    return new._replace(id=workflow_id, first=again(new.first)), [again(tr) for tr in transitions]
 
 
 def sql_floor(
