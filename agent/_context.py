@@ -21,6 +21,11 @@ class _Frozen:
     __slots__ = ()
     __match_args__: tuple[str, ...] = ()
 
+    def _init(self, *values: Any) -> None:
+        """Set the fields, in ``__match_args__`` order (for ``__init__``)."""
+        for name, value in zip(self.__match_args__, values, strict=True):
+            object.__setattr__(self, name, value)
+
     def _values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.__match_args__)
 
@@ -46,8 +51,7 @@ class _Frozen:
         return self._values()
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(self.__match_args__, state, strict=True):
-            object.__setattr__(self, name, value)
+        self._init(*state)
 
 
 class StepContext(_Frozen):
@@ -93,13 +97,14 @@ class StepContext(_Frozen):
         compensating: bool = False,
         logger: logging.Logger | None = None,
     ) -> None:
-        init = object.__setattr__
-        init(self, "workflow_id", workflow_id)
-        init(self, "workflow_type", workflow_type)
-        init(self, "step_name", step_name)
-        init(self, "attempt", attempt)
-        init(self, "idempotency_key", idempotency_key)
-        init(self, "params", {} if params is None else params)
-        init(self, "hardware", hardware)
-        init(self, "compensating", compensating)
-        init(self, "logger", logging.getLogger("edgesaga.step") if logger is None else logger)
+        self._init(
+            workflow_id,
+            workflow_type,
+            step_name,
+            attempt,
+            idempotency_key,
+            {} if params is None else params,
+            hardware,
+            compensating,
+            logging.getLogger("edgesaga.step") if logger is None else logger,
+        )

@@ -99,9 +99,7 @@ class LoadedStep(_Frozen):
         function: Callable[..., Any],
         compensate: Callable[..., Any] | None,
     ) -> None:
-        object.__setattr__(self, "spec", spec)
-        object.__setattr__(self, "function", function)
-        object.__setattr__(self, "compensate", compensate)
+        self._init(spec, function, compensate)
 
     @property
     def name(self) -> str:
@@ -133,13 +131,7 @@ class LoadedDefinition(_Frozen):
         snapshot: str,
         hash: str,
     ) -> None:
-        init = object.__setattr__
-        init(self, "spec", spec)
-        init(self, "state_model", state_model)
-        init(self, "steps", steps)
-        init(self, "source", source)
-        init(self, "snapshot", snapshot)
-        init(self, "hash", hash)
+        self._init(spec, state_model, steps, source, snapshot, hash)
 
     @property
     def workflow_type(self) -> str:

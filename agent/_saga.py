@@ -267,22 +267,13 @@ def succeeded(plan: Plan, progress: Progress) -> Progress:
     )
     if fl.phase == "forward" and not progress.cancelled:  # the common case, in one copy
         nxt = plan.after(fl.step)
-        done = (*progress.completed, fl.step)
-        if nxt is None:
-            return progress._replace(
-                inflight=None,
-                completed=done,
-                next_step=None,
-                status=WorkflowStatus.COMPLETED,
-                error=None,
-                failures=failures,
-                interrupts=interrupts,
-                executions=executions,
-            )
+        finished = nxt is None
         return progress._replace(
             inflight=None,
-            completed=done,
+            completed=(*progress.completed, fl.step),
             next_step=nxt,
+            status=WorkflowStatus.COMPLETED if finished else progress.status,
+            error=None if finished else progress.error,
             failures=failures,
             interrupts=interrupts,
             executions=executions,
