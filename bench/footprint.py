@@ -215,7 +215,7 @@ def measure_agent(directory: Path, broker_port: int, idle: float) -> Sample:
     env["NOTIFY_SOCKET"] = "@" + name
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent._cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,

@@ -1,7 +1,7 @@
 """``edgesaga run`` as a real subprocess: sd_notify (READY after recovery, watchdog, STOPPING),
 SIGTERM with a grace period, outputs set safe, ``offline`` retained on the broker (DESIGN §9).
 
-The agent runs as ``python -m agent._cli run --config <tmp>/agent.yaml`` with mock pins; the test
+The agent runs as ``python -m agent run --config <tmp>/agent.yaml`` (the `edgesaga` command) with mock pins; the test
 owns the ``NOTIFY_SOCKET`` datagram socket, exactly as systemd would.
 """
 

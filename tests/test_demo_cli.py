@@ -15,7 +15,7 @@ def edgesaga(*args: str, cwd: Path, timeout: float = 60) -> subprocess.Completed
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("EDGESAGA_CONFIG", None)
     return subprocess.run(
-        [sys.executable, "-m", "agent._cli", *args],
+        [sys.executable, "-m", "agent", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

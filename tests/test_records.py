@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import pickle
 from dataclasses import FrozenInstanceError
 
@@ -124,3 +125,17 @@ def test_run_command_line_reads_as_argparse_reads_it(
 )
 def test_other_command_lines_go_to_argparse(argv: list[str]) -> None:
     assert _run_args(argv) is None
+
+
+def test_the_command_skips_pydantic_plugin_discovery_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent.__main__ import main
+
+    monkeypatch.setattr("sys.argv", ["edgesaga", "validate", str(PAYMENT_YAML)])
+    monkeypatch.delenv("PYDANTIC_DISABLE_PLUGINS", raising=False)
+    assert main() == 0
+    assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "__all__"
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "")  # a deployment that wants its plugins
+    assert main() == 0
+    assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == ""

@@ -182,7 +182,7 @@ class AgentProcess:
         self._log = self.log_path.open("wb")
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent._cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
             cwd=ROOT,
             env=base_env(**extra),
             stdin=subprocess.DEVNULL,
