@@ -36,6 +36,10 @@ SCHEMA_VERSION = 2
 JOURNAL_SPAN = 1 << 32
 #: Smaller pages mean fewer bytes per commit on an SD card (see docs/decisions.md).
 PAGE_SIZE = 1024
+#: Checkpoint the WAL into the database every this many pages (4 MiB at 1 KiB pages): a page that
+#: many commits rewrite is copied into the database once per checkpoint, so rarer checkpoints write
+#: fewer bytes per step (see docs/decisions.md).
+WAL_AUTOCHECKPOINT = 4096
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -424,6 +428,8 @@ class SQLiteStore:
             if mode.lower() != "wal":
                 raise StoreError(f"Could not switch {self.path} to WAL mode (got {mode}).")
         conn.execute("PRAGMA synchronous = FULL")
+        if not self.readonly:
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         conn.execute("PRAGMA foreign_keys = ON")
         self._migrate(conn)
         return conn
@@ -614,7 +620,8 @@ class SQLiteStore:
 
     # -- pragmas (tests) ----------------------------------------------------------------------------
     async def pragmas(self) -> dict[str, Any]:
-        """journal_mode, synchronous (2 = FULL), foreign_keys, user_version and page_size."""
+        """journal_mode, synchronous (2 = FULL), foreign_keys, user_version, page_size and
+        wal_autocheckpoint."""
 
         def q(conn: sqlite3.Connection) -> dict[str, Any]:
             return {
@@ -625,6 +632,7 @@ class SQLiteStore:
                     "foreign_keys",
                     "user_version",
                     "page_size",
+                    "wal_autocheckpoint",
                 )
             }
 

@@ -27,7 +27,13 @@ from agent import (
 )
 from agent._store import _MIGRATIONS, JournalStart, Transition
 
-EXPECTED_PRAGMAS = {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "user_version": 2}
+EXPECTED_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": 2,
+    "foreign_keys": 1,
+    "user_version": 2,
+    "wal_autocheckpoint": 4096,
+}
 
 
 @pytest.fixture
