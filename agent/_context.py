@@ -97,14 +97,14 @@ class StepContext(_Frozen):
         compensating: bool = False,
         logger: logging.Logger | None = None,
     ) -> None:
-        self._init(
-            workflow_id,
-            workflow_type,
-            step_name,
-            attempt,
-            idempotency_key,
-            {} if params is None else params,
-            hardware,
-            compensating,
-            logging.getLogger("edgesaga.step") if logger is None else logger,
-        )
+        # Field by field, not through _init: a context is built for every step.
+        init = object.__setattr__
+        init(self, "workflow_id", workflow_id)
+        init(self, "workflow_type", workflow_type)
+        init(self, "step_name", step_name)
+        init(self, "attempt", attempt)
+        init(self, "idempotency_key", idempotency_key)
+        init(self, "params", {} if params is None else params)
+        init(self, "hardware", hardware)
+        init(self, "compensating", compensating)
+        init(self, "logger", logging.getLogger("edgesaga.step") if logger is None else logger)
