@@ -651,41 +651,15 @@ class SQLiteStore:
         return n
 
     def _apply(self, conn: sqlite3.Connection, tr: Transition) -> None:
-        finished = tr.at if tr.status.value in FINISHED else None
-        n = self._key(conn, tr.workflow_id)
-        cur = conn.execute(
-            _UPDATE_INSTANCE,
-            (
-                tr.status.value,
-                tr.current_step,
-                tr.error,
-                tr.state_json,
-                tr.progress_json,
-                tr.at,
-                finished,
-                n,
-            ),
-        )
-        if cur.rowcount != 1:
-            raise StoreError(f"Workflow {tr.workflow_id} is not in the database (pruned?).")
-        self._append(conn, n, tr)
-
-    def _append(self, conn: sqlite3.Connection, n: int, tr: Transition) -> None:
-        """The journal rows and outbox events of a transition."""
-        for op in tr.journal:
-            if isinstance(op, JournalStart):
-                conn.execute(_INSERT_JOURNAL, (n, op.seq, op.step, op.phase, op.attempt, op.at))
-            else:
-                conn.execute(_END_JOURNAL, (op.outcome, op.at, op.error, n, op.seq))
-        self._insert_events(conn, tr.workflow_id, tr.events)
+        self._apply_many(conn, [tr])
 
     def _apply_many(self, conn: sqlite3.Connection, transitions: list[Transition]) -> None:
-        """:meth:`_apply` for several workflows at once: one ``executemany`` per statement."""
+        """Commit transitions of one or several workflows: their instance rows, journal rows and
+        outbox events, with one ``executemany`` per statement."""
         updates = []
-        starts = []
-        ends = []
-        events = []
-        seq = self._next_seq
+        starts: list[tuple[Any, ...]] = []
+        ends: list[tuple[Any, ...]] = []
+        events: list[tuple[Any, ...]] = []
         for tr in transitions:
             n = self._key(conn, tr.workflow_id)
             updates.append(
@@ -700,27 +674,59 @@ class SQLiteStore:
                     n,
                 )
             )
-            for op in tr.journal:
-                if isinstance(op, JournalStart):
-                    starts.append((n, op.seq, op.step, op.phase, op.attempt, op.at))
-                else:
-                    ends.append((op.outcome, op.at, op.error, n, op.seq))
-            for kind, payload in tr.events:
-                payload["seq"] = seq
-                events.append((seq, kind, tr.workflow_id, _stored(kind, payload)))
-                seq += 1
+            self._journal_rows(n, tr, starts, ends)
+            self._event_rows(tr.workflow_id, tr.events, events)
         cur = conn.executemany(_UPDATE_INSTANCE, updates)
         if cur.rowcount != len(updates):
-            raise StoreError("A workflow of this batch is not in the database (pruned?).")
-        if starts:
-            conn.executemany(
-                _INSERT_JOURNAL, starts
-            )  # before the ends: an end may follow its start
+            ids = ", ".join(tr.workflow_id for tr in transitions)
+            raise StoreError(f"Workflow {ids} is not in the database (pruned?).")
+        self._write_rows(conn, starts, ends, events)
+
+    def _append(self, conn: sqlite3.Connection, n: int, tr: Transition) -> None:
+        """The journal rows and outbox events of a transition."""
+        starts: list[tuple[Any, ...]] = []
+        ends: list[tuple[Any, ...]] = []
+        events: list[tuple[Any, ...]] = []
+        self._journal_rows(n, tr, starts, ends)
+        self._event_rows(tr.workflow_id, tr.events, events)
+        self._write_rows(conn, starts, ends, events)
+
+    @staticmethod
+    def _journal_rows(
+        n: int, tr: Transition, starts: list[tuple[Any, ...]], ends: list[tuple[Any, ...]]
+    ) -> None:
+        for op in tr.journal:
+            if isinstance(op, JournalStart):
+                starts.append((n, op.seq, op.step, op.phase, op.attempt, op.at))
+            else:
+                ends.append((op.outcome, op.at, op.error, n, op.seq))
+
+    def _event_rows(
+        self,
+        workflow_id: str | None,
+        events: Iterable[tuple[str, dict[str, Any]]],
+        rows: list[tuple[Any, ...]],
+    ) -> None:
+        """Number the events (``payload["seq"]``) and add their outbox rows to ``rows``."""
+        for kind, payload in events:
+            seq = self._next_seq
+            self._next_seq += 1
+            payload["seq"] = seq
+            rows.append((seq, kind, workflow_id, _stored(kind, payload)))
+
+    @staticmethod
+    def _write_rows(
+        conn: sqlite3.Connection,
+        starts: list[tuple[Any, ...]],
+        ends: list[tuple[Any, ...]],
+        events: list[tuple[Any, ...]],
+    ) -> None:
+        if starts:  # before the ends: an end may follow its start
+            conn.executemany(_INSERT_JOURNAL, starts)
         if ends:
             conn.executemany(_END_JOURNAL, ends)
         if events:
             conn.executemany(_INSERT_EVENT, events)
-        self._next_seq = seq
 
     def _insert_events(
         self,
@@ -728,14 +734,9 @@ class SQLiteStore:
         workflow_id: str | None,
         events: Iterable[tuple[str, dict[str, Any]]],
     ) -> None:
-        rows = []
-        for kind, payload in events:
-            seq = self._next_seq
-            self._next_seq += 1
-            payload["seq"] = seq
-            rows.append((seq, kind, workflow_id, _stored(kind, payload)))
-        if rows:
-            conn.executemany(_INSERT_EVENT, rows)
+        rows: list[tuple[Any, ...]] = []
+        self._event_rows(workflow_id, events, rows)
+        self._write_rows(conn, [], [], rows)
 
     def _create(self, conn: sqlite3.Connection, new: NewInstance) -> bool:
         if conn.execute("SELECT 1 FROM instances WHERE id=?", (new.id,)).fetchone():
