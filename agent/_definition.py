@@ -192,9 +192,15 @@ def safe_load_yaml(text: str, *, compose: bool = False) -> tuple[Any, yaml.Node 
     return _parse_yaml(text, yaml.SafeLoader, compose=compose)
 
 
-def _parse_yaml(text: str, loader: Any, *, compose: bool) -> tuple[Any, yaml.Node | None]:
-    node = yaml.compose(text, Loader=loader) if compose else None
-    return yaml.load(text, Loader=loader), node
+def _parse_yaml(text: str, loader_class: Any, *, compose: bool) -> tuple[Any, yaml.Node | None]:
+    # One parse for both: the data is constructed from the node tree, as yaml.load does inside.
+    loader = loader_class(text)
+    try:
+        node = loader.get_single_node()
+        data = None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+    return data, node if compose else None
 
 
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
