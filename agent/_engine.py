@@ -305,8 +305,13 @@ class Workflow:
         """Flag the workflow for cancellation; whoever drives it next (or now) carries it out."""
         self._cancel_reason = reason
         self._cancel.set()
-        if self._step_task is not None:
-            self._step_task.cancel()
+        task = self._step_task
+        if task is not None:
+            # Not task.cancel() now: an async step's first part ran inline and its task may not
+            # have taken its first step yet; cancelled then, the step would never see the
+            # CancelledError (its clean-up would not run). The task's first step is already in
+            # the loop's queue, so a cancel queued behind it reaches the step itself.
+            task.get_loop().call_soon(task.cancel)
 
     async def retry(self) -> WorkflowStatus:
         """Retry a ``FAILED`` workflow from its failed step, or the failed compensations of a

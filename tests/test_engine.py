@@ -23,7 +23,7 @@ from agent import (
     WorkflowNotActive,
     WorkflowStatus,
 )
-from tests.workflows.engine.steps import CALLS, names
+from tests.workflows.engine.steps import CALLS, EARLY, names
 
 S = WorkflowStatus
 EVENT_NAMES = {
@@ -455,6 +455,24 @@ async def test_cancel_reaches_a_step_that_awaits_its_clean_up(make, store) -> No
         ("compensate", "Wait", 1, "completed"),
         ("compensate", "A", 1, "completed"),
     ]
+
+
+async def test_cancel_before_an_async_steps_task_first_runs_still_reaches_the_step(
+    make, store
+) -> None:
+    """The step's first part runs inline; a cancel that lands before its task has taken a step
+    must still be delivered inside the step, not swallowed with the unstarted task."""
+    builder = make(
+        [step("A", "record", "undo"), step("Wait", "cancelled_before_it_waits", "undo")],
+        saga_mode=True,
+    )
+    wf = await start(builder, store)
+    EARLY[wf.id] = lambda: wf.request_cancel("early")
+    try:
+        assert await asyncio.wait_for(wf.run(), 5) is S.CANCELLED
+    finally:
+        EARLY.pop(wf.id, None)
+    assert names(wf.id) == ["A", "Wait", "cancelled:Wait", "undo:Wait", "undo:A"]
 
 
 async def test_cancel_during_a_retry_delay_does_not_wait_it_out(make, store) -> None:

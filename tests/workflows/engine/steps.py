@@ -173,6 +173,21 @@ async def cleans_up_when_cancelled(state: EngineState, context: StepContext) -> 
         raise
 
 
+#: Called (with the workflow id) from the first, inline part of ``cancelled_before_it_waits``.
+EARLY: dict[str, Any] = {}
+
+
+async def cancelled_before_it_waits(state: EngineState, context: StepContext) -> None:
+    """Has a cancel requested before it first waits (so before its task has run at all)."""
+    _called(context)
+    asyncio.get_running_loop().call_soon(EARLY[context.workflow_id])
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        _called(context, f"cancelled:{context.step_name}")
+        raise
+
+
 # -- retry after fixing the cause -----------------------------------------------------------------
 
 
