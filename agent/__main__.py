@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
+from agent._startup import pause_gc
+
 
 def main() -> int:
+    pause_gc()  # until the agent is ready (or the command starts): see agent/_startup.py
     # When it builds its first model, pydantic looks for plugins by reading the entry points of
     # every installed distribution: thousands of stat() calls, a visible part of the agent's
     # start-up (more so on an SD card), for plugins the agent does not use. Set

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agent._definition import bundled_definitions_dir, discover, load_definition
 from agent._engine import Workflow, WorkflowBuilder
 from agent._errors import AgentError, WorkflowNotFound
+from agent._startup import resume_gc
 from agent._status import WorkflowStatus
 from agent._store import SQLiteStore
 from hardware import HardwareError
@@ -618,6 +619,8 @@ def _run_args(argv: Sequence[str]) -> SimpleNamespace | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _run_args(sys.argv[1:] if argv is None else argv) or _parser().parse_args(argv)
+    if args.command != "run":  # `run` turns the collector on once the agent is READY
+        resume_gc(freeze=False)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format="%(levelname)s %(name)s: %(message)s",

@@ -25,6 +25,7 @@ from agent._engine import WorkflowBuilder
 from agent._runner import Runner
 from agent._sdnotify import Notifier, watchdog_loop
 from agent._socket import ControlServer
+from agent._startup import resume_gc
 from agent._status import WorkflowStatus
 from agent._store import SQLiteStore
 
@@ -147,6 +148,7 @@ class Agent:
                 )
             self.notifier.ready(self._status_text())
             log.info("agent %s ready", cfg.device_id)
+            resume_gc()  # off since exec when started by the `edgesaga` command
             # The MQTT link is built after READY: the agent works offline, so connecting never was
             # part of being ready, and its module (with paho) is a large part of start-up. Nothing
             # runs between READY and here (no await), so no task sees the agent without its link.

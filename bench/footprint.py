@@ -23,7 +23,10 @@ How each is measured, the same way for all three:
   close. ``VmHWM`` (the peak) is shown beside it.
 
 Targets (printed with PASS/FAIL; the exit status is 1 when one fails):
-idle RSS <= bare-import RSS + 10 MB, and exec->READY <= 1.5 x bare-import time.
+idle RSS <= bare-import RSS + 10 MB, and exec->READY <= 1.5 x bare-import time. The time ratio
+judged is the median over the runs of each agent start divided by the bare import run just before
+it: on a shared machine the speed of both drifts within seconds, and a pair run back to back sees
+the same drift. The ratio of the medians is printed beside it.
 """
 
 from __future__ import annotations
@@ -271,7 +274,7 @@ def _median(samples: list[Sample]) -> Sample:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--runs", type=int, default=5, help="runs of each program (median; default 5)"
+        "--runs", type=int, default=11, help="runs of each program (median; default 11)"
     )
     parser.add_argument(
         "--idle", type=float, default=2.0, help="seconds the agent idles before RSS is read"
@@ -324,17 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  (bare import = python -c '{DEPENDENCIES}')")
 
     rss_limit = b.rss_kb / 1024 + RSS_TARGET_MB
-    time_limit = b.seconds * TIME_TARGET_RATIO
     rss_ok = a.rss_kb / 1024 <= rss_limit
-    time_ok = a.seconds <= time_limit
+    paired = statistics.median(
+        agent.seconds / bare.seconds
+        for agent, bare in zip(results["agent"], results["bare"], strict=True)
+    )
+    time_ok = paired <= TIME_TARGET_RATIO
     print()
     print(
         f"target idle RSS <= bare-import RSS + {RSS_TARGET_MB:.0f} MB: {a.rss_kb / 1024:.1f} MB <= "
         f"{rss_limit:.1f} MB (agent adds {(a.rss_kb - b.rss_kb) / 1024:.1f} MB)  {'PASS' if rss_ok else 'FAIL'}"
     )
     print(
-        f"target exec->READY <= {TIME_TARGET_RATIO} x bare-import time: {a.seconds * 1000:.0f} ms <= "
-        f"{time_limit * 1000:.0f} ms ({a.seconds / b.seconds:.2f} x)  {'PASS' if time_ok else 'FAIL'}"
+        f"target exec->READY <= {TIME_TARGET_RATIO} x bare-import time: {paired:.2f} x, median of "
+        f"{args.runs} back-to-back pairs (ratio of the medians {a.seconds / b.seconds:.2f} x)  "
+        f"{'PASS' if time_ok else 'FAIL'}"
     )
     return 0 if rss_ok and time_ok else 1
 

@@ -1,6 +1,6 @@
 """Durability throughput: the payment saga (no-op steps) beside raw SQLite commits on the same disk.
 
-    python bench/throughput.py [--dir DIR] [--seconds S]
+    python bench/throughput.py [--dir DIR] [--seconds S] [--fsync-delay MS]
 
 Prints raw commits/s (WAL + synchronous=FULL, one small insert per transaction), then for the
 no-op payment saga run sequentially and with 32 in flight: workflows/s, steps/s, the ratio
@@ -11,6 +11,12 @@ Then three floors, which replay exactly what one no-op workflow wrote (captured 
 with no engine at all: the store's own statements in a bare loop on one thread, and the same
 writes through the real store (writer thread, group commit), sequential and 32 in flight. The
 saga's figures cannot beat these on the same machine; the gap between them is the engine's cost.
+
+``--fsync-delay MS`` measures the same on slower storage: it compiles ``bench/slow_fsync.c`` with
+the system C compiler and runs again with it preloaded, so that every ``fsync``/``fdatasync`` in the
+process (the raw reference's and the store's alike) takes MS milliseconds longer. That stands in
+for a Raspberry Pi's SD card, whose flush takes milliseconds, on a machine whose disk flushes in a
+fraction of one; the raw commits/s printed shows what a flush then costs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import copy
 import os
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +43,7 @@ from agent import SQLiteStore, WorkflowBuilder  # noqa: E402
 from agent._store import NewInstance, Transition  # noqa: E402
 
 STEPS_PER_WORKFLOW = 4
+DELAY_ENV = "EDGESAGA_BENCH_FSYNC_DELAY_US"  # read by bench/slow_fsync.c
 
 
 def write_bytes() -> int:
@@ -213,13 +221,52 @@ def beside_raw(
     return {**result, "raw_s": (before + after) / 2}
 
 
+def slower_storage(delay_ms: float) -> None:
+    """Run this benchmark again in a process whose fsync()/fdatasync() are slower (see above)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise SystemExit("throughput: --fsync-delay needs a C compiler (apt-get install gcc).")
+    build = Path(tempfile.mkdtemp(prefix="edgesaga-slow-fsync-"))
+    shim = build / "slow_fsync.so"
+    subprocess.run(
+        [
+            compiler,
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-o",
+            str(shim),
+            str(ROOT / "bench" / "slow_fsync.c"),
+            "-ldl",
+        ],
+        check=True,
+    )
+    env = dict(os.environ)
+    env[DELAY_ENV] = str(round(delay_ms * 1000))
+    env["LD_PRELOAD"] = " ".join(filter(None, (str(shim), env.get("LD_PRELOAD"))))
+    try:
+        code = subprocess.run([sys.executable, __file__, *sys.argv[1:]], env=env).returncode
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    raise SystemExit(code)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--dir", default=None, help="directory on the disk to measure (default: ./.edgesaga/bench)"
     )
     ap.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
+    ap.add_argument(
+        "--fsync-delay",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="make every fsync take MS ms longer (slower storage, e.g. an SD card); needs a C compiler",
+    )
     args = ap.parse_args()
+    if args.fsync_delay > 0 and DELAY_ENV not in os.environ:
+        slower_storage(args.fsync_delay)  # does not return
     base = Path(args.dir) if args.dir else ROOT / ".edgesaga" / "bench"
     base.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(dir=base))
@@ -227,6 +274,12 @@ def main() -> None:
     try:
         raw, raw_bytes = raw_commits(directory, secs)
         print(f"disk: {directory}")
+        if DELAY_ENV in os.environ:
+            delay_ms = int(os.environ[DELAY_ENV]) / 1000
+            print(
+                f"SIMULATED slower storage: every fsync/fdatasync takes {delay_ms:g} ms longer "
+                f"(bench/slow_fsync.c preloaded); a raw commit takes {1000 / raw:.2f} ms"
+            )
         print(
             f"raw SQLite commits/s (WAL, synchronous=FULL, 1 insert/txn): {raw:8.0f}"
             f"   ({raw_bytes:.0f} bytes written per commit)"
