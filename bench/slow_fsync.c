@@ -23,20 +23,21 @@ static void wait_longer(void) {
     }
 }
 
-int fsync(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
-    int result = real(fd), saved = errno;
+/* Calls the C library's own `name` (looked up once into *real), then waits longer. */
+static int flush_then_wait(int (**real)(int), const char *name, int fd) {
+    if (!*real) *real = (int (*)(int))dlsym(RTLD_NEXT, name);
+    int result = (*real)(fd), saved = errno;
     wait_longer();
     errno = saved;
     return result;
 }
 
+int fsync(int fd) {
+    static int (*real)(int);
+    return flush_then_wait(&real, "fsync", fd);
+}
+
 int fdatasync(int fd) {
     static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
-    int result = real(fd), saved = errno;
-    wait_longer();
-    errno = saved;
-    return result;
+    return flush_then_wait(&real, "fdatasync", fd);
 }
