@@ -84,6 +84,27 @@ async def _finish(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:
     return await _resume(coro, waiting_on)
 
 
+_CLEANING_UP: set[asyncio.Task[Any]] = set()  # steps finishing their clean-up after a missed cancel
+
+
+def _deliver_missed_cancel(coro: Coroutine[Any, Any, Any]) -> None:
+    """Throw the CancelledError into a step whose task was cancelled before its first step.
+
+    Such a task never runs ``_finish``, so the step, suspended after its inline first part, would
+    never see the cancel and its clean-up would not run. A step the cancel did reach has finished
+    (it re-raised, or returned) by the time its task is done, and is left alone. A step that
+    awaits something during its clean-up finishes it in a task of its own."""
+    if inspect.getcoroutinestate(coro) != inspect.CORO_SUSPENDED:
+        return
+    try:
+        waiting_on = coro.throw(asyncio.CancelledError())
+    except (StopIteration, Exception, asyncio.CancelledError):
+        return  # it handled the cancel (or failed while doing so); nothing is waiting for it
+    task = asyncio.get_running_loop().create_task(_finish(coro, waiting_on))
+    _CLEANING_UP.add(task)
+    task.add_done_callback(_CLEANING_UP.discard)
+
+
 @functools.cache
 def _step_logger(workflow_type: str, step: str) -> logging.Logger:
     return logging.getLogger(f"edgesaga.step.{workflow_type}.{step}")
@@ -498,6 +519,7 @@ class Workflow:
         state = self.state  # the step may change it in place; a failure restores the committed copy
         timeout = step.spec.timeout
         task: asyncio.Future[Any]
+        coro = None
         if step_is_async(func):
             coro = func(state, ctx, **params)
             try:
@@ -546,6 +568,8 @@ class Workflow:
                 self._restore_state()  # stopped by cancel(): the step may have taken effect
                 return _Outcome(False, cancelled=True, error=self._cancel_reason)
             task.cancel()
+            if coro is not None and task.done():
+                _deliver_missed_cancel(coro)
             raise
         except Exception as exc:
             self._restore_state()

@@ -475,6 +475,30 @@ async def test_cancel_before_an_async_steps_task_first_runs_still_reaches_the_st
     assert names(wf.id) == ["A", "Wait", "cancelled:Wait", "undo:Wait", "undo:A"]
 
 
+async def test_driver_cancelled_before_an_async_steps_task_first_runs_still_reaches_the_step(
+    make, store
+) -> None:
+    """Shutdown and timeouts cancel the task that drives the workflow. Landing before the step's
+    own task has taken a step, that cancel must still be delivered inside the step (its clean-up
+    runs); the attempt is left cut short, for recovery, as at any shutdown."""
+    builder = make(
+        [step("A", "record", "undo"), step("Wait", "cancelled_before_it_waits", "undo")],
+        saga_mode=True,
+    )
+    wf = await start(builder, store)
+    driver = asyncio.create_task(wf.run())
+    EARLY[wf.id] = driver.cancel
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(driver, 5)
+    finally:
+        EARLY.pop(wf.id, None)
+    assert names(wf.id) == ["A", "Wait", "cancelled:Wait"]
+    again = await builder.load_workflow(wf.id, store)
+    assert again.status is S.ACTIVE
+    assert again.current_step == "Wait"
+
+
 async def test_cancel_during_a_retry_delay_does_not_wait_it_out(make, store) -> None:
     retry = {"max_attempts": 3, "initial_delay": 30, "multiplier": 1.0}
     builder = make(
