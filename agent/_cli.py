@@ -620,7 +620,7 @@ def _run_args(argv: Sequence[str]) -> SimpleNamespace | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _run_args(sys.argv[1:] if argv is None else argv) or _parser().parse_args(argv)
     if args.command != "run":  # `run` turns the collector on once the agent is READY
-        resume_gc()
+        resume_gc(collect=False)  # a one-shot command: start-up garbage costs it nothing
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format="%(levelname)s %(name)s: %(message)s",

@@ -148,7 +148,7 @@ class Agent:
                 )
             self.notifier.ready(self._status_text())
             log.info("agent %s ready", cfg.device_id)
-            resume_gc()  # off since exec when started by the `edgesaga` command
+            resume_gc(collect=True)  # off since exec when started by the `edgesaga` command
             # The MQTT link is built after READY: the agent works offline, so connecting never was
             # part of being ready, and its module (with paho) is a large part of start-up. Nothing
             # runs between READY and here (no await), so no task sees the agent without its link.

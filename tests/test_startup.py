@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,13 @@ class _Made:
     """An object the collector tracks (instances of plain classes are)."""
 
 
+def _cycle() -> weakref.ref[_Made]:
+    """Garbage only the cyclic collector frees; the returned reference dies when it does."""
+    made = _Made()
+    made.me = made  # type: ignore[attr-defined]
+    return weakref.ref(made)
+
+
 def _watched(obj: object) -> bool:
     """Whether collections still walk ``obj`` (frozen objects are out of their sight)."""
     return any(o is obj for o in gc.get_objects())
@@ -42,17 +50,30 @@ def test_resume_freezes_what_start_up_made_and_turns_the_collector_on(collector:
     made = _Made()
     assert _watched(made)
 
-    _startup.resume_gc()
+    _startup.resume_gc(collect=False)
 
     assert gc.isenabled()
     assert not _watched(made)
     assert _watched(_Made())  # what comes after start-up is collected as usual
 
 
+def test_resume_with_collect_frees_start_up_garbage_before_freezing(collector: None) -> None:
+    _startup.pause_gc()
+    garbage = _cycle()
+    kept = _Made()
+    assert garbage() is not None  # nothing collects while paused
+
+    _startup.resume_gc(collect=True)
+
+    assert garbage() is None
+    assert gc.isenabled()
+    assert not _watched(kept)
+
+
 def test_resume_leaves_a_collector_it_did_not_pause_alone(collector: None) -> None:
     gc.disable()  # as an embedding program might
     _startup.pause_gc()
-    _startup.resume_gc()
+    _startup.resume_gc(collect=True)
     assert not gc.isenabled()
     assert gc.get_freeze_count() == 0
 
@@ -68,11 +89,13 @@ def test_a_one_shot_command_runs_with_the_collector_on(
     assert "PaymentProcessing" in capsys.readouterr().out
 
 
-async def test_the_agent_turns_the_collector_on_once_it_is_ready(
+async def test_the_agent_collects_start_up_garbage_and_turns_the_collector_on_once_ready(
     collector: None, tmp_path: Path
 ) -> None:
     _startup.pause_gc()  # what the edgesaga command does first
+    garbage = _cycle()
     async with running(_config(tmp_path, retention={})) as agent:
         assert agent.builder is not None
         assert gc.isenabled()
+        assert garbage() is None
         assert gc.get_freeze_count() > 0
