@@ -478,9 +478,10 @@ async def test_cancel_before_an_async_steps_task_first_runs_still_reaches_the_st
 async def test_driver_cancelled_before_an_async_steps_task_first_runs_still_reaches_the_step(
     make, store
 ) -> None:
-    """Shutdown and timeouts cancel the task that drives the workflow. Landing before the step's
-    own task has taken a step, that cancel must still be delivered inside the step (its clean-up
-    runs); the attempt is left cut short, for recovery, as at any shutdown."""
+    """A shutdown cancels the task that drives the workflow. Landing before the step's own task
+    has taken a step (later in the loop iteration that started the step), that cancel must still
+    be delivered inside the step (its clean-up runs); the attempt is left cut short, for
+    recovery, as at any shutdown."""
     builder = make(
         [step("A", "record", "undo"), step("Wait", "cancelled_before_it_waits", "undo")],
         saga_mode=True,
