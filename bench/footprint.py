@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -47,7 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
+sys.path.insert(0, str(ROOT))
+
+from agent._socket import request  # noqa: E402  (the CLI's client for the control socket)
+from bench._broker import HOST, mosquitto  # noqa: E402
+
 DEPENDENCIES = "import pydantic, yaml, paho.mqtt.client, gpiozero, sqlite3, asyncio"
 # The baselines announce readiness with one byte on stdout, then block until stdin closes. `os` is
 # already imported by Python's start-up (site), so this adds nothing to what is measured.
@@ -73,12 +76,6 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def _env() -> dict[str, str]:
     env = {
         k: v
@@ -87,54 +84,6 @@ def _env() -> dict[str, str]:
     }
     env["PYTHONPATH"] = str(ROOT)
     return env
-
-
-# ------------------------------------------------------------------------------------------------
-# Mosquitto
-
-
-class Mosquitto:
-    def __init__(self, directory: Path) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not os.path.exists(binary):
-            raise SystemExit("footprint: mosquitto is not installed (apt-get install mosquitto).")
-        self.port = _free_port()
-        conf = directory / "mosquitto.conf"
-        lines = [
-            f"listener {self.port} {HOST}",
-            "allow_anonymous true",
-            "persistence false",
-            "log_dest none",
-        ]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        conf.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"footprint: mosquitto exited with {self.proc.returncode}.")
-            try:
-                socket.create_connection((HOST, self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise SystemExit(f"footprint: mosquitto did not listen on port {self.port}.")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,22 +116,6 @@ def measure_python(code: str) -> Sample:
         if proc.stdout:
             proc.stdout.close()
     return Sample(seconds, status["VmRSS"], status["VmHWM"])
-
-
-def _control(path: Path, command: str) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(str(path))
-        s.sendall(json.dumps({"command": command}).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    reply = json.loads(buf)
-    assert isinstance(reply, dict)
-    return reply
 
 
 def write_config(directory: Path, broker_port: int) -> Path:
@@ -239,7 +172,7 @@ def measure_agent(directory: Path, broker_port: int, idle: float) -> Sample:
             if b"READY=1" in data.split(b"\n"):
                 seconds = time.perf_counter() - t0
         sock = directory / "control.sock"
-        while not _control(sock, "status").get("mqtt_connected"):
+        while not request(sock, "status", timeout=5).get("mqtt_connected"):
             if time.monotonic() > deadline:
                 raise SystemExit("footprint: the agent did not connect to the broker within 30 s.")
             time.sleep(0.05)
@@ -298,16 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Sample]] = {"pass": [], "bare": [], "agent": []}
     with tempfile.TemporaryDirectory(prefix="edgesaga-footprint-") as tmp:
         base = Path(tmp)
-        broker = Mosquitto(base)
-        try:
+        with mosquitto() as broker_port:
             measure_python(DEPENDENCIES)  # warm the page cache and .pyc files once, unmeasured
-            measure_agent(base / "warm", broker.port, 0.0)
+            measure_agent(base / "warm", broker_port, 0.0)
             for i in range(args.runs):
                 results["pass"].append(measure_python("pass"))
                 results["bare"].append(measure_python(DEPENDENCIES))
-                results["agent"].append(measure_agent(base / f"run{i}", broker.port, args.idle))
-        finally:
-            broker.stop()
+                results["agent"].append(measure_agent(base / f"run{i}", broker_port, args.idle))
 
     p, b, a = (_median(results[k]) for k in ("pass", "bare", "agent"))
     print(
