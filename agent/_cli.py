@@ -311,10 +311,18 @@ async def cmd_validate(args: argparse.Namespace) -> int:
     files = discover(args.paths)
     if not files:
         raise UsageError("No workflow definitions (YAML files with workflow_type) found there.")
+    steps = 0
     for f in files:
         d = load_definition(f)
-        print(f"ok  {f}: {d.workflow_type} {d.version}, {len(d.steps)} steps, hash {d.hash[:12]}")
+        steps += len(d.steps)
+        counted = _count(len(d.steps), "step")
+        print(f"ok  {f}: {d.workflow_type} {d.version}, {counted}, hash {d.hash[:12]}")
+    print(f"{_count(len(files), 'workflow')}, {_count(steps, 'step')}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 async def cmd_start(args: argparse.Namespace) -> int:
@@ -496,7 +504,24 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgesaga",
         description="Durable saga workflows for Raspberry-Pi-class devices.",
     )
-    p.add_argument("--log-level", default=os.environ.get("EDGESAGA_LOG_LEVEL", "WARNING"))
+    from agent._logging import LEVELS, check_level
+
+    def log_level(text: str) -> str:
+        try:
+            return check_level(text)
+        except ValueError:  # argparse prints this after "argument --log-level:"
+            raise argparse.ArgumentTypeError(
+                f"unknown log level {text!r} (given here or in EDGESAGA_LOG_LEVEL); use one of "
+                f"{', '.join(LEVELS)}."
+            ) from None
+
+    # A string default goes through `type` too, so a bad EDGESAGA_LOG_LEVEL is refused as well.
+    p.add_argument(
+        "--log-level",
+        type=log_level,
+        default=os.environ.get("EDGESAGA_LOG_LEVEL", "WARNING"),
+        help=f"one of {', '.join(LEVELS)} (default $EDGESAGA_LOG_LEVEL, else WARNING)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_db(sp: argparse.ArgumentParser) -> None:

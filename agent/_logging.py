@@ -9,6 +9,17 @@ import time
 
 _TEXT = "%(levelname)s %(name)s: %(message)s"
 
+#: The levels ``--log-level``, ``EDGESAGA_LOG_LEVEL`` and ``logging.level`` accept (any case).
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def check_level(level: str) -> str:
+    """``level`` in upper case; :class:`ValueError` with a sentence for anything but :data:`LEVELS`."""
+    upper = level.strip().upper()
+    if upper not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}.")
+    return upper
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and exception text)."""
@@ -34,4 +45,4 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    root.setLevel(getattr(logging, check_level(level)))
