@@ -374,16 +374,25 @@ class SQLiteStore:
         self._release_lock()
 
     def _take_lock(self) -> None:
-        lock_path = self.path + ".lock"
-        Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+        """Lock the database file itself (``flock``), so every name of it — a symbolic link, a
+        hard link, a linked directory — reaches the same lock. The file is created (empty, which
+        SQLite takes for a new database) when it does not exist yet.
+
+        The descriptor stays open while the store is: closing a descriptor of the database file
+        would drop SQLite's own (POSIX) locks on it, so it is closed only after the connection."""
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise StoreError(
+                f"Cannot open the database {self.path}: {exc.strerror or exc}. Give a path to a "
+                "file in a directory this user may write."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise DatabaseLocked(self.path) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
     def _release_lock(self) -> None:
@@ -393,11 +402,14 @@ class SQLiteStore:
 
     @staticmethod
     def is_locked(path: str | os.PathLike[str]) -> bool:
-        """True when another process drives the database at ``path``."""
-        lock_path = str(path) + ".lock"
-        if not os.path.exists(lock_path):
-            return False
-        fd = os.open(lock_path, os.O_RDONLY)
+        """True when another process drives the database at ``path`` (by any name of the file).
+
+        Call it before this process opens the file with SQLite: it opens and closes a descriptor
+        of the file, and a close drops the process's SQLite locks on it."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False  # no such file (or not readable): nothing drives it that we could see
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
