@@ -149,6 +149,12 @@ class AgentConfig(BaseModel):
     mqtt: MqttSettings = MqttSettings(enabled=False)
     hardware: BoardConfig | None = None
 
+    @field_validator("hardware")
+    @classmethod
+    def _open_at_safe_values(cls, value: BoardConfig | None) -> BoardConfig | None:
+        # The agent opens every output at its safe value; `initial` is for a Board used elsewhere.
+        return None if value is None else value.opened_at_safe_values()
+
     @property
     def socket_path(self) -> Path:
         return self.control_socket or self.database.parent / "control.sock"

@@ -216,6 +216,18 @@ class BoardConfig(BaseModel):
                 )
         return self
 
+    def opened_at_safe_values(self) -> Self:
+        """This config with every output's ``initial`` replaced by its ``safe`` value.
+
+        The agent opens its board from this: an output must not switch on when the agent starts
+        (a relay click, a pump stroke) only to be driven safe a moment later. ``initial`` is for a
+        :class:`Board` used outside the agent."""
+        devices = {
+            name: device.model_copy(update={"initial": device.safe}) if device.is_output else device
+            for name, device in self.devices.items()
+        }
+        return self.model_copy(update={"devices": devices})
+
     @classmethod
     def parse(cls, data: Any, *, source: str = "hardware config") -> Self:
         """Validate a mapping (parsed YAML), raising :class:`ConfigError` with one sentence per problem."""

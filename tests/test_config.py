@@ -209,3 +209,40 @@ def test_the_shipped_example_talks_plain_mqtt_as_its_comments_say() -> None:
     cfg = load_config(ROOT / "systemd" / "agent.yaml", environ={})
     assert cfg.mqtt.port == 1883
     assert cfg.mqtt.tls is None, f"TLS is on in the example: {cfg.mqtt.tls}"
+
+
+# -- issue 10 #5: the agent opens outputs at their safe value, whatever `initial` says ------------
+
+RELAYS = """\
+hardware:
+  pin_factory: mock
+  devices:
+    relay: {kind: output, pin: 17, initial: true, safe: false}
+    lamp: {kind: output, pin: 27, active_high: false, initial: false, safe: true}
+    fan: {kind: pwm, pin: 18, initial: 1.0, safe: 0.25}
+    level: {kind: input, pin: 22, pull_up: true}
+"""
+
+
+def test_the_agent_opens_outputs_at_their_safe_value_not_initial(tmp_path: Path) -> None:
+    from agent._service import Agent
+
+    cfg = load_config(_write(tmp_path, RELAYS), environ={})
+    board = Agent(cfg)._open_board()  # what `edgesaga run` does before recovery
+    try:
+        history = {name: [s.state for s in board[name].gpio.pin.states] for name in board}
+    finally:
+        board.close()
+    # mock pins are created low; `relay` never went high (no click), `lamp` (active low, safe on)
+    # stays low, the fan went straight to its safe duty cycle
+    assert history["relay"] == [False]
+    assert history["lamp"] == [False]
+    assert history["fan"] == [0.0, 0.25]
+
+
+def test_initial_still_applies_to_a_board_built_outside_the_agent(tmp_path: Path) -> None:
+    from hardware import Board, load_board_config
+
+    path = _write(tmp_path, RELAYS, name="devices.yaml")
+    with Board.from_config(load_board_config(path)) as board:
+        assert board.snapshot() == {"relay": True, "lamp": False, "fan": 1.0, "level": False}
