@@ -448,18 +448,28 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     )
 
 
+def _pin_setting(text: str) -> tuple[str, bool]:
+    """``NAME=VALUE`` of ``pins --set``: VALUE is one of 0, 1, true, false, on, off (any case)."""
+    name, sep, value = text.partition("=")
+    words = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
+    if not sep or not name or value.lower() not in words:
+        raise UsageError(
+            f"--set takes NAME=VALUE with VALUE one of 0, 1, true, false, on or off, "
+            f"like --set float=on; {text!r} is not that."
+        )
+    return name, words[value.lower()]
+
+
 async def cmd_pins(args: argparse.Namespace) -> int:
+    setting = None if args.set is None else _pin_setting(args.set)  # checked before the agent
     sock = _agent(args)
     if sock is None:
         raise UsageError(
             f"No agent is running on {_socket(args)}; `edgesaga pins` reads the pins of a running "
             "agent (start one with `edgesaga run --config agent.yaml`)."
         )
-    if args.set:
-        name, _, value = args.set.partition("=")
-        reply = _remote(
-            sock, "set_input", device=name, value=value.lower() in ("1", "true", "on", "high")
-        )
+    if setting is not None:
+        reply = _remote(sock, "set_input", device=setting[0], value=setting[1])
     else:
         reply = _remote(sock, "pins")
     for name, value in reply["pins"].items():

@@ -242,7 +242,8 @@ class Agent:
     async def _set_input(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.board is None:
             return _NO_HARDWARE
-        self.board.set_input(str(req.get("device")), bool(req.get("value")))
+        # The value as sent: the board parses it strictly (bool("false") would be True).
+        self.board.set_input(str(req.get("device")), req.get("value"))
         return {"ok": True, "pins": self.board.snapshot()}
 
     async def _status_cmd(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -215,7 +215,11 @@ class BoardDevice:
         self.set(False)
 
     def coerce(self, value: Any) -> bool | float:
-        """Check ``value`` fits this device and return it in the device's type."""
+        """Check ``value`` fits this device and return it in the device's type.
+
+        Outputs and inputs take ``True``/``False``, ``0``/``1`` or one of the words ``true``,
+        ``false``, ``on``, ``off``, ``1``, ``0`` in any case; pwm devices a number from 0.0 to 1.0.
+        Anything else raises :class:`InvalidValue`."""
         if self.kind == "pwm":
             if isinstance(value, bool):
                 return 1.0 if value else 0.0
@@ -229,6 +233,10 @@ class BoardDevice:
             return value
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
+        # Words too, for values that arrive as text (the CLI, a JSON client sending "false"): only
+        # these, so that "yes", "2" or "maybe" is refused instead of read as true (or false).
+        if isinstance(value, str) and value.lower() in ("1", "true", "on", "0", "false", "off"):
+            return value.lower() in ("1", "true", "on")
         raise InvalidValue(
             f"Device {self._name!r} is {with_article(self.kind)} device; "
             f"its value must be true or false, not {value!r}."

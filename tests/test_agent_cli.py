@@ -160,6 +160,54 @@ def test_pins_and_a_refused_test_hook(running: tuple[Path, AgentProcess]) -> Non
     assert reply["error"]["code"] == "unknown_command"
 
 
+@pytest.mark.parametrize("setting", ["door=yes", "door=2", "door=maybe", "door=", "door"])
+def test_pins_set_refuses_a_value_that_is_not_a_boolean(
+    running: tuple[Path, AgentProcess], setting: str
+) -> None:
+    config, agent = running
+    _ok(cli(config, "pins", "--set", "door=1"))
+    refused = cli(config, "pins", "--set", setting)
+    assert refused.returncode == 2, refused
+    assert refused.stdout == ""
+    assert refused.stderr.startswith("edgesaga: error: ")
+    assert "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "0, 1, true, false, on or off" in refused.stderr
+    # The input kept its value: a refused value does not drive it anywhere.
+    assert agent.request("pins")["pins"]["door"] is True
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [("door=ON", True), ("door=Off", False), ("door=TRUE", True), ("door=false", False)],
+)
+def test_pins_set_accepts_the_boolean_words_in_any_case(
+    running: tuple[Path, AgentProcess], setting: str, expected: bool
+) -> None:
+    config, agent = running
+    _ok(cli(config, "pins", "--set", "door=" + ("0" if expected else "1")))
+    _ok(cli(config, "pins", "--set", setting))
+    assert agent.request("pins")["pins"]["door"] is expected
+
+
+def test_set_input_over_the_socket_parses_strictly(running: tuple[Path, AgentProcess]) -> None:
+    _, agent = running
+    assert agent.request("set_input", device="door", value=True)["pins"]["door"] is True
+    # The string "false" means false (it used to drive the input true: any non-empty string did).
+    assert agent.request("set_input", device="door", value="false")["pins"]["door"] is False
+    assert agent.request("set_input", device="door", value="On")["pins"]["door"] is True
+    for bad in ("maybe", "yes", 2, 0.5, None, [], ""):
+        reply = agent.request("set_input", device="door", value=bad)
+        assert reply["ok"] is False, (bad, reply)
+        assert reply["error"]["message"] == (
+            f"Device 'door' is an input device; its value must be true or false, not {bad!r}."
+        )
+        assert agent.request("pins")["pins"]["door"] is True
+    reply = agent.request("set_input", device="door")  # no value at all
+    assert reply["ok"] is False
+    assert agent.request("pins")["pins"]["door"] is True
+
+
 def test_second_agent_on_the_same_database_refuses_to_start(
     running: tuple[Path, AgentProcess],
 ) -> None:
