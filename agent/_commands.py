@@ -103,6 +103,7 @@ ERROR_CODES = (
     "not_found",
     "invalid_transition",
     "busy",
+    "request_id_conflict",
     "disk_full",
     "internal_error",
 )

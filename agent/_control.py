@@ -8,6 +8,8 @@ command arrives, and building them is a noticeable part of start-up.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -23,7 +25,7 @@ from agent._errors import (
     error_reply,
 )
 from agent._runner import Runner
-from agent._store import SQLiteStore
+from agent._store import COMMAND_HASH, SQLiteStore
 
 if TYPE_CHECKING:
     from agent._commands import Command, StartCommand
@@ -31,6 +33,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgesaga.control")
 
 _REQUEST_NS = uuid.UUID("6f1f3c1e-5f0a-4a8e-9a53-7e0d2f1b9c11")
+
+
+def command_hash(command: Command) -> str:
+    """What a request id is remembered with: a hash of the command's name and validated body
+    (its ``request_id`` and ``reply_to`` left out, keys sorted, defaults filled in), so only an
+    identical repeat gets the first answer."""
+    body = command.model_dump(mode="json", exclude={"request_id", "reply_to"})
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _conflict(request_id: str) -> dict[str, Any]:
+    return error_reply(
+        request_id,
+        "request_id_conflict",
+        f"Request id {request_id!r} was already used for another command or body; give a new "
+        "command a new request_id (only an identical repeat gets the first answer).",
+    )
 
 
 class Control:
@@ -50,7 +70,7 @@ class Control:
         self.runner = runner
         self.max_payload = max_payload
         self.hardware = hardware
-        self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._inflight: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
 
     async def handle_raw(
         self, name: str, payload: bytes | str
@@ -66,28 +86,29 @@ class Control:
         return await self.execute(command), command.reply_to
 
     async def execute(self, command: Command) -> dict[str, Any]:
-        """Carry out a validated command and return the reply (ok or error)."""
+        """Carry out a validated command and return the reply (ok or error). Never raises for a
+        failing store: a full disk gets the ``disk_full`` reply, whatever the command."""
         from agent._commands import CancelCommand, ResumeCommand, RetryCommand, StartCommand
 
         rid = command.request_id
-        # The first reply of a mutating command is stored, so a repeat (QoS 1 redelivery) gets it.
+        # The reply of an accepted mutating command is stored with the hash of the command, so
+        # an identical repeat (QoS 1 redelivery, a caller's retry) gets it, and a request id
+        # reused for another command or body is refused. Refusals are not stored: a corrected
+        # command may reuse the id.
         if not isinstance(command, StartCommand | CancelCommand | ResumeCommand | RetryCommand):
             return await self._guarded(command)
+        digest = command_hash(command)
         # A repeat of a request id gets the first answer, also when both arrive at once.
         running = self._inflight.get(rid)
         if running is not None:
-            return await asyncio.shield(running)
+            first_digest, first = running
+            if first_digest != digest:
+                return _conflict(rid)
+            return await asyncio.shield(first)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._inflight[rid] = fut
+        self._inflight[rid] = (digest, fut)
         try:
-            stored = await self.store.get_request(rid)
-            if stored is not None:
-                reply = stored
-            else:
-                reply = await self._guarded(command)
-                if not (isinstance(command, StartCommand) and reply.get("ok")):
-                    # A successful start stored its reply in the same transaction as the instance.
-                    await self.store.put_request(rid, reply)
+            reply = await self._execute_once(command, digest)
             fut.set_result(reply)
             return reply
         except BaseException as exc:
@@ -96,6 +117,45 @@ class Control:
             raise
         finally:
             self._inflight.pop(rid, None)
+
+    async def _execute_once(self, command: Command, digest: str) -> dict[str, Any]:
+        from agent._commands import StartCommand
+
+        rid = command.request_id
+        try:
+            stored = await self.store.lookup_request(rid)
+        except Exception as exc:
+            return self._store_failed(command, exc)
+        if stored is not None:
+            reply, stored_digest = stored
+            # A reply stored before hashes were kept is the first answer, whatever the command.
+            return reply if stored_digest in (None, digest) else _conflict(rid)
+        reply = await self._guarded(command)
+        if reply.get("ok") and not isinstance(command, StartCommand):
+            # (A successful start stored its reply in the same transaction as the instance.)
+            try:
+                await self.store.put_request(rid, reply, digest)
+            except Exception as exc:
+                # The command took effect; only its dedupe record is missing.
+                log.error(
+                    "command %s (request %s) was carried out, but its reply could not be stored "
+                    "(%s); a repeat of the request will be carried out again",
+                    command.command,
+                    rid,
+                    exc,
+                )
+        return reply
+
+    @staticmethod
+    def _store_failed(command: Command, exc: Exception) -> dict[str, Any]:
+        rid = command.request_id
+        if isinstance(exc, DiskFull):
+            log.error("command %s (request %s): %s", command.command, rid, exc)
+            return error_reply(rid, "disk_full", str(exc))
+        log.error("command %s (request %s): the store failed: %s", command.command, rid, exc)
+        return error_reply(
+            rid, "internal_error", f"The database could not be read ({exc}); see the agent's log."
+        )
 
     async def _guarded(self, command: Command) -> dict[str, Any]:
         from agent._commands import CommandError
@@ -209,7 +269,7 @@ class Control:
             store=self.store,
             workflow_id=wid,
             saga_mode=command.saga,
-            request=(rid, reply),
+            request=(rid, {**reply, COMMAND_HASH: command_hash(command)}),
         )
         if wf.workflow_type != command.workflow_type:
             raise CommandError(

@@ -31,7 +31,9 @@ from agent._status import WorkflowStatus
 log = logging.getLogger("edgesaga.store")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: The oldest schema a read-only store can read (the tables it reads have not changed since).
+READABLE_FROM = 2
 #: A journal row's key: instance number * JOURNAL_SPAN + attempt seq (see migration 2).
 JOURNAL_SPAN = 1 << 32
 #: Smaller pages mean fewer bytes per commit on an SD card (see docs/decisions.md).
@@ -114,7 +116,18 @@ _MIGRATIONS: dict[int, str] = {
     DROP TABLE journal;
     ALTER TABLE journal_v2 RENAME TO journal;
     """,
+    # A stored reply remembers the command it answered (a hash of its name and body), so a
+    # request id reused for another command is refused, not answered with the first reply. Only
+    # accepted commands are remembered now: the refusals stored before are forgotten.
+    3: """
+    ALTER TABLE requests ADD COLUMN command_hash TEXT;
+    DELETE FROM requests WHERE json_extract(reply, '$.ok') IS NOT 1;
+    """,
 }
+
+#: The key under which a reply handed to the store carries its command's hash (the store moves it
+#: to its own column: it is never part of a reply sent).
+COMMAND_HASH = "_command_hash"
 
 FINISHED = tuple(
     s.value
@@ -454,7 +467,7 @@ class SQLiteStore:
                 f"({SCHEMA_VERSION}). Upgrade edgesaga."
             )
         if self.readonly:
-            if version < SCHEMA_VERSION:
+            if version < READABLE_FROM:
                 raise StoreError(f"{self.path} is not an edgesaga database (or an old one).")
             return
         for target in range(version + 1, SCHEMA_VERSION + 1):
@@ -804,26 +817,44 @@ class SQLiteStore:
 
     # -- request ids -------------------------------------------------------------------------------
     @staticmethod
-    def _put_request(conn: sqlite3.Connection, request_id: str, reply: dict[str, Any]) -> None:
+    def _put_request(
+        conn: sqlite3.Connection,
+        request_id: str,
+        reply: dict[str, Any],
+        command_hash: str | None = None,
+    ) -> None:
+        if COMMAND_HASH in reply:
+            reply = dict(reply)
+            command_hash = reply.pop(COMMAND_HASH)
         conn.execute(
-            "INSERT OR IGNORE INTO requests(request_id, reply, created_at) VALUES (?,?,?)",
-            (request_id, json.dumps(reply, separators=(",", ":")), time.time()),
+            "INSERT OR IGNORE INTO requests(request_id, reply, created_at, command_hash) "
+            "VALUES (?,?,?,?)",
+            (request_id, json.dumps(reply, separators=(",", ":")), time.time(), command_hash),
         )
 
-    async def put_request(self, request_id: str, reply: dict[str, Any]) -> None:
-        """Remember the reply to ``request_id`` (the first one wins)."""
-        await self.write(lambda conn: self._put_request(conn, request_id, reply))
+    async def put_request(
+        self, request_id: str, reply: dict[str, Any], command_hash: str | None = None
+    ) -> None:
+        """Remember the reply to ``request_id`` and the hash of the command it answered (the
+        first one wins)."""
+        await self.write(lambda conn: self._put_request(conn, request_id, reply, command_hash))
+
+    async def lookup_request(self, request_id: str) -> tuple[dict[str, Any], str | None] | None:
+        """The stored reply to ``request_id`` and its command's hash (None when it was stored
+        before hashes were), or None."""
+
+        def fn(conn: sqlite3.Connection) -> tuple[dict[str, Any], str | None] | None:
+            row = conn.execute(
+                "SELECT reply, command_hash FROM requests WHERE request_id=?", (request_id,)
+            ).fetchone()
+            return (json.loads(row[0]), row[1]) if row else None
+
+        return await self.read(fn)
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
         """The stored reply to ``request_id``, or None."""
-
-        def fn(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            row = conn.execute(
-                "SELECT reply FROM requests WHERE request_id=?", (request_id,)
-            ).fetchone()
-            return json.loads(row[0]) if row else None
-
-        return await self.read(fn)
+        found = await self.lookup_request(request_id)
+        return None if found is None else found[0]
 
     # -- reads -------------------------------------------------------------------------------------
     @staticmethod

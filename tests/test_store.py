@@ -25,13 +25,13 @@ from agent import (
     WorkflowBuilder,
     WorkflowStatus,
 )
-from agent._store import _MIGRATIONS, JournalStart, Transition
+from agent._store import _MIGRATIONS, SCHEMA_VERSION, JournalStart, Transition
 
 EXPECTED_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": 2,
     "foreign_keys": 1,
-    "user_version": 2,
+    "user_version": SCHEMA_VERSION,
     "wal_autocheckpoint": 4096,
 }
 
@@ -98,7 +98,7 @@ async def test_pragmas_on_create_and_after_reopen(db: Path) -> None:
         pragmas = await ro.pragmas()
         assert pragmas["journal_mode"] == "wal"
         assert pragmas["synchronous"] == 2
-        assert pragmas["user_version"] == 2
+        assert pragmas["user_version"] == SCHEMA_VERSION
 
 
 async def test_second_store_on_the_same_file_is_locked_out(db: Path) -> None:
@@ -172,7 +172,7 @@ async def test_version_1_database_is_migrated_with_its_journal(db: Path) -> None
     conn.close()
 
     async with SQLiteStore(db) as store:
-        assert (await store.pragmas())["user_version"] == 2
+        assert (await store.pragmas())["user_version"] == SCHEMA_VERSION
         for wid in ("wf-a", "wf-b"):
             rows = await store.journal(wid)
             assert [(r.workflow_id, r.seq, r.step, r.outcome, r.error) for r in rows] == [
