@@ -97,6 +97,15 @@ class MqttSettings(BaseModel):
     reconnect_min: float = Field(0.5, gt=0)
     reconnect_max: float = Field(30.0, gt=0)
     session_expiry: int = Field(7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+    reply_to_allow: list[str] = Field(
+        default_factory=lambda: [],  # a lambda: see StepDefinition
+        max_length=100,
+        description=(
+            "Topic filters under topic_prefix that replies may still be sent to (a reply_to or "
+            "MQTT 5 response topic elsewhere under the prefix is refused); never opens any "
+            "device's cmd, events, alerts, availability or workflows topics."
+        ),
+    )
 
     @field_validator("version", mode="before")
     @classmethod
@@ -113,6 +122,24 @@ class MqttSettings(BaseModel):
             raise ValueError(
                 "mqtt.topic_prefix must not contain '+', '#' or NUL, nor start or end with '/'."
             )
+        return value
+
+    @field_validator("reply_to_allow")
+    @classmethod
+    def _valid_filters(cls, value: list[str]) -> list[str]:
+        for f in value:
+            levels = f.split("/")
+            if (
+                not f
+                or len(f) > 500
+                or "\x00" in f
+                or any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels)
+                or "#" in levels[:-1]
+            ):
+                raise ValueError(
+                    f"mqtt.reply_to_allow: {f!r} is not a topic filter ('+' and '#' stand for "
+                    "whole levels, '#' only as the last one)."
+                )
         return value
 
     @model_validator(mode="after")
@@ -143,6 +170,14 @@ class AgentConfig(BaseModel):
     include_bundled: bool = True
     max_concurrent: int = Field(4, ge=1, le=1000)
     grace_period: float = Field(10.0, ge=0)
+    max_state_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest workflow state, as UTF-8 JSON: initial data beyond it is refused, a step "
+            "result beyond it fails the step (saga rules apply)."
+        ),
+    )
     control_socket: Path | None = None  # default: control.sock beside the database
     retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()

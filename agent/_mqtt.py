@@ -110,6 +110,70 @@ def _topic_safe(level: str) -> bool:
     return bool(level) and not any(c in level for c in "/+#\x00")
 
 
+_MAX_REPLY_TOPIC = 500  # characters, as for `reply_to` in the command model
+#: The topics the protocol defines for every device, ``<prefix>/<device>/<level>[/...]``: a reply
+#: there would pass for an agent's own message or for a command (issue 10, #11).
+_PROTOCOL_LEVELS = frozenset({"cmd", "events", "alerts", "availability", "workflows"})
+
+
+def _unprintable(topic: str) -> bool:
+    """A NUL, control character (C0, DEL, C1) or lone surrogate: a broker drops the connection
+    of a client that publishes such a topic, or paho cannot encode it."""
+    return any(c < " " or "\x7f" <= c <= "\x9f" or "\ud800" <= c <= "\udfff" for c in topic)
+
+
+def reply_refusal(topic: str, settings: MqttSettings) -> str | None:
+    """Why the agent will not publish a reply to ``topic`` (a ``reply_to`` or MQTT 5 response
+    topic), as the end of a sentence; None when it may.
+
+    Refused: an empty, oversize or unprintable topic, wildcards, ``$`` topics (the broker's), and
+    anything under ``topic_prefix`` unless ``reply_to_allow`` lists it; the protocol's own topics
+    of any device (cmd, events, alerts, availability, workflows) are refused whatever the list says.
+    """
+    if not topic:
+        return "is empty"
+    if len(topic) > _MAX_REPLY_TOPIC:
+        return f"is longer than {_MAX_REPLY_TOPIC} characters"
+    if "+" in topic or "#" in topic:
+        return "contains a wildcard ('+' or '#'), which no one can publish to"
+    if _unprintable(topic):
+        return "contains a control character or is not valid UTF-8"
+    if topic.startswith("$"):
+        return "starts with '$', which is reserved for the broker"
+    prefix = settings.topic_prefix
+    if topic != prefix and not topic.startswith(prefix + "/"):
+        return None
+    levels = topic[len(prefix) + 1 :].split("/")
+    if len(levels) >= 2 and levels[1] in _PROTOCOL_LEVELS:
+        return (
+            f"is one of the protocol's own topics under {prefix}/ (cmd, events, alerts, "
+            "availability or workflows of a device); reply to a topic outside the prefix"
+        )
+    if any(paho.topic_matches_sub(f, topic) for f in settings.reply_to_allow):
+        return None
+    return (
+        f"is under the topic prefix {prefix}/, where a reply could pass for the agents' own "
+        "messages; reply to a topic outside it, or list it in mqtt.reply_to_allow"
+    )
+
+
+def _peek_command(payload: bytes, max_payload: int) -> dict[str, Any] | None:
+    """The command object in ``payload``, or None (too large, not JSON, not an object): what a
+    refusal needs to address its error reply. Never raises."""
+    if len(payload) > max_payload:
+        return None
+    try:
+        value = json.loads(payload)
+    except (ValueError, RecursionError, UnicodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _request_id_of(body: dict[str, Any] | None) -> str | None:
+    rid = body.get("request_id") if body is not None else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 200 else None
+
+
 # ------------------------------------------------------------------------------------------------
 # One connection: the only place paho's thread meets the event loop
 
@@ -740,7 +804,12 @@ class MqttLink:
         )
         conn.publish(self.topics.availability, b"online", qos=1, retain=True)
         options = (
-            SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            SubscribeOptions(
+                qos=1,
+                # The retain flag as published: a command sent with it is refused (see _serve).
+                retainAsPublished=True,
+                retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND,
+            )
             if s.version == "5"
             else None
         )
@@ -801,13 +870,6 @@ class MqttLink:
         except UnicodeDecodeError:
             conn.ack(message)
             return
-        if message.retain:
-            # A retained command would be replayed on every (re)subscription: ignore it.
-            log.warning(
-                "ignored a retained message on %s; send commands without the retain flag", topic
-            )
-            conn.ack(message)
-            return
         name = (
             topic[len(self.topics.command_base) :]
             if topic.startswith(self.topics.command_base)
@@ -816,8 +878,48 @@ class MqttLink:
         props = message.properties if self.settings.version == "5" else None
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        payload = bytes(message.payload)
+        if response_topic is not None:
+            problem = reply_refusal(response_topic, self.settings)
+            if problem is not None:
+                log.warning(
+                    "refused a %s command: its MQTT 5 response topic %.100r %s; nothing was done",
+                    name,
+                    response_topic,
+                    problem,
+                )
+                conn.ack(message)
+                return
+        # Checked before the command runs: a command whose reply cannot be sent is not carried out.
+        refusal: str | None = None
+        body: dict[str, Any] | None = None
+        if message.retain:
+            # Replayed to a new subscription (MQTT 3.1.1), or published live with the flag (seen
+            # with MQTT 5's retain-as-published); either way it would run again and again.
+            refusal = (
+                f"Commands must be published without the retain flag (a retained command runs "
+                f"again for every new subscriber); nothing was done. Clear it with an empty "
+                f"retained message on {topic}."
+            )
+            body = _peek_command(payload, self.settings.max_payload)
+        else:
+            body = _peek_command(payload, self.settings.max_payload)
+            reply_to = body.get("reply_to") if body is not None else None
+            if isinstance(reply_to, str):
+                problem = reply_refusal(reply_to, self.settings)
+                if problem is not None:
+                    refusal = f"The reply_to {reply_to[:100]!r} {problem}; nothing was done."
+        if refusal is not None:
+            rid = _request_id_of(body)
+            log.warning("refused a %s command (request %s): %s", name, rid, refusal)
+            if response_topic is None:
+                conn.ack(message)
+                return
+            reply = error_reply(rid, "invalid_command", refusal)
+            await self._reply(conn, message, response_topic, correlation, reply)
+            return
         try:
-            reply, reply_to = await self.handler(name, bytes(message.payload))
+            reply, reply_to = await self.handler(name, payload)
         except Exception:
             log.exception("the command handler failed on a %s command", name)
             reply, reply_to = (
@@ -838,14 +940,28 @@ class MqttLink:
             )
             conn.ack(message)
             return
-        if target.startswith(self.topics.command_base):
+        if response_topic is None and (problem := reply_refusal(target, self.settings)):
+            # Not reached for a reply_to read above; kept so no path replies to such a topic.
             log.warning(
-                "refused to send a reply to %s: it is this agent's own command topic", target
+                "refused to send the reply to request %s to %.100r: it %s", rid, target, problem
             )
             conn.ack(message)
             return
+        await self._reply(conn, message, target, correlation if response_topic else None, reply)
+
+    async def _reply(
+        self,
+        conn: _Connection,
+        message: paho.MQTTMessage,
+        target: str,
+        correlation: bytes | None,
+        reply: dict[str, Any],
+    ) -> None:
+        """Publish ``reply`` to ``target``; acknowledge the command once the broker has it (or
+        refused it), so a reply lost with the connection brings the command again."""
+        rid = reply.get("request_id")
         properties: Properties | None = None
-        if correlation is not None and response_topic:
+        if correlation is not None:
             properties = _properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation
         fut = conn.publish(target, _dumps(reply), qos=1, properties=properties)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from agent._commands import COMMANDS, ERROR_CODES
-from agent._mqtt import MqttLink, Topics
+from agent._mqtt import MqttLink, MqttSettings, Topics
 from agent._store import SQLiteStore
 from tests._broker import (
     PAYMENT_DATA,
@@ -326,7 +328,7 @@ async def test_hostile_payloads_get_error_replies_and_never_kill_the_link(
     }
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
-    v5_replies, rt_replies = f"{prefix}/h/v5", f"{prefix}/h/rt"
+    v5_replies, rt_replies = f"replies/{prefix}/v5", f"replies/{prefix}/rt"
     settings_ = broker.settings(prefix, max_payload=MAX_PAYLOAD)
     async with (
         running_agent(tmp_path / "db", settings_, device=DEVICE) as agent,
@@ -431,7 +433,7 @@ async def test_a_failing_handler_gets_an_internal_error_reply(
 
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
-    replies = f"{prefix}/replies"
+    replies = f"replies/{prefix}"
     async with SQLiteStore(tmp_path / "db") as store, probe(broker, replies) as caller:
         link = MqttLink(
             settings=broker.settings(prefix), device_id=DEVICE, store=store, handler=handler
@@ -468,7 +470,7 @@ async def test_a_flood_is_served_with_bounded_concurrency(broker: Broker, tmp_pa
 
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
-    replies = f"{prefix}/replies"
+    replies = f"replies/{prefix}"
     n = 300
     async with SQLiteStore(tmp_path / "db") as store, probe(broker, replies) as flooder:
         link = MqttLink(
@@ -499,3 +501,265 @@ async def test_a_flood_is_served_with_bounded_concurrency(broker: Broker, tmp_pa
             assert sorted(int(m.correlation) for m in flooder.messages) == list(range(n))
             assert not task.done()
             task.cancel()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reply addresses: a reply must not pass for the agents' own messages (issue 10, #11)
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "edgesaga.mqtt" and r.getMessage().startswith("refused")
+    ]
+
+
+async def test_reply_addresses_under_the_topic_prefix_are_refused(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller who may only publish to ``cmd/`` cannot make the agent publish, with its own
+    credentials, on its events, availability, alerts or state topics, or on another device's
+    commands: such a command is not carried out, and its error reply goes only to a response
+    topic outside the prefix."""
+    caplog.set_level(logging.INFO, logger="edgesaga.mqtt")
+    prefix = unique_prefix()
+    t = Topics(prefix, DEVICE)
+    errors = f"replies/{prefix}/errors"  # outside the prefix: allowed
+    targets = [
+        t.events,
+        t.availability,
+        t.alerts,
+        t.state("w1"),
+        f"{prefix}/dev2/cmd/start",
+        t.command_base + "list",
+        f"{prefix}/dev1/replies/me",
+        f"{prefix}/other",
+    ]
+    async with (
+        running_agent(tmp_path / "db", broker.settings(prefix), device=DEVICE) as agent,
+        probe(broker, f"{prefix}/#", errors) as attacker,
+    ):
+        await asyncio.wait_for(agent.link.connected_event.wait(), 10)
+        sent = 0
+        for i, target in enumerate(targets):
+            # MQTT 3.1.1 style: reply_to only; nowhere to send the error.
+            attacker.publish(t.command_base + "start", start_command(f"a{i}", reply_to=target))
+            # reply_to under the prefix, with a usable response topic: the error goes there.
+            attacker.publish(
+                t.command_base + "start",
+                start_command(f"b{i}", reply_to=target),
+                response_topic=errors,
+                correlation=f"b{i}".encode(),
+            )
+            # The MQTT 5 response topic itself under the prefix.
+            attacker.publish(
+                t.command_base + "start",
+                start_command(f"c{i}"),
+                response_topic=target,
+                correlation=f"c{i}".encode(),
+            )
+            sent += 3
+        await attacker.wait_for(
+            lambda ms: len([m for m in ms if m.topic == errors]) == len(targets)
+        )
+        await until(lambda: len(_refusals(caplog)) >= 3 * len(targets), within=10)
+
+        for m in attacker.on(errors):
+            body = m.json()
+            assert m.correlation == body["request_id"].encode()
+            assert body["ok"] is False
+            assert body["error"]["code"] == "invalid_command"
+            assert "reply_to" in body["error"]["message"]
+            assert (
+                "mqtt.reply_to_allow" in body["error"]["message"]
+                or "own" in (body["error"]["message"])
+            )
+        assert sorted(m.correlation for m in attacker.on(errors)) == sorted(
+            f"b{i}".encode() for i in range(len(targets))
+        )
+        # Under the prefix: only what the attacker sent and the agent's `online`.
+        under = [m for m in attacker.messages if m.topic.startswith(prefix + "/")]
+        assert [m for m in under if m.topic == t.availability] == [
+            m for m in under if m.topic == t.availability and m.payload == b"online"
+        ]
+        assert len([m for m in under if m.topic == t.command_base + "start"]) == sent
+        assert {m.topic for m in under} == {t.availability, t.command_base + "start"}
+        assert await agent.store.list_instances() == []  # nothing was carried out
+        assert agent.link.connects == 1
+        assert not agent.link_task.done()
+
+
+async def test_the_allow_list_opens_topics_under_the_prefix_but_never_the_protocols_own(
+    broker: Broker, tmp_path: Path
+) -> None:
+    prefix = unique_prefix()
+    t = Topics(prefix, DEVICE)
+    mine = f"{prefix}/{DEVICE}/replies/me"
+    errors = f"replies/{prefix}/errors"
+    settings_ = broker.settings(prefix, reply_to_allow=[f"{prefix}/+/replies/#", f"{prefix}/#"])
+    async with (
+        running_agent(tmp_path / "db", settings_, device=DEVICE) as agent,
+        probe(broker, mine, t.events, errors) as caller,
+    ):
+        await asyncio.wait_for(agent.link.connected_event.wait(), 10)
+        caller.publish(t.command_base + "list", {"request_id": "l1", "reply_to": mine})
+        caller.publish(
+            t.command_base + "list",
+            {"request_id": "l2", "reply_to": t.events},
+            response_topic=errors,
+            correlation=b"l2",
+        )
+        await caller.wait_for(lambda ms: bool(caller.on(mine)) and bool(caller.on(errors)))
+        assert caller.on(mine)[0].json() == {"request_id": "l1", "ok": True, "workflows": []}
+        refused = caller.on(errors)[0].json()
+        assert refused["request_id"] == "l2"
+        assert refused["error"]["code"] == "invalid_command"
+        assert caller.on(t.events) == []
+
+
+@pytest.mark.parametrize(
+    "reply_to",
+    ["", "a/+/b", "a/#", "x" * 501, "a\u0001b", "a\x7fb", "a\u0085b", "\ud800", "$SYS/x"],
+    ids=["empty", "plus", "hash", "long", "c0", "del", "c1", "surrogate", "dollar"],
+)
+async def test_a_reply_to_no_one_can_publish_to_is_refused(
+    broker: Broker, tmp_path: Path, reply_to: str
+) -> None:
+    """Wildcards, control characters, lone surrogates, '$' topics, empty or oversize: the command is
+    not carried out, the error reply goes to the response topic, and the connection stays up."""
+    prefix = unique_prefix()
+    t = Topics(prefix, DEVICE)
+    errors = f"replies/{prefix}/errors"
+    async with (
+        running_agent(tmp_path / "db", broker.settings(prefix), device=DEVICE) as agent,
+        probe(broker, errors) as caller,
+    ):
+        await asyncio.wait_for(agent.link.connected_event.wait(), 10)
+        caller.publish(
+            t.command_base + "start",
+            json.dumps(start_command("bad-rt", reply_to=reply_to)),
+            response_topic=errors,
+            correlation=b"1",
+        )
+        await caller.wait_for(lambda ms: len(ms) == 1)
+        body = caller.messages[0].json()
+        assert body["request_id"] == "bad-rt"
+        assert body["error"]["code"] == "invalid_command"
+        assert "reply_to" in body["error"]["message"]
+        assert await agent.store.list_instances() == []
+        # Still connected on the first connection, and serving.
+        caller.publish(t.command_base + "list", {"request_id": "l"}, response_topic=errors)
+        await caller.wait_for(lambda ms: len(ms) == 2)
+        assert caller.messages[1].json()["ok"] is True
+        assert agent.link.connects == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Retained commands are refused, replayed or live (issue 10, #20)
+
+
+async def test_a_retained_command_is_refused_when_published_live_mqtt5(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edgesaga.mqtt")
+    prefix = unique_prefix()
+    t = Topics(prefix, DEVICE)
+    replies = f"replies/{prefix}"
+    async with probe(broker, replies) as caller:
+        # Retained before the agent subscribes: never sent to it (MQTT 5 retain handling).
+        early = caller.publish(
+            t.command_base + "start",
+            start_command("early"),
+            retain=True,
+            response_topic=replies,
+            correlation=b"early",
+        )
+        early.wait_for_publish(5)
+        async with running_agent(tmp_path / "db", broker.settings(prefix), device=DEVICE) as agent:
+            await asyncio.wait_for(agent.link.connected_event.wait(), 10)
+            # Published live with the retain flag: refused with an error reply.
+            caller.publish(
+                t.command_base + "start",
+                start_command("live"),
+                retain=True,
+                response_topic=replies,
+                correlation=b"live",
+            )
+            await caller.wait_for(lambda ms: len(ms) == 1)
+            (refused,) = caller.messages
+            assert refused.correlation == b"live"
+            body = refused.json()
+            assert body["request_id"] == "live"
+            assert body["ok"] is False
+            assert body["error"]["code"] == "invalid_command"
+            assert "retain" in body["error"]["message"]
+            assert any("retain" in line for line in _refusals(caplog))
+            assert await agent.store.list_instances() == []
+            # Without the flag the same command is carried out.
+            caller.publish(
+                t.command_base + "start",
+                start_command("live"),
+                response_topic=replies,
+                correlation=b"plain",
+            )
+            await caller.wait_for(lambda ms: len(ms) == 2)
+            assert caller.messages[1].json()["ok"] is True
+            await agent.wait_finished(1)
+            assert [r.id for r in await agent.store.list_instances()] == [
+                caller.messages[1].json()["workflow_id"]
+            ]
+
+
+async def test_a_retained_command_queued_while_the_agent_was_away_is_refused_mqtt5(
+    broker: Broker, tmp_path: Path
+) -> None:
+    prefix = unique_prefix()
+    t = Topics(prefix, DEVICE)
+    replies = f"replies/{prefix}"
+    settings_ = broker.settings(prefix)
+    async with running_agent(tmp_path / "db", settings_, device=DEVICE) as agent:
+        await asyncio.wait_for(agent.link.connected_event.wait(), 10)  # the session exists
+    async with probe(broker, replies) as caller:
+        caller.publish(
+            t.command_base + "start",
+            start_command("queued"),
+            retain=True,
+            response_topic=replies,
+            correlation=b"q",
+        ).wait_for_publish(5)
+        async with running_agent(tmp_path / "db", settings_, device=DEVICE) as agent:
+            await caller.wait_for(lambda ms: len(ms) == 1)
+            body = caller.messages[0].json()
+            assert body["request_id"] == "queued"
+            assert body["error"]["code"] == "invalid_command"
+            assert await agent.store.list_instances() == []
+
+
+async def test_a_retained_command_replayed_on_subscribe_is_ignored_mqtt311(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edgesaga.mqtt")
+    prefix = unique_prefix()
+    t = Topics(prefix, DEVICE)
+    replies = f"replies/{prefix}"
+    async with probe(broker, replies, version="3.1.1") as caller:
+        early = caller.publish(
+            t.command_base + "start", start_command("early", reply_to=replies), retain=True
+        )
+        early.wait_for_publish(5)
+        settings_ = broker.settings(prefix, version="3.1.1")
+        async with running_agent(tmp_path / "db", settings_, device=DEVICE) as agent:
+            await asyncio.wait_for(agent.link.connected_event.wait(), 10)
+            await until(lambda: any("retain" in line for line in _refusals(caplog)), within=10)
+            caller.publish(t.command_base + "list", {"request_id": "l", "reply_to": replies})
+            await caller.wait_for(lambda ms: len(ms) == 1)
+            assert caller.messages[0].json() == {"request_id": "l", "ok": True, "workflows": []}
+            assert await agent.store.list_instances() == []
+
+
+@pytest.mark.parametrize("bad", ["", "a/#/b", "a#", "a/b+", "a\x00b"])
+def test_reply_to_allow_takes_only_topic_filters(bad: str) -> None:
+    with pytest.raises(ValidationError, match="is not a topic filter"):
+        MqttSettings(reply_to_allow=[bad])
+    assert MqttSettings(reply_to_allow=["a/+/b/#", "#"]).reply_to_allow == ["a/+/b/#", "#"]

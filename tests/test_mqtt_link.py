@@ -51,7 +51,7 @@ async def test_start_replies_and_reports_every_transition(
 ) -> None:
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
-    replies = f"{prefix}/caller/replies"
+    replies = f"replies/{prefix}/caller"
     settings = broker.settings(prefix, version=version)
     async with (
         running_agent(tmp_path / "db", settings, device=DEVICE) as agent,
@@ -114,7 +114,7 @@ async def test_failed_step_reports_compensation_and_failed_snapshot(
     """MQTT 5 without a response topic: the reply goes to the command's reply_to."""
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
-    replies = f"{prefix}/caller/replies"
+    replies = f"replies/{prefix}/caller"
     async with (
         running_agent(tmp_path / "db", broker.settings(prefix), device=DEVICE) as agent,
         probe(broker, t.events, replies) as caller,
@@ -152,7 +152,7 @@ async def test_same_request_twice_starts_one_workflow_with_identical_replies(
 ) -> None:
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
-    replies = f"{prefix}/caller/replies"
+    replies = f"replies/{prefix}/caller"
     async with (
         running_agent(tmp_path / "db", broker.settings(prefix), device=DEVICE) as agent,
         probe(broker, replies) as caller,
@@ -175,7 +175,7 @@ async def test_same_request_twice_starts_one_workflow_with_identical_replies(
 async def test_repeat_after_completion_gets_the_first_reply(broker: Broker, tmp_path: Path) -> None:
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
-    replies = f"{prefix}/caller/replies"
+    replies = f"replies/{prefix}/caller"
     async with (
         running_agent(tmp_path / "db", broker.settings(prefix), device=DEVICE) as agent,
         probe(broker, replies) as caller,
@@ -227,7 +227,7 @@ async def test_tls_with_password_connects_and_serves(broker_factory, tmp_path: P
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
     settings = tls_broker.settings(prefix, username="agent", password_file=password_file)
-    replies = f"{prefix}/ops/replies"
+    replies = f"replies/{prefix}/ops"
     async with (
         running_agent(tmp_path / "db", settings, device=DEVICE) as agent,
         probe(tls_broker, t.availability, replies, username="ops", password="ops-pw") as ops,

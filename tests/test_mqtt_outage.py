@@ -48,7 +48,7 @@ async def test_broker_killed_while_workflows_run_loses_no_event(
     broker: Broker = broker_factory(persistence=True)
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
-    replies = f"{prefix}/caller/replies"
+    replies = f"replies/{prefix}/caller"
     settings = broker.settings(prefix, reconnect_min=0.2, reconnect_max=1.0)
     async with (
         probe(broker, t.events, persistent=True, client_id=f"observer-{prefix}") as observer,
@@ -116,7 +116,7 @@ async def test_a_start_sent_while_the_agent_is_away_runs_when_it_returns(
 ) -> None:
     prefix = unique_prefix()
     t = Topics(prefix, DEVICE)
-    replies = f"{prefix}/caller/replies"
+    replies = f"replies/{prefix}/caller"
     settings = broker.settings(prefix, version=version)
     db = tmp_path / "db"
     async with running_agent(db, settings, device=DEVICE) as agent:  # makes the persistent session
