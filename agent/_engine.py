@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import json
@@ -358,8 +357,10 @@ class Workflow:
     async def _drive(self, *, single: bool) -> dict[str, Any] | None:
         pending = _Pending()
         result: dict[str, Any] | None = None
+        leaving = False  # cancelled (shutdown) or the loop closing: let go of the devices
         try:
-            await self._hold_resources()
+            if not await self._hold_resources():
+                return None  # stopped (shutdown) before its turn: nothing ran, nothing to commit
             while True:
                 now = time.time()
                 if self._fresh:
@@ -435,9 +436,16 @@ class Workflow:
                 )
             if pending.journal or pending.events:
                 await self._commit(pending, time.time())
+        except Exception as exc:
+            await self._internal_failure(exc)
+        except BaseException:
+            leaving = True
+            raise
         finally:
             if self.status.is_terminal:
                 self._on_terminal()
+            elif leaving or self._stop.is_set():
+                self._let_go()
         return result
 
     def _begin(self, pending: _Pending, step: str, phase: saga.Phase, now: float) -> saga.Progress:
@@ -462,41 +470,111 @@ class Workflow:
             for w in waiters:
                 w.cancel()
 
-    async def _hold_resources(self) -> None:
-        """Lease the workflow's resources; a workflow still waiting for them when it is cancelled,
-        with nothing to undo, is cancelled without waiting for its turn."""
+    async def _hold_resources(self) -> bool:
+        """Lease the workflow's resources; False when it is stopped (shutdown) before its turn.
+
+        A workflow still waiting for them when it is cancelled, with nothing to undo, is cancelled
+        without waiting for its turn; one with something to undo waits (its compensations need the
+        devices), but not past a stop. However the wait ends, a waiter left behind is withdrawn.
+        """
         resources = self.definition.spec.resources
         if not resources:
-            return
+            return True
         acquire = asyncio.ensure_future(self._builder.leases.acquire(self.id, resources))
+        stopped = asyncio.ensure_future(self._stop.wait())
         cancelled = asyncio.ensure_future(self._cancel.wait())
+        watch = {acquire, stopped, cancelled}
         try:
-            await asyncio.wait({acquire, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            while not acquire.done() and not stopped.done():
+                await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+                if cancelled in watch and cancelled.done():
+                    if not self._progress.completed and self._progress.inflight is None:
+                        return True  # nothing to undo: it is cancelled without the devices
+                    watch.discard(cancelled)  # compensations need the devices: wait for them
+            if acquire.done():
+                acquire.result()
+                return True
+            return False
         finally:
+            stopped.cancel()
             cancelled.cancel()
             if not acquire.done():
-                nothing_to_undo = not self._progress.completed and self._progress.inflight is None
-                if self._cancel.is_set() and nothing_to_undo:
-                    acquire.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await acquire
-                else:
-                    await acquire  # compensations need the devices: wait for them
+                acquire.cancel()
+                # Not `await acquire`: that would swallow a cancel of this task along with its own.
+                await asyncio.wait({acquire})
 
-    def _on_terminal(self) -> None:
-        # Only the devices this workflow holds: one cancelled while it waited holds none, and must
-        # not switch off what another workflow is driving.
-        resources = sorted(self._builder.leases.held_by(self.id))
+    def _drive_safe(self, resources: list[str]) -> None:
         hw = self._builder.hardware
-        if resources and hw is not None and self.status is not WorkflowStatus.COMPLETED:
+        if resources and hw is not None:
             try:
                 hw.safe_state(resources)
             except Exception:
                 log.exception(
                     "workflow %s: could not drive %s to their safe values", self.id, resources
                 )
+
+    def _on_terminal(self) -> None:
+        # Only the devices this workflow holds: one cancelled while it waited holds none, and must
+        # not switch off what another workflow is driving.
+        if self.status is not WorkflowStatus.COMPLETED:
+            self._drive_safe(sorted(self._builder.leases.held_by(self.id)))
         self._builder.leases.release(self.id)
         self._finished.set()
+
+    def _let_go(self) -> None:
+        """The workflow stops without finishing (shutdown, or its driver was cancelled): the
+        outputs it holds go to their safe values and its leases are released, so neither a device
+        left on nor a workflow waiting for it outlives the driver. Recovery resumes it."""
+        self._drive_safe(sorted(self._builder.leases.held_by(self.id)))
+        self._builder.leases.release(self.id)
+
+    async def _internal_failure(self, exc: Exception) -> None:
+        """An exception escaped the driver (a bug, or a database error other than a full disk).
+
+        The outputs it holds go safe and its leases are released before anything else. Then, from
+        what is committed, it is recorded ``FAILED`` at the step that ran (``COMPENSATION_FAILED``
+        with the compensations still due, during a rollback) with an ``internal_error`` alert, so
+        ``retry`` runs it on. If even that cannot be committed, the status in memory still lets
+        ``retry`` act, and recovery resumes it after a restart."""
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        log.error("workflow %s (%s): %s", self.id, self.workflow_type, error, exc_info=exc)
+        committed = self._progress
+        self._progress = saga.internal_error(committed, error)  # terminal now, in memory
+        self._fresh = False
+        self._let_go()
+        try:
+            self._restore_state()  # the committed state: what the failed step did is not kept
+        except Exception:
+            log.exception("workflow %s: cannot restore the committed state", self.id)
+        try:
+            rec = await self.store.load_instance(self.id)
+            if rec is not None:
+                committed = saga.Progress.from_json(rec.progress)
+                self._progress = saga.internal_error(committed, error)
+        except Exception:
+            log.exception("workflow %s: cannot read back what is committed", self.id)
+        now = time.time()
+        pending = _Pending()
+        fl = committed.inflight
+        if fl is not None:  # its "started" record is committed; its outcome never will be
+            pending.journal.append(JournalEnd(fl.seq, "failed", now, error))
+            name = "step_failed" if fl.phase == "forward" else "compensation_failed"
+            self._event(pending, name, now, step=fl.step, attempt=fl.attempt, error=error)
+        self._status_event(pending, now)
+        alert = self._internal_alert(pending, now, error)
+        try:
+            await self.store.commit(self._transition(pending, now))
+        except Exception:
+            log.exception(
+                "workflow %s: cannot record the internal error; it stays %s in memory (retry acts "
+                "on it) and as last committed in the database (a restart resumes it)",
+                self.id,
+                self.status.value,
+            )
+            try:
+                await self.store.add_alert(alert, workflow_id=self.id)
+            except Exception:
+                log.exception("workflow %s: cannot queue the internal_error alert", self.id)
 
     # -- executing a step ----------------------------------------------------------------------------
     async def _execute(self, step: LoadedStep, fl: saga.Inflight) -> _Outcome:
@@ -686,6 +764,26 @@ class Workflow:
                 },
             )
         )
+
+    def _internal_alert(self, pending: _Pending, at: float, error: str) -> dict[str, Any]:
+        where = f" at step {self.current_step!r}" if self.current_step else ""
+        message = (
+            f"Workflow {self.id} ({self.workflow_type}) stopped{where} on an {error}. Its outputs "
+            f"were set to their safe values and it is {self.status.value}; the agent log has the "
+            f"traceback. Fix the cause, then `edgesaga retry {self.id}`."
+        )
+        payload = {
+            "seq": None,
+            "at": iso(at),
+            "alert": "internal_error",
+            "workflow_id": self.id,
+            "workflow_type": self.workflow_type,
+            "step": self.current_step,
+            "error": error,
+            "message": message,
+        }
+        pending.events.append(("alert", payload))
+        return payload
 
     def _transition(self, pending: _Pending, at: float) -> Transition:
         state_json = self.state.model_dump_json()

@@ -7,13 +7,14 @@ queued workflow again through recovery.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 
 from agent._engine import Workflow
 
 log = logging.getLogger("edgesaga.runner")
+
+_CANCEL_WAIT = 5.0  # seconds a cancelled workflow task gets to finish at shutdown
 
 
 class Runner:
@@ -118,9 +119,14 @@ class Runner:
             for task in pending:
                 task.cancel()
             cut = len(pending)
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # A cancelled driver lets go of its devices and returns at once; one that does not
+            # (a step swallowing the cancel) is not waited for past this, so a stop never hangs.
+            if pending:
+                _, stuck = await asyncio.wait(pending, timeout=_CANCEL_WAIT)
+                for task in stuck:
+                    log.error(
+                        "%s did not stop when cancelled; stopping without it", task.get_name()
+                    )
         self._stopping = True
         self._wake.set()
         return cut

@@ -411,6 +411,31 @@ def cancel_inflight(plan: Plan, progress: Progress, error: str) -> Progress:
     return _begin_rollback(plan, base, fl.step)
 
 
+def internal_error(progress: Progress, error: str) -> Progress:
+    """Something other than a step failed (an exception escaped the runner): stop, from the
+    committed ``progress``, in a status ``retry`` acts on.
+
+    Forward: ``FAILED`` at the step in flight or due next, which ``retry`` runs again (it may
+    have taken effect, as after a crash; ``idempotency_key`` makes that safe). Rollback:
+    ``COMPENSATION_FAILED`` with every compensation still due, which ``retry`` runs in order.
+    Nothing is compensated here. A workflow that is not running is left as it is.
+    """
+    base = _replace(progress, inflight=None, not_before=None)
+    if progress.status is WorkflowStatus.ACTIVE:
+        fl = progress.inflight
+        step = fl.step if fl is not None else progress.next_step
+        return _replace(base, status=WorkflowStatus.FAILED, failed_step=step, error=error)
+    if progress.status is WorkflowStatus.COMPENSATING:
+        return _replace(
+            base,
+            status=WorkflowStatus.COMPENSATION_FAILED,
+            to_compensate=(),
+            compensation_failed=(*progress.compensation_failed, *progress.to_compensate),
+            error=error,
+        )
+    return base
+
+
 def retry(plan: Plan, progress: Progress) -> Progress:
     """An operator asked to retry a FAILED workflow (from its failed step) or a
     COMPENSATION_FAILED one (its failed compensations, in the order they were due)."""
