@@ -131,6 +131,42 @@ def new_workflow_id() -> str:
 
 _INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
 
+#: Default limit of a workflow's serialized state (``max_state_bytes`` in the agent config).
+DEFAULT_MAX_STATE_BYTES = 1024 * 1024
+
+
+def _size_text(n: int) -> str:
+    """``1 MiB``, ``2.4 MiB``, ``2 KiB``, ``900 bytes``."""
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n // size} {unit}" if n % size == 0 else f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _oversize(state_json: str, limit: int | None) -> int | None:
+    """The UTF-8 size of ``state_json`` when it is over ``limit``, else None (cheap: an ASCII
+    text, the usual state, is measured by its length without encoding it)."""
+    if limit is None or len(state_json) <= limit // 4:
+        return None
+    size = len(state_json) if state_json.isascii() else len(state_json.encode())
+    return size if size > limit else None
+
+
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    names = set(model.model_fields)
+    for field in model.model_fields.values():
+        names.update(a for a in (field.alias, field.validation_alias) if isinstance(a, str))
+    return frozenset(names)
+
+
+def _unknown_fields(model: type[BaseModel], data: Any) -> list[str]:
+    """Keys of ``data`` that are no field of ``model`` (none when the model allows extras)."""
+    if not isinstance(data, dict) or model.model_config.get("extra") == "allow":
+        return []
+    known = _field_names(model)
+    return sorted(str(k) for k in data if k not in known)
+
 
 def _plan(definition: LoadedDefinition) -> saga.Plan:
     steps = []
@@ -191,6 +227,7 @@ class Workflow:
         state: BaseModel,
         progress: saga.Progress,
         created_at: float,
+        state_json: str | None = None,
     ) -> None:
         self.id = workflow_id
         self.definition = definition
@@ -200,7 +237,11 @@ class Workflow:
         self._builder = builder
         self._plan = builder._plan_for(definition)
         self._progress = progress
-        self._state_json = state.model_dump_json()
+        self._state_json = state.model_dump_json() if state_json is None else state_json
+        # The JSON of a state just built (and measured), for the next commit to reuse.
+        self._json_of: tuple[BaseModel, str] | None = (
+            None if state_json is None else (state, state_json)
+        )
         self._lock = asyncio.Lock()
         self._cancel = asyncio.Event()
         self._stop = asyncio.Event()
@@ -659,9 +700,20 @@ class Workflow:
     def _outcome(self, state: BaseModel, result: Any, step: LoadedStep) -> _Outcome:
         try:
             new_state = self._merge(state, result, step)
+            state_json = new_state.model_dump_json()
+            limit = self._builder.max_state_bytes
+            size = _oversize(state_json, limit)
+            if size is not None:
+                raise InvalidData(
+                    f"Step {step.name!r} returned a state of {_size_text(size)} of JSON; the "
+                    f"limit is {_size_text(limit or 0)} (max_state_bytes). Keep large data out of "
+                    "the state (in a file, say, with its path in the state) or raise "
+                    "max_state_bytes in the agent config."
+                )
         except InvalidData as err:
             self._restore_state()
             return _Outcome(False, error=str(err))
+        self._json_of = (new_state, state_json)
         return _Outcome(True, state=new_state, result=result)
 
     def _merge(self, state: BaseModel, result: Any, step: LoadedStep) -> BaseModel:
@@ -675,13 +727,12 @@ class Workflow:
             )
         data = state.model_dump()
         if result:
-            if model.model_config.get("extra") != "allow":
-                unknown = sorted(set(result) - set(model.model_fields))
-                if unknown:
-                    raise InvalidData(
-                        f"Step {step.name!r} returned field(s) {unknown} that {model.__name__} does "
-                        "not have; add them to the state model or stop returning them."
-                    )
+            unknown = _unknown_fields(model, result)
+            if unknown:
+                raise InvalidData(
+                    f"Step {step.name!r} returned field(s) {unknown} that {model.__name__} does "
+                    "not have; add them to the state model or stop returning them."
+                )
             data.update(result)
         try:
             return model.model_validate(data)
@@ -786,7 +837,10 @@ class Workflow:
         return payload
 
     def _transition(self, pending: _Pending, at: float) -> Transition:
-        state_json = self.state.model_dump_json()
+        built, self._json_of = self._json_of, None
+        state_json = built[1] if built is not None and built[0] is self.state else None
+        if state_json is None:
+            state_json = self.state.model_dump_json()
         return Transition(
             workflow_id=self.id,
             status=self.status,
@@ -854,8 +908,12 @@ class WorkflowBuilder:
         definitions: Iterable[str | Path] = (),
         *,
         hardware: Any = None,
+        max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
     ) -> None:
         self.hardware = hardware
+        #: Limit of a workflow's state as UTF-8 JSON (None: no limit). Initial data beyond it is
+        #: refused; a step result beyond it fails the step.
+        self.max_state_bytes = max_state_bytes
         #: Callables ``observer(workflow, event)`` called (on the loop) for every event as it is
         #: recorded, before it commits; for printing and metrics, not for side effects.
         self.observers: list[Any] = []
@@ -903,18 +961,43 @@ class WorkflowBuilder:
 
     def validate_data(self, workflow_type: str, initial_data: dict[str, Any] | None) -> BaseModel:
         """Build the initial state; raise :class:`InvalidData` with a readable sentence."""
-        definition = self.definition(workflow_type)
+        return self._initial_state(workflow_type, initial_data)[0]
+
+    def _initial_state(
+        self, workflow_type: str, initial_data: dict[str, Any] | None
+    ) -> tuple[BaseModel, str]:
+        """The initial state and its JSON: unknown fields refused as in a step result (unless
+        the model allows extras), and the size bounded by ``max_state_bytes``."""
+        model = self.definition(workflow_type).state_model
+        data = initial_data or {}
+        unknown = _unknown_fields(model, data)
+        if unknown:
+            raise InvalidData(
+                f"Initial data has field(s) {unknown} that {model.__name__} does not have; add "
+                "them to the state model or leave them out.",
+                workflow_type=workflow_type,
+            )
         try:
-            return definition.state_model.model_validate(initial_data or {})
+            state = model.model_validate(data)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or '(data)'}: {e['msg']}"
                 for e in exc.errors()[:5]
             )
             raise InvalidData(
-                f"Initial data does not fit {definition.state_model.__name__}: {problems}.",
+                f"Initial data does not fit {model.__name__}: {problems}.",
                 workflow_type=workflow_type,
             ) from None
+        state_json = state.model_dump_json()
+        size = _oversize(state_json, self.max_state_bytes)
+        if size is not None:
+            raise InvalidData(
+                f"The initial data is {_size_text(size)} of JSON; the limit is "
+                f"{_size_text(self.max_state_bytes or 0)} (max_state_bytes). Send less, or raise "
+                "max_state_bytes in the agent config.",
+                workflow_type=workflow_type,
+            )
+        return state, state_json
 
     async def create_workflow(
         self,
@@ -938,7 +1021,7 @@ class WorkflowBuilder:
             existing = self._live.get(workflow_id)
             if existing is not None and existing.store is store:
                 return existing
-        state = self.validate_data(workflow_type, initial_data)
+        state, state_json = self._initial_state(workflow_type, initial_data)
         wid = workflow_id or new_workflow_id()
         saga_on = definition.spec.saga_mode if saga_mode is None else saga_mode
         progress = saga.start(self._plan_for(definition), saga=saga_on)
@@ -951,6 +1034,7 @@ class WorkflowBuilder:
             state=state,
             progress=progress,
             created_at=now,
+            state_json=state_json,
         )
         pending = _Pending()
         wf._event(pending, "workflow_started", now, step=progress.next_step)

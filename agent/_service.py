@@ -86,7 +86,9 @@ class Agent:
             self.board = self._open_board()
             defs: list[Path] = [bundled_definitions_dir()] if cfg.include_bundled else []
             defs.extend(cfg.definitions)
-            self.builder = WorkflowBuilder(definitions=defs, hardware=self.board)
+            self.builder = WorkflowBuilder(
+                definitions=defs, hardware=self.board, max_state_bytes=cfg.max_state_bytes
+            )
             self.control = Control(
                 builder=self.builder,
                 store=self.store,

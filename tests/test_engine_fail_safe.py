@@ -1,5 +1,5 @@
 """Fail safe at the engine level: shutdown while a workflow waits for a lease, an exception escaping
-a workflow's driver (issue 10).
+a workflow's driver, a state too big to store, unknown fields in initial data (issue 10).
 
 Real parts: a SQLite file in ``tmp_path`` and a board on gpiozero's MockFactory. The agent-process
 versions of the first two are in ``test_fail_safe.py``.
@@ -20,12 +20,16 @@ import pytest
 import yaml
 
 from agent import SQLiteStore, WorkflowBuilder
+from agent._config import AgentConfig
 from agent._engine import Workflow
+from agent._errors import InvalidData
 from agent._runner import Runner
 from agent._store import JournalStart, Transition
 from hardware import Board
-from tests._engine_fixtures import STEPS
+from tests._engine_fixtures import MODEL, STEPS, write_definition
+from tests._engine_fixtures import step as engine_step
 from tests._hw_fixtures import states
+from tests.workflows.engine.models import EngineState
 
 HOLD = "tests.workflows.hw.steps.hold"
 SET = "hardware.steps.set_output"
@@ -313,3 +317,126 @@ async def test_when_even_the_failure_cannot_be_committed_retry_still_acts(
         assert rec is not None
         assert rec.status == "COMPLETED"
     assert states(board, "valve") == [False, True, False, True, False]
+
+
+# -- #8: the state size limit ----------------------------------------------------------------------
+
+
+def big_note(state: Any, context: Any, *, size: int) -> dict[str, Any]:
+    """A step whose result makes the state ``size`` characters bigger."""
+    return {"note": "x" * size}
+
+
+BIG = f"{__name__}.big_note"
+
+
+def _big_definition(directory: Path, size: int) -> Path:
+    return write_definition(
+        directory,
+        [
+            engine_step("First", "record", "undo", automate_next=True),
+            {"name": "Big", "function": BIG, "params": {"size": size}},
+        ],
+        saga_mode=True,
+    )
+
+
+async def test_a_step_result_beyond_the_default_limit_fails_the_step_and_rolls_back(
+    tmp_path: Path,
+) -> None:
+    _big_definition(tmp_path, 2 * 1024 * 1024)
+    builder = WorkflowBuilder(definitions=[tmp_path])
+    async with SQLiteStore(tmp_path / "db") as store:
+        wf = await builder.start_workflow("EngineTest", store=store)
+        rec = await store.load_instance(wf.id)
+        journal = await store.journal(wf.id)
+    assert wf.status == "FAILED_ROLLED_BACK"  # saga rules apply
+    assert wf.error is not None
+    assert wf.error.startswith("Step 'Big' returned a state of 2.0 MiB of JSON; the limit is 1 MiB")
+    assert "max_state_bytes" in wf.error
+    assert [(j.step, j.phase, j.outcome) for j in journal] == [
+        ("First", "forward", "completed"),
+        ("Big", "forward", "failed"),
+        ("First", "compensate", "completed"),
+    ]
+    assert rec is not None
+    assert rec.state["note"] is None  # nothing of the oversized result was stored
+    assert wf.state.note is None
+
+
+async def test_the_limit_is_configurable_and_counts_utf8_bytes(tmp_path: Path) -> None:
+    write_definition(
+        tmp_path,
+        [{"name": "Big", "function": BIG, "params": {"size": 3000}}],
+    )
+    async with SQLiteStore(tmp_path / "db") as store:
+        small = WorkflowBuilder(definitions=[tmp_path], max_state_bytes=4096)
+        fits = await small.start_workflow("EngineTest", store=store)
+        assert fits.status == "COMPLETED"
+        tight = WorkflowBuilder(definitions=[tmp_path], max_state_bytes=2048)
+        wf = await tight.start_workflow("EngineTest", store=store)
+        assert wf.status == "FAILED"
+        assert wf.error is not None
+        assert "the limit is 2 KiB (max_state_bytes)" in wf.error
+        # 1000 characters of three UTF-8 bytes each are 3000 bytes, over a 2 KiB limit
+        with pytest.raises(InvalidData) as caught:
+            await tight.create_workflow("EngineTest", {"note": "€" * 1000}, store=store)
+    as_json = EngineState(note="€" * 1000).model_dump_json()
+    assert len(as_json) < 2048 < len(as_json.encode())  # over the limit in bytes, not characters
+    size = f"{len(as_json.encode()) / 1024:.1f} KiB"
+    assert str(caught.value).startswith(f"The initial data is {size} of JSON; the limit is 2 KiB")
+    assert AgentConfig().max_state_bytes == 1024 * 1024
+
+
+async def test_oversized_initial_data_is_refused_and_nothing_is_stored(tmp_path: Path) -> None:
+    write_definition(tmp_path, [engine_step("Only", "record")])
+    builder = WorkflowBuilder(definitions=[tmp_path])
+    async with SQLiteStore(tmp_path / "db") as store:
+        with pytest.raises(InvalidData) as caught:
+            await builder.create_workflow("EngineTest", {"note": "x" * (1024 * 1024)}, store=store)
+        assert await store.list_instances() == []
+    message = str(caught.value)
+    assert message.startswith("The initial data is 1.0 MiB of JSON; the limit is 1 MiB")
+    assert "max_state_bytes" in message
+
+
+# -- #9: unknown fields in initial data ------------------------------------------------------------
+
+
+async def test_unknown_fields_in_initial_data_are_rejected_like_in_a_step_result(
+    tmp_path: Path,
+) -> None:
+    write_definition(tmp_path, [engine_step("Only", "record")])
+    builder = WorkflowBuilder(definitions=[tmp_path])
+    async with SQLiteStore(tmp_path / "db") as store:
+        with pytest.raises(InvalidData) as caught:
+            await builder.create_workflow(
+                "EngineTest", {"count": 2, "colour": "red", "amount": 1}, store=store
+            )
+        assert await store.list_instances() == []
+    assert str(caught.value) == (
+        "Initial data has field(s) ['amount', 'colour'] that EngineState does not have; "
+        "add them to the state model or leave them out."
+    )
+    with pytest.raises(InvalidData):
+        builder.validate_data("EngineTest", {"colour": "red"})  # what `start` checks first
+    assert builder.validate_data("EngineTest", {"count": 2}).count == 2  # type: ignore[attr-defined]
+
+
+async def test_a_state_model_allowing_extras_keeps_them(tmp_path: Path) -> None:
+    module = tmp_path / "extras_models.py"
+    module.write_text(
+        "from pydantic import BaseModel, ConfigDict\n"
+        "class Loose(BaseModel):\n"
+        "    model_config = ConfigDict(extra='allow')\n"
+        "    count: int = 0\n",
+        encoding="utf-8",
+    )
+    write_definition(tmp_path, [engine_step("Only", "record")])
+    text = (tmp_path / "EngineTest.yaml").read_text().replace(MODEL, "extras_models.Loose")
+    (tmp_path / "EngineTest.yaml").write_text(text)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(pytest.MonkeyPatch.context()).syspath_prepend(str(tmp_path))
+        builder = WorkflowBuilder(definitions=[tmp_path / "EngineTest.yaml"])
+        state = builder.validate_data("EngineTest", {"count": 1, "colour": "red"})
+    assert state.model_dump() == {"count": 1, "colour": "red"}
