@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent._definition import bundled_definitions_dir, discover, load_definition
 from agent._engine import Workflow, WorkflowBuilder
-from agent._errors import AgentError, WorkflowNotFound
+from agent._errors import AgentError, StoreError, WorkflowNotFound
 from agent._startup import resume_gc
 from agent._status import WorkflowStatus
 from agent._store import SQLiteStore
@@ -95,11 +97,32 @@ def _socket(args: argparse.Namespace) -> Path:
 
 
 def _agent(args: argparse.Namespace) -> Path | None:
-    """The control socket of a running agent for this database, or None."""
+    """The control socket of a running agent for this database, or None.
+
+    A socket this user may not open is no reason to work on the database directly: an agent may
+    be running behind it, so that is an error that says how to get access."""
     from agent._socket import agent_listening
 
     path = _socket(args)
-    return path if agent_listening(path) else None
+    try:
+        listening = agent_listening(path)
+    except PermissionError:
+        raise UsageError(
+            f"This user lacks permission to open the agent's control socket {path}: add the user "
+            f"to the group {_socket_group(path)} (sudo usermod -aG {_socket_group(path)} $USER, "
+            "then log in again), or run the command with sudo."
+        ) from None
+    return path if listening else None
+
+
+def _socket_group(path: Path) -> str:
+    """The group that may use the socket (the agent's group; ``edgesaga`` under systemd)."""
+    import grp
+
+    try:
+        return grp.getgrgid(path.stat().st_gid).gr_name
+    except (OSError, KeyError):
+        return "edgesaga"
 
 
 def _remote(path: Path, command: str, **fields: Any) -> dict[str, Any]:
@@ -116,8 +139,16 @@ def _remote(path: Path, command: str, **fields: Any) -> dict[str, Any]:
     return reply
 
 
+def _not_a_directory(path: Path) -> Path:
+    if path.is_dir():
+        raise UsageError(
+            f"{path} is a directory, not a database file; give a file, e.g. --db {path / 'edgesaga.db'}."
+        )
+    return path
+
+
 def _open_store(args: argparse.Namespace, *, write: bool) -> SQLiteStore:
-    path = _db(args)
+    path = _not_a_directory(_db(args))
     if not write:
         if not path.exists():
             raise UsageError(
@@ -277,7 +308,7 @@ async def _demo_payment(builder: WorkflowBuilder, store: SQLiteStore, *, fail: b
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    db = _db(args)
+    db = _not_a_directory(_db(args))
     if args.log_level.upper() == "WARNING":
         # The demo fails on purpose; its story says so, the warning lines would only repeat it.
         logging.getLogger("edgesaga.workflow").setLevel(logging.ERROR)
@@ -663,15 +694,95 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = asyncio.run(args.func(args))
         return code
+    except BrokenPipeError:
+        # Only stdout raises it (the socket client turns its own into ConnectionError): the
+        # reader went away, as `edgesaga list | head` does. Nothing is left to tell it, so end
+        # quietly, and keep the interpreter's final flush from trying again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (AgentError, UsageError, HardwareError) as exc:
-        print(f"edgesaga: error: {exc}", file=sys.stderr)
+        sentence = str(exc)
+        if isinstance(exc, StoreError):
+            sentence = _with_database_fix(sentence)
+        print(f"edgesaga: error: {sentence}", file=sys.stderr)
         return 2
     except (ConnectionError, TimeoutError) as exc:
         print(f"edgesaga: error: talking to the agent failed: {exc}", file=sys.stderr)
         return 2
+    except sqlite3.Error as exc:
+        fix = _database_fix(str(exc))
+        if fix is None:
+            raise  # not a known trouble with the file: a bug, shown with its traceback
+        print(
+            f"edgesaga: error: Cannot use the database {_db_path(args)}: {exc}; {fix}.",
+            file=sys.stderr,
+        )
+        return 2
+    except OSError as exc:
+        explained = _os_error_sentence(exc)
+        if explained is None:
+            raise
+        print(f"edgesaga: error: {explained}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edgesaga: interrupted", file=sys.stderr)
         return 130
+
+
+# What a user can do about the file-system troubles that reach the command line, by the message
+# SQLite gives (in a sqlite3 error, or at the end of the store's "Cannot open the database" error)
+# and by errno. Anything else is not a user's mistake and keeps its traceback.
+_AS_OWNER = "run edgesaga as their owner (e.g. sudo -u edgesaga edgesaga ...)"
+_DATABASE_FIXES = {
+    "attempt to write a readonly database": (
+        f"this user may not write it, its -wal and -shm files or its directory; {_AS_OWNER}, "
+        "or give --db a file this user may write"
+    ),
+    "unable to open database file": (
+        "this user may not open it, or not create its -wal and -shm files beside it; "
+        f"{_AS_OWNER}, or check the path"
+    ),
+    "disk I/O error": "check that the path names a file and that its disk is healthy",
+    "file is not a database": "give --db (or the config's database) the edgesaga database file",
+    "database disk image is malformed": "the file is damaged: restore it from a backup",
+}
+_OS_FIXES = {
+    errno.EACCES: "run edgesaga as a user who may use it (e.g. with sudo), or change its permissions",
+    errno.EPERM: "run edgesaga as a user who may use it (e.g. with sudo), or change its permissions",
+    errno.EROFS: "choose a path on a writable file system",
+    errno.ENOENT: "check the path on the command line and in the config",
+    errno.ENOTDIR: "check the path on the command line and in the config",
+    errno.EISDIR: "give the path of a file instead",
+    errno.ENOSPC: "free some space on that disk",
+}
+
+
+def _database_fix(message: str) -> str | None:
+    known = message.rstrip(".")
+    return next((fix for text, fix in _DATABASE_FIXES.items() if known.endswith(text)), None)
+
+
+def _with_database_fix(sentence: str) -> str:
+    fix = _database_fix(sentence)
+    return f"{sentence.rstrip('.')}; {fix}." if fix else sentence
+
+
+def _db_path(args: Any) -> str:  # argparse.Namespace, or SimpleNamespace for `run`
+    try:
+        return str(_db(args))
+    except Exception:  # the config that names it is the trouble; the message says enough
+        return "(from the config)"
+
+
+def _os_error_sentence(exc: OSError) -> str | None:
+    if exc.errno is None:
+        # Raised with a sentence of ours (a control_socket path that is not a socket, ...).
+        return str(exc) if len(exc.args) == 1 and isinstance(exc.args[0], str) else None
+    fix = _OS_FIXES.get(exc.errno)
+    if fix is None:
+        return None
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror}{where}; {fix}."
 
 
 if __name__ == "__main__":  # pragma: no cover

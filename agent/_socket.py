@@ -104,17 +104,21 @@ class ControlServer:
 
 def request(path: Path, command: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
     """Send one command to a running agent (blocking; for the CLI). Raises ``OSError`` when no agent
-    listens on ``path``."""
+    listens on ``path``, and ``ConnectionError`` (never ``BrokenPipeError``, which the CLI keeps
+    for its own stdout) when the agent drops the connection."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(json.dumps({"command": command, **fields}).encode() + b"\n")
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+        try:
+            s.sendall(json.dumps({"command": command, **fields}).encode() + b"\n")
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except BrokenPipeError:
+            buf = b""
     if not buf:
         raise ConnectionError(f"The agent at {path} closed the connection without a reply.")
     reply: dict[str, Any] = json.loads(buf)
@@ -122,13 +126,16 @@ def request(path: Path, command: str, timeout: float = 30.0, **fields: Any) -> d
 
 
 def agent_listening(path: Path) -> bool:
-    """True when an agent accepts connections on ``path``."""
-    if not path.exists():
-        return False
+    """True when an agent accepts connections on ``path``, False when nothing listens there.
+
+    Raises ``PermissionError`` when this user may not open the socket (or reach its directory):
+    an agent may well be running, so "no agent" would be the wrong answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(1.0)
         try:
             s.connect(str(path))
+        except PermissionError:
+            raise
         except OSError:
             return False
     return True

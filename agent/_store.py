@@ -440,8 +440,7 @@ class SQLiteStore:
                 raise StoreError(
                     f"No database at {self.path}. Start a workflow first, or pass --db PATH."
                 )
-            uri = f"file:{self.path}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=True)
+            conn = _connect_readonly(self.path)
         else:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
@@ -1131,6 +1130,31 @@ def _expanded(
     whole.update(payload)
     whole["seq"] = seq
     return whole
+
+
+def _connect_readonly(path: str) -> sqlite3.Connection:
+    """A read-only connection, also to a database in a directory this user may not write.
+
+    There SQLite cannot create the -shm file a WAL database shares with its writers, and refuses
+    even to read. Without a -shm file and without changes in a -wal file, no writer has the file
+    open and the database file alone holds every commit: then it is read as immutable (a writer
+    starting meanwhile could show this one read a torn page, never change the file)."""
+
+    def connect(query: str) -> sqlite3.Connection:
+        uri = f"file:{path}?{query}"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=True)
+
+    conn = connect("mode=ro")
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.OperationalError:
+        wal = Path(path + "-wal")
+        if Path(path + "-shm").exists() or (wal.exists() and wal.stat().st_size > 0):
+            conn.close()
+            raise
+        conn.close()
+        conn = connect("mode=ro&immutable=1")
+    return conn
 
 
 def _wrap(exc: Exception, path: str) -> Exception:
