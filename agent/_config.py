@@ -170,6 +170,8 @@ class AgentConfig(BaseModel):
     include_bundled: bool = True
     max_concurrent: int = Field(4, ge=1, le=1000)
     grace_period: float = Field(10.0, ge=0)
+    #: Seconds a workflow stalled by a full disk keeps its outputs; then they go safe.
+    disk_full_grace: float = Field(60.0, ge=0)
     max_state_bytes: int = Field(
         1024 * 1024,
         ge=1024,

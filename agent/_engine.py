@@ -856,20 +856,51 @@ class Workflow:
     async def _commit(self, pending: _Pending, at: float) -> None:
         tr = self._transition(pending, at)
         delay = 0.5
+        stalled: float | None = None  # time.monotonic() of the first full-disk failure
+        made_safe = False
         while True:
             try:
                 await self.store.commit(tr)
                 break
             except DiskFull as exc:
                 # Nothing was written; the in-memory transition waits for space, then commits.
-                log.error("workflow %s: %s Retrying in %.0f s.", self.id, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                now = time.monotonic()
+                stalled = now if stalled is None else stalled
+                grace = self.store.disk_full_grace
+                if not made_safe and now - stalled >= grace:
+                    made_safe = True
+                    self._disk_full_safe(now - stalled)
+                wait = delay if made_safe else min(delay, max(0.0, stalled + grace - now))
+                log.error("workflow %s: %s Retrying in %.1f s.", self.id, exc, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 5.0)
+        if stalled is not None:
+            log.warning("workflow %s: committed after the disk had space again; going on", self.id)
         self._state_json = tr.state_json
         pending.journal = []
         pending.events = []
         if self.status.is_terminal:
             self._finished.set()
+
+    def _disk_full_safe(self, stalled_for: float) -> None:
+        """A commit has waited ``stalled_for`` s for a full disk: the devices this workflow holds go
+        to their safe values (it keeps its leases, and goes on as after a restart once it commits)."""
+        resources = sorted(self._builder.leases.held_by(self.id))
+        hw = self._builder.hardware
+        if not resources or hw is None:
+            return
+        try:
+            hw.safe_state(resources)
+        except Exception:
+            log.exception("workflow %s: could not drive %s to their safe values", self.id, resources)
+            return
+        log.error(
+            "workflow %s: the disk has been full for %.0f s; %s set to their safe values while "
+            "its commit waits for space",
+            self.id,
+            stalled_for,
+            ", ".join(resources),
+        )
 
     async def _recover_inflight(self) -> None:
         """Mark an attempt cut short by the agent dying as interrupted (§6)."""

@@ -1087,6 +1087,17 @@ class MqttLink:
             )
         return dropped
 
+    async def publish_alert(self, payload: dict[str, Any]) -> bool:
+        """Publish an alert on ``alerts`` now, directly (QoS 1), not through the outbox: for news
+        the outbox cannot carry, such as a full disk. True once the broker acknowledged it; False
+        when not connected or not acknowledged within a few seconds."""
+        conn = self._conn
+        if conn is None or not conn.alive:
+            return False
+        fut = conn.publish(self.topics.alerts, _dumps(payload), qos=1)
+        done, _ = await asyncio.wait({fut}, timeout=_REPLY_TIMEOUT)
+        return bool(done) and fut.result().ok
+
     # -- retention ---------------------------------------------------------------------------------
     async def clear_state(self, workflow_ids: Iterable[str]) -> int:
         """Clear the retained state topics of pruned workflows (empty retained payloads).

@@ -22,14 +22,18 @@ from agent._config import AgentConfig
 from agent._control import Control
 from agent._definition import bundled_definitions_dir
 from agent._engine import WorkflowBuilder
+from agent._errors import DiskFull
 from agent._runner import Runner
 from agent._sdnotify import Notifier, watchdog_loop
 from agent._socket import ControlServer
 from agent._startup import resume_gc
 from agent._status import WorkflowStatus
-from agent._store import SQLiteStore
+from agent._store import SQLiteStore, iso
 
 log = logging.getLogger("edgesaga.agent")
+
+#: Seconds between two disk-full alerts while the disk stays full (the first goes out at once).
+DISK_ALERT_INTERVAL = 600.0
 
 
 _NO_HARDWARE = {
@@ -58,6 +62,8 @@ class Agent:
         self.link: Any = None
         self._stop = asyncio.Event()
         self.exit_code = 0
+        self._disk_alerted: float | None = None  # time.monotonic() of the last disk-full alert
+        self._disk_alert_task: asyncio.Task[None] | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -80,7 +86,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        self.store = SQLiteStore(cfg.database)
+        self.store = SQLiteStore(cfg.database, disk_full_grace=cfg.disk_full_grace)
+        self.store.add_disk_full_listener(self._on_disk_full)
         await self.store.open()  # DatabaseLocked when another agent drives this file
         try:
             self.board = self._open_board()
@@ -179,8 +186,47 @@ class Agent:
                 self.board.safe_state()
             for t in tasks:
                 t.cancel()
+            if self._disk_alert_task is not None:
+                self._disk_alert_task.cancel()
             if link_task is not None:
                 link_task.cancel()  # publishes offline and disconnects
+
+    # -- a full disk ---------------------------------------------------------------------------------
+    def _on_disk_full(self, error: DiskFull) -> None:
+        """A write found the disk full: an alert now, straight to the broker (the outbox is in the
+        database it cannot write), then at most one every DISK_ALERT_INTERVAL while it lasts."""
+        now = time.monotonic()
+        if self._disk_alerted is not None and now - self._disk_alerted < DISK_ALERT_INTERVAL:
+            return
+        self._disk_alerted = now
+        grace = self.config.disk_full_grace
+        message = (
+            f"{error} Workflows wait for space; the outputs they hold go to their safe values "
+            f"after {grace:g} s (disk_full_grace). Free space on that disk: work then goes on."
+        )
+        log.error(message)
+        if not self.config.mqtt.enabled:
+            return
+        payload = {
+            "seq": None,  # not numbered: it never was in the outbox
+            "at": iso(time.time()),
+            "alert": "disk_full",
+            "workflow_id": None,
+            "database": str(self.config.database),
+            "message": message,
+        }
+        if self._disk_alert_task is None or self._disk_alert_task.done():
+            self._disk_alert_task = asyncio.get_running_loop().create_task(
+                self._send_disk_alert(payload), name="disk-full-alert"
+            )
+
+    async def _send_disk_alert(self, payload: dict[str, Any]) -> None:
+        """Publish the alert once the link is connected, as long as the disk is still full."""
+        assert self.store is not None
+        while self.store.disk_full:
+            if self.link is not None and await self.link.publish_alert(payload):
+                return
+            await asyncio.sleep(1.0)
 
     # -- background loops --------------------------------------------------------------------------
     async def _healthy(self) -> bool:

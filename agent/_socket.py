@@ -98,7 +98,15 @@ class ControlServer:
                 return await extra(req)
             except Exception as exc:
                 return error_reply(req.get("request_id"), "invalid_command", str(exc))
-        reply, _ = await self._handle_raw(name, json.dumps(req).encode())
+        try:
+            reply, _ = await self._handle_raw(name, json.dumps(req).encode())
+        except Exception:
+            log.exception("the command handler failed on a %s command", name)
+            return error_reply(
+                req.get("request_id") if isinstance(req.get("request_id"), str) else None,
+                "internal_error",
+                "The agent failed to handle this command; see its log.",
+            )
         return reply
 
 

@@ -326,8 +326,15 @@ class SQLiteStore:
         readonly: bool = False,
         exclusive: bool = True,
         busy_timeout_ms: int = 5000,
+        disk_full_grace: float = 60.0,
     ) -> None:
         self.path = str(path)
+        #: Seconds a workflow whose commit finds the disk full keeps its outputs as they are; then
+        #: the engine drives them to their safe values (the commit still waits for space).
+        self.disk_full_grace = disk_full_grace
+        #: True from a write that found the disk full until a write commits again.
+        self.disk_full = False
+        self._disk_full_listeners: list[Callable[[DiskFull], None]] = []
         self.readonly = readonly
         self.exclusive = exclusive and not readonly and self.path != ":memory:"
         self.busy_timeout_ms = busy_timeout_ms
@@ -560,8 +567,10 @@ class SQLiteStore:
             outbox_grew = self._next_seq != seq_before
         else:
             outbox_grew = False
+        full = next((v for _, ok, v in results if not ok and isinstance(v, DiskFull)), None)
+        committed = bool(writes) and full is None
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, results, outbox_grew)
+        self._loop.call_soon_threadsafe(self._deliver, results, outbox_grew, full, committed)
 
     def _write_group(
         self, conn: sqlite3.Connection, writes: list[_Request]
@@ -613,8 +622,22 @@ class SQLiteStore:
         return outcomes
 
     def _deliver(
-        self, results: list[tuple[asyncio.Future[Any], bool, Any]], outbox_grew: bool
+        self,
+        results: list[tuple[asyncio.Future[Any], bool, Any]],
+        outbox_grew: bool,
+        full: DiskFull | None = None,
+        committed: bool = False,
     ) -> None:
+        if full is not None:
+            self.disk_full = True
+            for callback in list(self._disk_full_listeners):
+                try:
+                    callback(full)
+                except Exception:
+                    log.exception("a disk-full listener failed")
+        elif committed and self.disk_full:
+            self.disk_full = False
+            log.warning("%s: writes commit again (the disk has space)", self.path)
         for fut, ok, value in results:
             if ok:
                 _set_result(fut, value)
@@ -1022,6 +1045,11 @@ class SQLiteStore:
     def add_outbox_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` on the event loop whenever outbox items were committed."""
         self._outbox_listeners.append(callback)
+
+    def add_disk_full_listener(self, callback: Callable[[DiskFull], None]) -> None:
+        """Call ``callback(error)`` on the event loop whenever a write finds the disk full (the
+        outbox cannot carry the news: it is in the database)."""
+        self._disk_full_listeners.append(callback)
 
     # -- retention ---------------------------------------------------------------------------------
     async def prune(
