@@ -495,11 +495,15 @@ class SQLiteStore:
             conn = self._connect()
             self._next_seq = self._load_next_seq(conn)
         except BaseException as exc:
-            err = (
-                exc
-                if isinstance(exc, StoreError)
-                else StoreError(f"Cannot open the database {self.path}: {exc}")
-            )
+            err: BaseException
+            if isinstance(exc, StoreError):
+                err = exc
+            elif self.path != ":memory:" and _no_space(self.path):
+                # SQLite says "disk I/O error" when it cannot even create the -shm file (which
+                # reading needs too).
+                err = DiskFull(f"The disk holding {self.path} is full; free space on it first.")
+            else:
+                err = StoreError(f"Cannot open the database {self.path}: {exc}")
             loop.call_soon_threadsafe(_set_exception, ready, err)
             return
         self._conn = conn
@@ -1195,6 +1199,14 @@ def _wrap(exc: Exception, path: str) -> Exception:
         if "locked" in text or "busy" in text:
             return StoreError(f"The database {path} is busy or locked: {text}.")
     return exc
+
+
+def _no_space(path: str) -> bool:
+    """True when the file system holding ``path`` has no block left for this user."""
+    try:
+        return os.statvfs(os.path.dirname(os.path.abspath(path))).f_bavail == 0
+    except OSError:
+        return False
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:

@@ -292,3 +292,28 @@ async def test_the_agent_on_a_full_disk_alerts_at_once_and_every_path_gets_disk_
 
 def _log(agent: AgentProcess) -> str:
     return agent.log_text()
+
+
+async def test_the_cli_without_an_agent_says_the_disk_is_full_in_one_sentence(
+    tmp_path: Path, disk: SmallDisk
+) -> None:
+    config = write_config(tmp_path, database=str(disk.path / "edgesaga.db"))
+    first = await asyncio.to_thread(cli, config, "start", "ServiceQuick", "--id", "q-1")
+    assert first.returncode == 0, first  # the database exists, with one workflow
+    disk.fill()
+    args = ["start", "ServiceLong", "--data", json.dumps(BIG), "--id", "q-2"]
+    refused = await asyncio.to_thread(cli, config, *args)
+    assert refused.returncode == 2, refused
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("edgesaga: error: The disk holding"), refused.stderr
+    assert "is full" in refused.stderr
+    # SQLite cannot even open it to read (it needs a -shm file): the same sentence.
+    listed = await asyncio.to_thread(cli, config, "list")
+    assert listed.returncode == 2, listed
+    assert listed.stderr.startswith("edgesaga: error: The disk holding"), listed.stderr
+    assert "Traceback" not in refused.stderr + listed.stderr
+
+    disk.free()
+    listed = await asyncio.to_thread(cli, config, "list", "--json")
+    assert listed.returncode == 0, listed
+    assert [w["workflow_id"] for w in json.loads(listed.stdout)] == ["q-1"]  # nothing lost
