@@ -18,15 +18,20 @@ it never overwrites /etc/edgesaga/agent.yaml and restarts the service only if it
      (no login, home /var/lib/edgesaga), and adds the user to '$GPIO_GROUP'
   2. creates the virtualenv $PREFIX/venv (with system site-packages, so that
      Raspberry Pi OS's python3-lgpio is found) and pip-installs edgesaga into it
-  3. installs /etc/edgesaga/agent.yaml from systemd/agent.yaml if it does not exist,
-     and creates /etc/edgesaga/workflows
+  3. installs /etc/sysusers.d/edgesaga.conf and /etc/tmpfiles.d/edgesaga.conf (the user, and
+     the config's group, as systemd keeps them), /etc/edgesaga/agent.yaml from
+     systemd/agent.yaml if it does not exist (mode 0640, group $SERVICE_USER), and
+     /etc/edgesaga/workflows
   4. installs /etc/systemd/system/$UNIT, runs 'systemctl daemon-reload' and
      'systemctl enable --now edgesaga' (or 'restart' when it is already running)
 
 Options:
   --no-start       enable the service but do not start or restart it
-  --root DIR       install the files under DIR instead of / (image builds, tests): no users
-                   or groups are created, nothing is started, and root is not required
+  --root DIR       install into the image whose root is DIR instead of / (image builds, tests):
+                   nothing is started; the user and group are created in DIR's /etc when
+                   systemd-sysusers is there (else at the image's first boot). The venv runs the
+                   image's own Python at the build host's path: build from the same OS release
+                   and CPU architecture as the device, with python3 installed in DIR
   --python PYTHON  interpreter that creates the virtualenv (default: python3)
   --no-venv        leave $PREFIX/venv alone (you install edgesaga into it yourself)
   -h, --help       show this help
@@ -103,24 +108,58 @@ if [[ -z "$root" ]]; then
         usermod --append --groups "$GPIO_GROUP" "$SERVICE_USER"
     fi
 else
-    log "--root: not creating user $SERVICE_USER or group $GPIO_GROUP (create them on the device)"
+    log "--root: user $SERVICE_USER and group $GPIO_GROUP are made in the image (step 3)"
 fi
 
 # --- 2. virtualenv ----------------------------------------------------------------------------------
+# Under --root the venv is built in DIR$PREFIX/venv and then moved in place by rewriting the paths
+# in it (script shebangs, pyvenv.cfg, activate): on the device it lives at $PREFIX/venv. Its
+# bin/python links to the interpreter by its absolute path, which must be the image's own.
 if [[ "$venv" -eq 1 ]]; then
-    if [[ ! -x "$root$PREFIX/venv/bin/python" ]]; then
-        log "creating virtualenv $root$PREFIX/venv"
+    staged="$root$PREFIX/venv"
+    if [[ -n "$root" ]]; then
+        base="$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable))')" ||
+            die "cannot run $python; pass --python with the interpreter the venv should use."
+        [[ -n "$base" && -x "$root$base" ]] ||
+            die "--root: $root has no ${base:-python}, the interpreter the venv would run on the device; install python3 in the image (same OS release and architecture as this host), or pass --no-venv and run install.sh on the device."
+    fi
+    if [[ ! -x "$staged/bin/python" ]]; then
+        log "creating virtualenv $staged"
         mkdir -p "$root$PREFIX"
-        "$python" -m venv --system-site-packages "$root$PREFIX/venv"
+        "$python" -m venv --system-site-packages "$staged"
     fi
     log "installing edgesaga from $src"
-    "$root$PREFIX/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "$staged/bin/python" -m pip install --quiet --disable-pip-version-check \
         --upgrade "$src"
+    if [[ -n "$root" ]]; then
+        log "pointing the venv's scripts at $PREFIX/venv (their path on the device)"
+        pattern="$(printf '%s' "$staged" | sed 's/[][\\.*^$|&]/\\&/g')"
+        replacement="$(printf '%s' "$PREFIX/venv" | sed 's/[\\|&]/\\&/g')"
+        while IFS= read -r -d '' file; do
+            sed -i "s|$pattern|$replacement|g" "$file"
+        done < <(grep -rlIZFs -- "$staged" "$staged/pyvenv.cfg" "$staged/bin" || true)
+    fi
 fi
 install -d -m 0755 "$root$PREFIX/doc"
 install -m 0644 "$src/docs/deploy.md" "$root$PREFIX/doc/deploy.md"
 
 # --- 3. configuration --------------------------------------------------------------------------------
+# The user and group as systemd-sysusers declares them, and the config's owner and mode as
+# systemd-tmpfiles keeps them at every boot: an image gets both even when nothing ran in it yet.
+install -d -m 0755 "$root/etc/sysusers.d" "$root/etc/tmpfiles.d"
+install -m 0644 "$src/systemd/sysusers.conf" "$root/etc/sysusers.d/edgesaga.conf"
+install -m 0644 "$src/systemd/tmpfiles.conf" "$root/etc/tmpfiles.d/edgesaga.conf"
+group=""
+if [[ -z "$root" ]]; then
+    group="$SERVICE_USER"
+elif command -v systemd-sysusers >/dev/null; then
+    log "creating user $SERVICE_USER and group $GPIO_GROUP in $root/etc"
+    systemd-sysusers --root="$root" "$root/etc/sysusers.d/edgesaga.conf"
+    group="$(awk -F: -v name="$SERVICE_USER" '$1 == name { print $3 }' "$root/etc/group")"
+else
+    log "systemd-sysusers not found: the image creates user $SERVICE_USER at its first boot"
+fi
+
 install -d -m 0755 "$root/etc/edgesaga" "$root/etc/edgesaga/workflows"
 config="$root/etc/edgesaga/agent.yaml"
 if [[ -e "$config" ]]; then
@@ -128,10 +167,10 @@ if [[ -e "$config" ]]; then
 else
     log "installing example configuration $config (edit device_id and mqtt before starting)"
     install -m 0640 "$src/systemd/agent.yaml" "$config"
-    if [[ -z "$root" ]]; then
-        # Readable by the service, which runs as $SERVICE_USER; not by other users.
-        chgrp "$SERVICE_USER" "$config"
-    fi
+fi
+if [[ -n "$group" ]]; then
+    # Readable by the service, which runs as $SERVICE_USER; not by other users.
+    chgrp "$group" "$config"
 fi
 
 # --- 4. systemd unit ------------------------------------------------------------------------------------

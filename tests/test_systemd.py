@@ -295,6 +295,8 @@ def test_install_into_a_root_directory_is_idempotent(tmp_path: Path) -> None:
     config = root / "etc/edgesaga/agent.yaml"
     assert config.read_text() == EXAMPLE_CONFIG.read_text()
     assert stat.S_IMODE(config.stat().st_mode) == 0o640  # may hold a broker user name
+    assert (root / "etc/sysusers.d/edgesaga.conf").is_file()
+    assert (root / "etc/tmpfiles.d/edgesaga.conf").is_file()
     assert (root / "etc/edgesaga/workflows").is_dir()
     installed_unit = root / "etc/systemd/system/edgesaga.service"
     assert installed_unit.read_text() == UNIT.read_text()
@@ -321,6 +323,7 @@ def test_install_creates_the_venv_once_and_pip_installs_the_source_tree(tmp_path
     fake_python.write_text(
         "#!/bin/sh\n"
         'echo "$*" >> "$FAKE_PYTHON_LOG"\n'
+        'if [ "$1" = "-c" ]; then echo /usr/bin/python3; fi\n'  # where it is in the image
         'if [ "$1 $2" = "-m venv" ]; then\n'
         '  for last in "$@"; do :; done\n'
         '  mkdir -p "$last/bin" && cp "$0" "$last/bin/python"\n'
@@ -328,16 +331,21 @@ def test_install_creates_the_venv_once_and_pip_installs_the_source_tree(tmp_path
     )
     fake_python.chmod(0o755)
     root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/python3").symlink_to(fake_python)
     env = {**TOOL_ENV, "FAKE_PYTHON_LOG": str(log)}
     venv = root / "opt/edgesaga/venv"
     pip_call = f"-m pip install --quiet --disable-pip-version-check --upgrade {ROOT}"
+    where = "-c import os, sys; print(os.path.realpath(sys.executable))"
 
     for _ in range(2):
         result = _install("--root", str(root), "--python", str(fake_python), env=env)
         assert result.returncode == 0, result.stderr
 
     assert log.read_text().splitlines() == [
+        where,
         f"-m venv --system-site-packages {venv}",
         pip_call,
+        where,
         pip_call,  # the second run reuses the venv and upgrades in place
     ]
