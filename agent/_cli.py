@@ -421,6 +421,12 @@ async def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_get(args: argparse.Namespace) -> int:
+    """``show --json``, by the name of the MQTT and socket command that returns the same JSON."""
+    args.json = True
+    return await cmd_show(args)
+
+
 async def cmd_recover(args: argparse.Namespace) -> int:
     with _local(args) as builder:
         async with _open_store(args, write=True) as store:
@@ -594,7 +600,16 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp.set_defaults(func=cmd_validate)
 
-    sp = sub.add_parser("start", help="start a workflow and run it in this process (persisted)")
+    sp = sub.add_parser(
+        "start",
+        help="start a workflow (through a running agent, else run it here to its end)",
+        description=(
+            "Start a workflow. With a running agent (its control socket answers) the agent runs it: "
+            "this prints the agent's reply at once, status ACTIVE; follow it with `edgesaga show ID`. "
+            "Without one it runs here to its end, is journaled in the database, prints its final "
+            "snapshot and exits 0 if it COMPLETED, else with exit code 3."
+        ),
+    )
     sp.add_argument("workflow_type")
     sp.add_argument("--data", help="initial state as JSON, or @file.json")
     sp.add_argument("--saga", action="store_true", help="enable saga mode (compensate on failure)")
@@ -618,7 +633,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_show)
 
     sp = sub.add_parser(
-        "recover", help="resume every ACTIVE and COMPENSATING workflow in this process"
+        "get", help="one workflow as JSON: what the get command returns over MQTT (show --json)"
+    )
+    sp.add_argument("workflow_id")
+    with_db(sp)
+    sp.set_defaults(func=cmd_get)
+
+    sp = sub.add_parser(
+        "recover",
+        help="with no agent running: resume every ACTIVE and COMPENSATING workflow here",
     )
     with_db(sp)
     with_defs(sp)
@@ -631,7 +654,10 @@ def _parser() -> argparse.ArgumentParser:
     with_defs(sp)
     sp.set_defaults(func=cmd_cancel)
 
-    sp = sub.add_parser("retry", help="retry a FAILED or COMPENSATION_FAILED workflow")
+    sp = sub.add_parser(
+        "retry",
+        help="retry a FAILED or COMPENSATION_FAILED workflow (no agent: here; exit code 3 unless it COMPLETED)",
+    )
     sp.add_argument("workflow_id")
     with_db(sp)
     with_defs(sp)

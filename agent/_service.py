@@ -77,8 +77,12 @@ class Agent:
         from hardware import Board
 
         board = Board.from_config(hw)
-        board.safe_state()  # before recovery: whatever ran before a crash is switched off first
-        log.info("outputs set to their safe values: %s", board.snapshot())
+        # Before recovery: whatever ran before a crash is switched off first.
+        applied = board.safe_state()
+        log.info(
+            "outputs set to their safe values: %s",
+            ", ".join(f"{name}={value}" for name, value in applied.items()) or "(no outputs)",
+        )
         return board
 
     async def run(self) -> int:
@@ -86,6 +90,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        if cfg.hardware is not None:
+            from hardware import Board
+
+            # The pin factory first (a board without devices claims no pin): a config written for
+            # a Pi fails here on a desktop, before the database or its directory is created.
+            Board(devices={}, pin_factory=cfg.hardware.pin_factory).close()
         self.store = SQLiteStore(cfg.database, disk_full_grace=cfg.disk_full_grace)
         self.store.add_disk_full_listener(self._on_disk_full)
         await self.store.open()  # DatabaseLocked when another agent drives this file

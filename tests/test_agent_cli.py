@@ -208,6 +208,39 @@ def test_set_input_over_the_socket_parses_strictly(running: tuple[Path, AgentPro
     assert agent.request("pins")["pins"]["door"] is True
 
 
+def test_get_prints_the_workflow_as_json_through_the_agent(
+    running: tuple[Path, AgentProcess],
+) -> None:
+    config, agent = running
+    wid = agent.start("ServiceQuick", {"seconds": 1})
+    agent.wait_status(wid, "COMPLETED")
+    info = json.loads(_ok(cli(config, "get", wid)))
+    assert (info["workflow_id"], info["status"]) == (wid, "COMPLETED")
+    assert [j["step"] for j in info["journal"]] == ["Step_One", "Step_Two"]
+    assert info["state"]["done"] == ["Step_One", "Step_Two"]
+    missing = cli(config, "get", "no-such-id")
+    assert missing.returncode == 2
+    assert "no-such-id" in missing.stderr
+
+
+def test_agent_logs_the_outputs_it_set_safe_not_the_inputs(
+    running: tuple[Path, AgentProcess],
+) -> None:
+    _, agent = running
+    line = next(
+        row for row in agent.log_text().splitlines() if "outputs set to their safe values" in row
+    )
+    assert line.endswith("outputs set to their safe values: lamp=False"), line
+
+
+def test_start_help_says_what_happens_with_and_without_an_agent(tmp_path: Path) -> None:
+    text = _ok(cli(write_config(tmp_path), "start", "--help"))
+    assert "run it in this process" not in text
+    assert "With a running agent" in text
+    assert "status ACTIVE" in text
+    assert "exit code 3" in text
+
+
 def test_second_agent_on_the_same_database_refuses_to_start(
     running: tuple[Path, AgentProcess],
 ) -> None:
@@ -238,6 +271,44 @@ def test_without_an_agent_start_runs_in_process_and_list_reads_the_database(tmp_
     rows = json.loads(_ok(cli(config, "list", "--json")))
     assert [(r["workflow_id"], r["status"]) for r in rows] == [(wid, "COMPLETED")]
     assert "timeline" in _ok(cli(config, "show", wid))
+
+
+def test_without_an_agent_get_reads_the_database(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    wid = json.loads(_ok(cli(config, "start", "ServiceQuick", "--definitions", str(SERVICE_DEFS))))[
+        "workflow_id"
+    ]
+    info = json.loads(_ok(cli(config, "get", wid)))
+    assert (info["workflow_id"], info["status"]) == (wid, "COMPLETED")
+    assert json.loads(_ok(cli(config, "show", wid, "--json"))) == info
+
+
+def test_the_readme_desktop_config_runs_on_mock_pins(tmp_path: Path) -> None:
+    from agent._config import load_config
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("save this as `agent.yaml`", 1)[1].split("```yaml\n", 1)[1]
+    path = tmp_path / "agent.yaml"
+    path.write_text(block.split("```", 1)[0])
+    cfg = load_config(path, environ={})
+    assert cfg.mqtt.enabled is False
+    assert cfg.hardware is not None
+    assert cfg.hardware.pin_factory == "mock"
+    assert sorted(cfg.hardware.devices) == ["level", "pump", "valve"]
+    assert cfg.database == tmp_path / ".edgesaga" / "edgesaga.db"  # beside it, not in /var/lib
+
+
+def test_run_with_pins_it_cannot_open_creates_no_database(tmp_path: Path) -> None:
+    """A desktop with the Pi's config: the pin factory fails first, before anything is created."""
+    config = write_config(
+        tmp_path,
+        hardware={"pin_factory": "lgpio", "devices": {"lamp": {"kind": "output", "pin": 17}}},
+        logging={"level": "WARNING", "format": "text"},
+    )
+    result = cli(config, "run")
+    assert result.returncode == 2, result
+    assert "pin_factory: mock" in result.stderr
+    assert not (tmp_path / "state").exists()  # the database's directory, and so the database
 
 
 def test_without_an_agent_retry_runs_in_process(tmp_path: Path) -> None:
