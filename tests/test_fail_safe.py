@@ -23,7 +23,6 @@ import pytest
 from tests.failsafe.harness import (
     IRRIGATION_STEPS,
     FailSafeAgent,
-    MqttLog,
     SmallDisk,
     failsafe_agent,
     mqtt_log,
@@ -173,12 +172,20 @@ def test_a_disk_that_stays_full_past_the_grace(
             ("Valve_On", "forward", "completed"),
             ("Hold", "forward", "started"),
         ]
-        alert = _disk_alert(mqtt)
-        assert str(disk.path) in alert["message"]
-        # a command meanwhile gets the documented error and creates nothing
-        refused = agent.request("start", workflow_type="FsQuick", data={})
-        assert refused["ok"] is False
-        assert refused["error"]["code"] == "disk_full"
+        # the alert went straight to the broker (the outbox, in the database, cannot be written)
+        alerts = mqtt.wait_for(
+            mqtt.alerts, lambda got: any(a["alert"] == "disk_full" for a in got), "a disk alert"
+        )
+        alert = next(a for a in alerts if a["alert"] == "disk_full")
+        assert alert["database"] == str(disk.path / "edgesaga.db")
+        assert alert["seq"] is None  # never in the outbox
+        # a command meanwhile gets the documented error, over the socket and MQTT, and creates nothing
+        for refused in (
+            agent.request("start", workflow_type="FsQuick", data={}),
+            mqtt.command("start", workflow_type="FsQuick", data={}),
+        ):
+            assert refused["ok"] is False, refused
+            assert refused["error"]["code"] == "disk_full", refused
 
         disk.free()
         agent.wait_status("H1", "COMPLETED", within=40)
@@ -193,17 +200,10 @@ def test_a_disk_that_stays_full_past_the_grace(
             "Q1",
             "H1",
         }
-        assert agent.start("FsQuick", workflow_id="Q2")  # work goes on
+        agent.start("FsQuick", workflow_id="Q2")  # work goes on
         agent.wait_status("Q2", "COMPLETED")
         agent.terminate()
         assert agent.wait_exit(within=15) == 0
-
-
-def _disk_alert(mqtt: MqttLog) -> dict[str, Any]:
-    alerts = mqtt.wait_for(
-        mqtt.alerts, lambda got: any("full" in a.get("message", "") for a in got), "a disk alert"
-    )
-    return next(a for a in alerts if "full" in a.get("message", ""))
 
 
 # -- (c) an exception escaping a workflow's driver ---------------------------------------------------
@@ -228,21 +228,24 @@ def test_an_exception_escaping_the_driver(tmp_path: Path, broker: Any, prefix: s
             "an alert about B1",
         )
         alert = next(a for a in alerts if a.get("workflow_id") == "B1")
-        assert "IntegrityError" in json.dumps(alert)
-        log = agent.wait_log("Traceback")
+        assert alert["alert"] == "internal_error"
+        assert "IntegrityError: UNIQUE constraint failed: journal.k (injected" in alert["error"]
+        log = agent.wait_log("Traceback (most recent call last)")
         assert "sqlite3.IntegrityError: UNIQUE constraint failed: journal.k (injected" in log
-
-        # an operator can act on it: retry (FAILED) or cancel (ACTIVE), and it ends
+        # the workflow is FAILED at the step it was in, and the operator's retry finishes it
         info = agent.get("B1")
-        if info["status"] == "FAILED":
-            reply = agent.request("retry", workflow_id="B1")
-            assert reply["ok"], reply
-            agent.wait_status("B1", "COMPLETED")
-        else:
-            assert info["status"] == "ACTIVE", info
-            reply = agent.request("cancel", workflow_id="B1")
-            assert reply["ok"], reply
-            agent.wait_status("B1", "CANCELLED")
+        assert info["status"] == "FAILED", info
+        assert "IntegrityError" in info["error"]
+        reply = agent.request("retry", workflow_id="B1")
+        assert reply["ok"], reply
+        agent.wait_status("B1", "COMPLETED")
+        assert agent.steps("B1") == [
+            ("Valve_On", "forward", "completed"),
+            ("Break_Store", "forward", "failed"),  # the attempt the exception ended
+            ("Break_Store", "forward", "completed"),
+            ("Valve_Off", "forward", "completed"),
+        ]
+        # retrying switched nothing on: Valve_On had completed and never runs again
         assert outputs(agent.history())["valve"] == [False, True, False]
 
         # the agent carries on: the same workflow runs again (the fault fires once) and ends
@@ -268,3 +271,46 @@ def test_sigkill_mid_step(tmp_path: Path) -> None:
     assert [o for s, _, _, o in journal(db, "I1")] == ["completed", "completed", "started"]
     assert journal(db, "I2") == []
     _restart_and_finish(config, "agent-restarted.log")
+
+
+def test_an_exception_escaping_the_driver_during_a_rollback(
+    tmp_path: Path, broker: Any, prefix: str
+) -> None:
+    config = write_config(tmp_path, broker_port=broker.port, prefix=prefix)
+    with mqtt_log(broker.port, prefix) as mqtt, failsafe_agent(config) as agent:
+        mqtt.wait_availability(b"online")
+        _quick(agent)
+        agent.start("FsBrokenRollback", workflow_id="R1")
+        agent.wait_log("IntegrityError: UNIQUE constraint failed: journal.k (injected")
+        poll(
+            agent.history,
+            lambda h: outputs(h)["valve"] == [False, True, False],
+            what="the valve switched off",
+        )
+        # the rollback stopped where the exception struck: COMPENSATION_FAILED, retryable
+        info = agent.wait_status("R1", "COMPENSATION_FAILED")
+        assert "IntegrityError" in info["error"]
+        alerts = mqtt.wait_for(
+            mqtt.alerts,
+            lambda got: any(a.get("workflow_id") == "R1" for a in got),
+            "an alert about R1",
+        )
+        alert = next(a for a in alerts if a.get("workflow_id") == "R1")
+        assert alert["alert"] == "internal_error"
+        assert "IntegrityError" in alert["error"]
+        assert "sqlite3.IntegrityError" in agent.wait_log("Traceback (most recent call last)")
+        reply = agent.request("retry", workflow_id="R1")
+        assert reply["ok"], reply
+        agent.wait_status("R1", "FAILED_ROLLED_BACK")
+        assert agent.steps("R1") == [
+            ("Valve_On", "forward", "completed"),
+            ("Arm", "forward", "completed"),
+            ("Fail", "forward", "failed"),
+            ("Arm", "compensate", "failed"),  # the attempt the exception ended
+            ("Arm", "compensate", "completed"),
+            ("Valve_On", "compensate", "completed"),
+        ]
+        assert outputs(agent.history())["valve"] == [False, True, False]
+        assert agent.steps("Q1") == QUICK_ROWS
+        agent.terminate()
+        assert agent.wait_exit(within=15) == 0

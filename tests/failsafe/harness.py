@@ -214,9 +214,11 @@ class MqttLog:
         )
         self.client.on_message = self._message
         self.client.on_subscribe = lambda *_a: subscribed.set()
+        #: Outside the agent's prefix, where the agent may send replies (``reply_to``).
+        self.replies = f"{prefix}-replies/{DEVICE_ID}"
         self.client.connect(HOST, port, 30)
         self.client.loop_start()
-        self.client.subscribe(f"{self.base}/#", qos=1)
+        self.client.subscribe([(f"{self.base}/#", 1), (self.replies, 1)])
         assert subscribed.wait(10), "no SUBACK from the broker"
 
     def _message(self, _c: Any, _u: Any, m: paho.MQTTMessage) -> None:
@@ -225,9 +227,23 @@ class MqttLog:
 
     def on(self, leaf: str) -> list[bytes]:
         """Payloads received on ``<base>/<leaf>``, oldest first."""
-        topic = f"{self.base}/{leaf}"
+        return self.on_topic(f"{self.base}/{leaf}")
+
+    def on_topic(self, topic: str) -> list[bytes]:
         with self._lock:
             return [p for t, p, _ in self.messages if t == topic]
+
+    def command(self, name: str, **fields: Any) -> dict[str, Any]:
+        """Publish ``cmd/<name>`` with ``reply_to`` set and return the agent's reply."""
+        request_id = f"mqtt-{uuid.uuid4()}"
+        body = {"request_id": request_id, "reply_to": self.replies, **fields}
+        self.client.publish(f"{self.base}/cmd/{name}", json.dumps(body), qos=1)
+        replies = self.wait_for(
+            lambda: [json.loads(p) for p in self.on_topic(self.replies)],
+            lambda got: any(r.get("request_id") == request_id for r in got),
+            f"the reply to {request_id}",
+        )
+        return dict(next(r for r in replies if r.get("request_id") == request_id))
 
     def alerts(self) -> list[dict[str, Any]]:
         return [json.loads(p) for p in self.on("alerts")]

@@ -55,6 +55,11 @@ async def note(state: Any, context: Any) -> None:
     _remember(context.hardware)
 
 
+async def fail(state: Any, context: Any) -> None:
+    """A step that always fails (the saga then compensates)."""
+    raise RuntimeError("the flow sensor reports no flow")
+
+
 async def hold(state: Any, context: Any) -> None:
     """Write ``state.mark`` ("<pid> attempt <n>"), then wait until ``state.release`` exists."""
     _remember(context.hardware)
@@ -68,7 +73,8 @@ _broken = False
 
 
 async def break_next_commit(state: Any, context: Any) -> None:
-    """Arm the fault: the next commit of this workflow (this step's result) raises."""
+    """Arm the fault: the next commit of this workflow (this step's result) raises. Used as a
+    compensation too, to make the fault strike during a rollback."""
     global _broken
     _remember(context.hardware)
     if _broken:
