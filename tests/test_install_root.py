@@ -20,14 +20,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-INSTALL = ROOT / "systemd" / "install.sh"
 PREFIX = "/opt/edgesaga/venv"
 BASE_PYTHON = os.path.realpath(sys.executable)  # what the venv's bin/python links to
 
 
-def _install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _source_tree(directory: Path) -> Path:
+    """A copy of the source tree: pip builds in the tree it installs, and this one is shared."""
+    copy = directory / "src"
+    shutil.copytree(
+        ROOT,
+        copy,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "*.egg-info",
+            "__pycache__",
+            ".*_cache",
+            ".hypothesis",
+            "tests",
+        ),
+    )
+    return copy
+
+
+def _install(root: Path, *args: str, src: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", str(INSTALL), "--root", str(root), *args],
+        ["bash", str(src / "systemd" / "install.sh"), "--root", str(root), *args],
         capture_output=True,
         text=True,
         env={**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""},
@@ -47,7 +66,7 @@ def _image_with_python(root: Path) -> None:
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("image")
     _image_with_python(root)
-    result = _install(root, "--python", BASE_PYTHON)
+    result = _install(root, "--python", BASE_PYTHON, src=_source_tree(tmp_path_factory.mktemp("s")))
     assert result.returncode == 0, result.stderr
     return root
 
