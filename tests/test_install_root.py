@@ -104,9 +104,11 @@ def test_the_venv_names_only_its_path_on_the_device(image: Path) -> None:
 
 
 def test_the_entry_point_runs_at_its_path_on_the_device(image: Path) -> None:
-    """/opt of a private mount namespace is the image's: the unit's ExecStart binary runs."""
+    """/opt of a private mount namespace is the image's and the staging directory is gone (an
+    empty tmpfs over it), as on the device: the unit's ExecStart binary runs."""
     script = (
-        f"mount --bind {image / 'opt'} /opt && {PREFIX}/bin/edgesaga --help && "
+        f"mount --bind {image / 'opt'} /opt && mount -t tmpfs staging {image} && "
+        f"{PREFIX}/bin/edgesaga --help && "
         f"{PREFIX}/bin/python -c 'import sys, agent._mqtt, gpiozero; print(sys.prefix)'"
     )
     result = subprocess.run(
