@@ -117,9 +117,20 @@ _PROTOCOL_LEVELS = frozenset({"cmd", "events", "alerts", "availability", "workfl
 
 
 def _unprintable(topic: str) -> bool:
-    """A NUL, control character (C0, DEL, C1) or lone surrogate: a broker drops the connection
-    of a client that publishes such a topic, or paho cannot encode it."""
-    return any(c < " " or "\x7f" <= c <= "\x9f" or "\ud800" <= c <= "\udfff" for c in topic)
+    """A NUL, control character (C0, DEL, C1), Unicode noncharacter (U+FDD0..U+FDEF, U+xFFFE,
+    U+xFFFF) or lone surrogate: Mosquitto drops the connection of a client that publishes to such a
+    topic ("malformed packet"), and paho cannot encode a surrogate."""
+    for c in topic:
+        n = ord(c)
+        if (
+            n < 0x20
+            or 0x7F <= n <= 0x9F
+            or 0xD800 <= n <= 0xDFFF
+            or 0xFDD0 <= n <= 0xFDEF
+            or n & 0xFFFE == 0xFFFE
+        ):
+            return True
+    return False
 
 
 def reply_refusal(topic: str, settings: MqttSettings) -> str | None:
@@ -137,7 +148,7 @@ def reply_refusal(topic: str, settings: MqttSettings) -> str | None:
     if "+" in topic or "#" in topic:
         return "contains a wildcard ('+' or '#'), which no one can publish to"
     if _unprintable(topic):
-        return "contains a control character or is not valid UTF-8"
+        return "contains a control character, a Unicode noncharacter or text that is not UTF-8"
     if topic.startswith("$"):
         return "starts with '$', which is reserved for the broker"
     prefix = settings.topic_prefix
@@ -899,7 +910,7 @@ class MqttLink:
             refusal = (
                 f"Commands must be published without the retain flag (a retained command runs "
                 f"again for every new subscriber); nothing was done. Clear it with an empty "
-                f"retained message on {topic}."
+                f"retained message on {topic[:300]}."
             )
             body = _peek_command(payload, self.settings.max_payload)
         else:
