@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from agent._definition import bundled_definitions_dir, discover, load_definition
+from agent._definition import bundled_definitions_dir, discover
 from agent._engine import Workflow, WorkflowBuilder
 from agent._errors import AgentError, StoreError, WorkflowNotFound
 from agent._startup import resume_gc
@@ -339,17 +339,43 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def cmd_validate(args: argparse.Namespace) -> int:
-    files = discover(args.paths)
-    if not files:
+    from agent._config import load_config
+    from agent._validate import check_definitions
+
+    cfg_path = _config_path(args)
+    cfg = load_config(cfg_path) if cfg_path else None
+    if not args.paths and cfg is None:
+        raise UsageError(
+            "Name the workflow definition files or directories to check, or give --config to "
+            "check the ones the agent would load."
+        )
+    checked = check_definitions(args.paths, config=cfg)
+    named: set[Path] = set()
+    for item in args.paths:
+        with contextlib.suppress(AgentError):  # a missing path is among the problems already
+            named.update(f.resolve() for f in discover([item]))
+    mismatched = {m.path for m in checked.mismatches}
+    shown = [
+        (f, d)
+        for f, d, bundled in checked.loaded
+        if (not bundled or f.resolve() in named) and str(f) not in mismatched
+    ]
+    problems = checked.all_problems()
+    if not shown and not problems:
         raise UsageError("No workflow definitions (YAML files with workflow_type) found there.")
     steps = 0
-    for f in files:
-        d = load_definition(f)
+    for f, d in shown:
         steps += len(d.steps)
         counted = _count(len(d.steps), "step")
         print(f"ok  {f}: {d.workflow_type} {d.version}, {counted}, hash {d.hash[:12]}")
-    print(f"{_count(len(files), 'workflow')}, {_count(steps, 'step')}")
-    return 0
+    for problem in problems:  # as every other error of the CLI: on stderr, exit status 2
+        print(f"edgesaga: error: {problem}", file=sys.stderr)
+    summary = f"{_count(len(shown), 'workflow')}, {_count(steps, 'step')}"
+    if problems:
+        files = _count(len(checked.bad_files()), "file")
+        summary += f"; {_count(len(problems), 'problem')} in {files}"
+    print(summary)
+    return 2 if problems else 0
 
 
 def _count(n: int, noun: str) -> str:
@@ -596,8 +622,21 @@ def _parser() -> argparse.ArgumentParser:
     with_db(sp)
     sp.set_defaults(func=cmd_demo)
 
-    sp = sub.add_parser("validate", help="load and check workflow definitions")
-    sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp = sub.add_parser(
+        "validate",
+        help="load and check workflow definitions as the agent would (exit status 2 on a problem)",
+    )
+    sp.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="definition file or directory (default with --config: the config's definitions)",
+    )
+    sp.add_argument(
+        "--config",
+        help="agent config: also check devices, resources and python_path against it, and the "
+        "definitions it loads (default: $EDGESAGA_CONFIG)",
+    )
     sp.set_defaults(func=cmd_validate)
 
     sp = sub.add_parser(

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent._definition import safe_load_yaml
+from agent._definition import YamlLimits, YamlRefused, read_yaml_text, safe_load_yaml
 from agent._errors import AgentError
 from hardware import BoardConfig
 
@@ -185,6 +185,8 @@ class AgentConfig(BaseModel):
     logging: LoggingSettings = LoggingSettings()
     mqtt: MqttSettings = MqttSettings(enabled=False)
     hardware: BoardConfig | None = None
+    yaml_limits: YamlLimits = YamlLimits()  # for definitions and devices files; this file: defaults
+    python_path: list[Path] | None = None  # None: the definitions directories
 
     @field_validator("hardware")
     @classmethod
@@ -254,11 +256,15 @@ def load_config(
         source = str(p)
         base = p.parent.resolve()
         try:
-            text = p.read_text(encoding="utf-8")
+            text = read_yaml_text(p)
+            loaded, _ = safe_load_yaml(text)
         except OSError as exc:
             raise ConfigError(f"Cannot read the config file {p}: {exc.strerror or exc}.") from None
-        try:
-            loaded, _ = safe_load_yaml(text)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: the config file is not UTF-8 text.") from None
+        except YamlRefused as exc:
+            where = f"{p}:{exc.line}" if exc.line else str(p)
+            raise ConfigError(f"{where}: {exc.reason}.") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
@@ -285,6 +291,9 @@ def load_config(
     updates: dict[str, Any] = {
         "database": _resolve(base, cfg.database),
         "definitions": [_resolve(base, d) for d in cfg.definitions],
+        "python_path": None
+        if cfg.python_path is None
+        else [_resolve(base, d) for d in cfg.python_path],
         "control_socket": _resolve(base, cfg.control_socket),
     }
     mqtt = cfg.mqtt

@@ -172,48 +172,170 @@ def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
     return line
 
 
+class YamlLimits(BaseModel):
+    """Bounds on every YAML file edgesaga reads (``yaml_limits`` in the agent config): its size in
+    bytes, its values (mapping keys, values and list items) counted once its aliases are expanded,
+    and how deeply they nest. They stop an alias bomb or a runaway file before memory does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: int = Field(1024 * 1024, ge=1)
+    max_nodes: int = Field(100_000, ge=1)
+    max_depth: int = Field(64, ge=1)
+
+
+DEFAULT_YAML_LIMITS = YamlLimits()
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class YamlRefused(yaml.YAMLError):  # type: ignore[misc]  # PyYAML ships no type hints
+    """Raised when a YAML file breaks a :class:`YamlLimits` bound or repeats a key in a mapping.
+
+    ``reason`` is one sentence saying what is wrong and what to do, ``line`` the 1-based line and
+    ``key`` the repeated key (or None)."""
+
+    def __init__(self, reason: str, line: int | None = None, *, key: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.line = line
+        self.key = key
+
+
+def _check_tree(root: yaml.Node, limits: YamlLimits) -> None:
+    """Count ``root``'s values as construction would see them (an alias counts again wherever it
+    is used), bound their depth, and refuse a key given twice in one mapping. Iterative and
+    stopped at the first bound, so an alias bomb or a self-referencing alias costs little."""
+    count = 0
+    keys_checked: set[int] = set()  # a mapping reached again through an alias is checked once
+    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        line = node.start_mark.line + 1
+        if count > limits.max_nodes:
+            raise YamlRefused(
+                f"the YAML has more than {limits.max_nodes} values once its aliases are expanded; "
+                "shorten it (an anchor used over and over multiplies its values) or raise "
+                "yaml_limits.max_nodes in the agent config",
+                line,
+            )
+        if depth > limits.max_depth:
+            raise YamlRefused(
+                f"the YAML is nested more than {limits.max_depth} levels deep (or an alias refers "
+                "to a mapping or list that contains it); flatten it or raise "
+                "yaml_limits.max_depth in the agent config",
+                line,
+            )
+        if isinstance(node, yaml.MappingNode):
+            if id(node) not in keys_checked:
+                keys_checked.add(id(node))
+                _refuse_duplicate_keys(node)
+            for key, value in node.value:
+                stack.append((value, depth + 1))
+                stack.append((key, depth + 1))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, depth + 1) for item in node.value)
+
+
+def _refuse_duplicate_keys(node: yaml.MappingNode) -> None:
+    seen: dict[tuple[str, str], int] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+            continue  # `<<: *base` may be overridden by the keys beside it: that is what it is for
+        line = key.start_mark.line + 1
+        first = seen.get((key.tag, key.value))
+        if first is not None:
+            where = f"on line {line}" if first == line else f"on lines {first} and {line}"
+            raise YamlRefused(
+                f"key {key.value!r} is given twice, {where}; a key may appear once in a mapping "
+                "(YAML would silently keep the last one), so remove one",
+                line,
+                key=key.value,
+            )
+        seen[(key.tag, key.value)] = line
+
+
+def read_yaml_text(path: Path, limits: YamlLimits = DEFAULT_YAML_LIMITS) -> str:
+    """The text of ``path``, refused with :class:`YamlRefused` once it is longer than
+    ``limits.max_bytes`` (read no further than that). Raises OSError and UnicodeDecodeError."""
+    with path.open("rb") as fh:
+        data = fh.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:
+        raise YamlRefused(
+            f"the file is larger than {limits.max_bytes} bytes; split it, or raise "
+            "yaml_limits.max_bytes in the agent config"
+        )
+    return data.decode("utf-8")
+
+
 # libyaml's parser when PyYAML was built with it (the wheels are): ~10x faster than the pure-Python
 # one, which took a sizeable share of `edgesaga run`'s start-up. Construction and tag resolution are
 # PyYAML's Python code either way, so both give the same data and the same node lines.
 _FAST_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def safe_load_yaml(text: str, *, compose: bool = False) -> tuple[Any, yaml.Node | None]:
+def safe_load_yaml(
+    text: str, *, compose: bool = False, limits: YamlLimits = DEFAULT_YAML_LIMITS
+) -> tuple[Any, yaml.Node | None]:
     """``yaml.safe_load(text)`` and, with ``compose``, ``yaml.compose(text)`` (the node tree that
     :func:`_line_of` reads), parsed by libyaml when available.
 
-    Text libyaml rejects is parsed again by the pure-Python loader, so an error (its message and its
-    line) reads exactly as PyYAML's own, and whatever PyYAML accepts is still accepted."""
+    The node tree is checked against ``limits`` and for keys given twice before anything is
+    constructed (:class:`YamlRefused`). Text libyaml rejects is parsed again by the pure-Python
+    loader, so an error (its message and its line) reads exactly as PyYAML's own, and whatever
+    PyYAML accepts is still accepted."""
+    if len(text) > limits.max_bytes:  # characters: at most as many as bytes
+        raise YamlRefused(
+            f"the YAML is larger than {limits.max_bytes} bytes; split it, or raise "
+            "yaml_limits.max_bytes in the agent config"
+        )
     try:
-        return _parse_yaml(text, _FAST_LOADER, compose=compose)
+        return _parse_yaml(text, _FAST_LOADER, compose=compose, limits=limits)
+    except YamlRefused:
+        raise
     except yaml.YAMLError:
         if _FAST_LOADER is yaml.SafeLoader:
             raise
-    return _parse_yaml(text, yaml.SafeLoader, compose=compose)
+    return _parse_yaml(text, yaml.SafeLoader, compose=compose, limits=limits)
 
 
-def _parse_yaml(text: str, loader_class: Any, *, compose: bool) -> tuple[Any, yaml.Node | None]:
+def _parse_yaml(
+    text: str, loader_class: Any, *, compose: bool, limits: YamlLimits
+) -> tuple[Any, yaml.Node | None]:
     # One parse for both: the data is constructed from the node tree, as yaml.load does inside.
     loader = loader_class(text)
     try:
         node = loader.get_single_node()
-        data = None if node is None else loader.construct_document(node)
+        if node is not None:
+            _check_tree(node, limits)
+        try:
+            data = None if node is None else loader.construct_document(node)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # PyYAML's constructors let a few Python errors through (an integer of 5000 digits
+            # exceeds int()'s limit, a date out of range, ...)
+            raise yaml.constructor.ConstructorError(
+                problem=f"a value cannot be read ({exc})"
+            ) from exc
     finally:
         loader.dispose()
     return data, node if compose else None
 
 
-def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+def _read_yaml(path: Path, limits: YamlLimits) -> tuple[Any, yaml.Node | None]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_yaml_text(path, limits)
+        data, node = safe_load_yaml(text, compose=True, limits=limits)
     except OSError as exc:
         raise DefinitionError(
             f"cannot read the file ({exc.strerror or exc}).", path=str(path)
         ) from exc
     except UnicodeDecodeError as exc:
         raise DefinitionError("the file is not UTF-8 text.", path=str(path)) from exc
-    try:
-        data, node = safe_load_yaml(text, compose=True)
+    except YamlRefused as exc:
+        raise DefinitionError(
+            f"{exc.reason}.", path=str(path), key=exc.key, line=exc.line
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -249,7 +371,8 @@ def _check_callable(
     except Exception as exc:  # ImportError, SyntaxError in the step module, ...
         raise DefinitionError(
             f"cannot import {dotted!r}: {exc}. Check the dotted path and that the module is "
-            "importable (on PYTHONPATH or installed).",
+            "importable: beside the definitions, in a python_path directory of the agent config, "
+            "or installed.",
             path=path,
             step=step,
             key=key,
@@ -391,17 +514,96 @@ def build_definition(raw: Any, *, source: str, node: yaml.Node | None = None) ->
     )
 
 
-def load_definition(path: str | Path) -> LoadedDefinition:
-    """Load one YAML definition file; raise :class:`DefinitionError` naming file, step and key."""
+def load_definition(
+    path: str | Path, *, limits: YamlLimits = DEFAULT_YAML_LIMITS
+) -> LoadedDefinition:
+    """Load one YAML definition file; raise :class:`DefinitionError` naming file, step and key.
+
+    Beyond :func:`build_definition`, the params of the bundled GPIO steps are checked against the
+    state model (see :func:`check_gpio_steps`): what would otherwise fail only when the step runs."""
+    return load_definition_and_node(path, limits=limits)[0]
+
+
+def load_definition_and_node(
+    path: str | Path, *, limits: YamlLimits = DEFAULT_YAML_LIMITS
+) -> tuple[LoadedDefinition, yaml.Node | None]:
+    """:func:`load_definition`, and the file's YAML node tree (for the lines of later checks)."""
     p = Path(path)
-    data, node = _read_yaml(p)
-    return build_definition(data, source=str(p), node=node)
+    data, node = _read_yaml(p, limits)
+    definition = build_definition(data, source=str(p), node=node)
+    check_gpio_steps(definition, node)
+    return definition, node
+
+
+#: The bundled GPIO steps (``hardware.steps``) that remember the previous value in ``state.gpio``.
+_GPIO_MEMORY_STEPS = frozenset({"set_output", "pulse", "run_for", "set_pwm"})
+#: Their params that name a state field the step writes.
+_FIELD_PARAMS = ("field", "elapsed_field")
+#: Their params that must be a number of seconds, 0 or more (None allowed for ``timeout``).
+_SECONDS_PARAMS = ("seconds", "timeout")
+
+
+def gpio_step_name(func: Callable[..., Any] | None) -> str | None:
+    """``set_output`` for ``hardware.steps.set_output`` (and so on), None for any other callable."""
+    if func is None or getattr(func, "__module__", None) != "hardware.steps":
+        return None
+    name = getattr(func, "__name__", None)
+    return name if isinstance(name, str) else None
+
+
+def check_gpio_steps(definition: LoadedDefinition, node: yaml.Node | None = None) -> None:
+    """Raise :class:`DefinitionError` for a bundled GPIO step whose params cannot work with the
+    workflow's state model: a step that remembers its previous value in ``state.gpio`` with a model
+    that has no ``gpio`` field, a ``field``/``elapsed_field`` naming a field the model lacks, or
+    ``seconds``/``timeout`` that is not a number of seconds. (Device names need the agent config:
+    see :mod:`agent._validate`.)"""
+    fields = definition.state_model.model_fields
+    for index, step in enumerate(definition.steps):
+        gpio = gpio_step_name(step.function)
+        if gpio is None:
+            continue
+        loc: tuple[int | str, ...] = ("steps", index)
+        where: dict[str, Any] = {"path": definition.source, "step": step.name}
+        if gpio in _GPIO_MEMORY_STEPS and "gpio" not in fields:
+            raise DefinitionError(
+                f"hardware.steps.{gpio} remembers the previous value in state.gpio, but the state "
+                f"model {definition.spec.initial_state_model} has no gpio field; make the model "
+                "subclass hardware.HardwareState.",
+                key="function",
+                line=_line_of(node, (*loc, "function")),
+                **where,
+            )
+        params = step.spec.params
+        for key in _FIELD_PARAMS:
+            name = params.get(key)
+            if name is not None and name not in fields:
+                raise DefinitionError(
+                    f"{key} names the state field {name!r}, but the state model "
+                    f"{definition.spec.initial_state_model} has no field {name!r}; add it to the "
+                    "model or fix the param.",
+                    key=key,
+                    line=_line_of(node, (*loc, "params", key)),
+                    **where,
+                )
+        for key in _SECONDS_PARAMS:
+            if key not in params or (params[key] is None and gpio not in ("pulse", "run_for")):
+                continue  # None: no timeout (wait_for_input), or unused (the compensations)
+            value = params[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise DefinitionError(
+                    f"{key} must be a number of seconds (0 or more), not {value!r}.",
+                    key=key,
+                    line=_line_of(node, (*loc, "params", key)),
+                    **where,
+                )
 
 
 def _is_workflow_file(path: Path) -> bool:
     """In a directory scan, only YAML files with a top-level ``workflow_type`` are definitions
     (device maps and agent configs may live beside them)."""
     try:
+        if path.stat().st_size > DEFAULT_YAML_LIMITS.max_bytes:
+            return True  # let load_definition refuse it, rather than read it through
         with path.open(encoding="utf-8") as fh:
             return any(line.startswith("workflow_type:") for line in fh)
     except (OSError, UnicodeDecodeError):

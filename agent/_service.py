@@ -15,12 +15,10 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from agent._config import AgentConfig
 from agent._control import Control
-from agent._definition import bundled_definitions_dir
 from agent._engine import WorkflowBuilder
 from agent._errors import DiskFull
 from agent._runner import Runner
@@ -29,6 +27,7 @@ from agent._socket import ControlServer
 from agent._startup import resume_gc
 from agent._status import WorkflowStatus
 from agent._store import SQLiteStore, iso
+from agent._validate import load_definitions
 
 log = logging.getLogger("edgesaga.agent")
 
@@ -101,11 +100,10 @@ class Agent:
         await self.store.open()  # DatabaseLocked when another agent drives this file
         try:
             self.board = self._open_board()
-            defs: list[Path] = [bundled_definitions_dir()] if cfg.include_bundled else []
-            defs.extend(cfg.definitions)
-            self.builder = WorkflowBuilder(
-                definitions=defs, hardware=self.board, max_state_bytes=cfg.max_state_bytes
-            )
+            self.builder = WorkflowBuilder(hardware=self.board, max_state_bytes=cfg.max_state_bytes)
+            # Loaded as `edgesaga validate --config` checks them (python_path, yaml_limits, ...).
+            for definition in load_definitions(cfg):
+                self.builder.add_definition(definition)
             self.control = Control(
                 builder=self.builder,
                 store=self.store,

@@ -245,15 +245,22 @@ class BoardConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | PathLike[str]) -> Self:
         """Load a hardware config file. A file whose only key is ``hardware`` is unwrapped."""
+        # The agent's bounded loader (size, values after alias expansion, depth, keys given
+        # twice), imported here: the agent package imports this one.
+        from agent._definition import YamlRefused, read_yaml_text, safe_load_yaml
+
         source = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            data, _ = safe_load_yaml(read_yaml_text(Path(path)))
         except OSError as exc:
             raise ConfigError(
                 f"Cannot read hardware config {source}: {exc.strerror or exc}."
             ) from exc
-        try:
-            data = yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: the hardware config is not UTF-8 text.") from None
+        except YamlRefused as exc:
+            where = f"{source}:{exc.line}" if exc.line else source
+            raise ConfigError(f"{where}: {exc.reason}.") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source} is not valid YAML: {exc}") from exc
         if isinstance(data, Mapping) and set(data) == {"hardware"}:

@@ -1,0 +1,233 @@
+"""Checking a set of workflow definitions as the agent would load them, optionally against its config.
+
+``edgesaga validate`` reports what :func:`check_definitions` finds. :func:`load_definitions` is
+the same check for the agent's start-up (the first problem raised), so the two cannot disagree
+about a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from agent._definition import (
+    DEFAULT_YAML_LIMITS,
+    LoadedDefinition,
+    _line_of,
+    bundled_definitions_dir,
+    discover,
+    gpio_step_name,
+    load_definition_and_node,
+)
+from agent._errors import DefinitionError
+from hardware._errors import with_article
+
+if TYPE_CHECKING:
+    import yaml
+
+    from agent._config import AgentConfig
+
+log = logging.getLogger("edgesaga.definitions")
+
+#: What each bundled GPIO step does with its ``device``, and the kinds that allow it.
+_DEVICE_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "set_output": (("output", "pwm"), "be set by a step"),
+    "restore_output": (("output", "pwm"), "be set by a step"),
+    "pulse": (("output", "pwm"), "be set by a step"),
+    "safe_output": (("output", "pwm"), "be set by a step"),
+    "run_for": (("output", "pwm"), "be set by a step"),
+    "stop_output": (("output", "pwm"), "be set by a step"),
+    "set_pwm": (("pwm",), "take a duty cycle"),
+    "restore_pwm": (("pwm",), "take a duty cycle"),
+    "wait_for_input": (("input", "button"), "be waited on"),
+    "read_input": (("output", "input", "button", "pwm"), "be read"),
+}
+
+
+class Checked(NamedTuple):
+    """What :func:`check_definitions` found, in the order the files were read.
+
+    ``loaded``: the definitions that load (each with its file and whether it is bundled), the
+    ones with ``mismatches`` included; ``problems``: files that do not load, which stop the agent;
+    ``mismatches``: steps and resources that do not fit the agent config, which fail when they
+    run."""
+
+    loaded: list[tuple[Path, LoadedDefinition, bool]]
+    problems: list[DefinitionError]
+    mismatches: list[DefinitionError]
+
+    def all_problems(self) -> list[DefinitionError]:
+        return [*self.problems, *self.mismatches]
+
+    def bad_files(self) -> set[str]:
+        return {p.path or "" for p in self.all_problems()}
+
+
+def python_path(config: AgentConfig | None, paths: Iterable[str | Path] = ()) -> list[Path]:
+    """The directories put on ``sys.path`` before definitions load: the config's ``python_path``,
+    by default its definitions directories (a definitions file's own directory), then those of
+    ``paths`` (what ``edgesaga validate`` was given)."""
+    dirs: list[Path] = []
+    if config is not None and config.python_path is not None:
+        dirs.extend(config.python_path)
+        sources: list[Path] = []
+    else:
+        sources = list(config.definitions) if config is not None else []
+    sources.extend(Path(p) for p in paths)
+    dirs.extend(source if source.is_dir() else source.parent for source in sources)
+    unique: list[Path] = []
+    for directory in dirs:
+        resolved = directory.resolve()
+        if resolved not in unique:
+            unique.append(resolved)
+    return unique
+
+
+def add_python_path(directories: Iterable[Path]) -> None:
+    """Append ``directories`` to ``sys.path`` (in order), each at most once. Appended, not put in
+    front: a module beside the YAML cannot shadow edgesaga's own packages or installed ones."""
+    for directory in directories:
+        text = str(directory)
+        if text not in sys.path:
+            sys.path.append(text)
+
+
+def check_definitions(
+    paths: Iterable[str | Path] = (), *, config: AgentConfig | None = None
+) -> Checked:
+    """Load the bundled definitions (unless the config leaves them out), the config's, then
+    ``paths``, as the agent would, and collect every problem instead of stopping at the first:
+    a file that does not load, a workflow type defined twice (also when it redefines a bundled
+    one), and with a config, steps and ``resources`` naming devices the config does not have.
+
+    The config's ``python_path`` (by default the definitions directories, and those of
+    ``paths``) is added to ``sys.path`` first, so custom step modules beside the YAML import."""
+    from agent._engine import WorkflowBuilder  # the agent's own registry: the same duplicate rule
+
+    paths = list(paths)
+    add_python_path(python_path(config, paths))
+    limits = config.yaml_limits if config is not None else DEFAULT_YAML_LIMITS
+    problems: list[DefinitionError] = []
+    sources: list[tuple[Path, bool]] = []
+    seen: set[Path] = set()
+    groups: list[tuple[list[str | Path], bool]] = []
+    if config is None or config.include_bundled:
+        groups.append(([bundled_definitions_dir()], True))
+    groups.append(([*(config.definitions if config is not None else []), *paths], False))
+    for group, bundled in groups:
+        for item in group:
+            try:
+                found = discover([item])
+            except DefinitionError as exc:
+                problems.append(exc)
+                continue
+            for file in found:
+                real = file.resolve()
+                if real not in seen:
+                    seen.add(real)
+                    sources.append((file, bundled))
+
+    registry = WorkflowBuilder()
+    loaded: list[tuple[Path, LoadedDefinition, bool]] = []
+    mismatches: list[DefinitionError] = []
+    for file, bundled in sources:
+        try:
+            definition, node = load_definition_and_node(file, limits=limits)
+            registry.add_definition(definition)
+        except DefinitionError as exc:
+            problems.append(exc)
+            continue
+        if config is not None and not bundled:
+            mismatches.extend(check_against_config(definition, config, node))
+        loaded.append((file, definition, bundled))
+    return Checked(loaded, problems, mismatches)
+
+
+def load_definitions(config: AgentConfig) -> list[LoadedDefinition]:
+    """The definitions the agent runs with ``config``, loaded and checked as ``edgesaga validate
+    --config`` does (``python_path`` and ``yaml_limits`` included). A file that does not load
+    raises its :class:`DefinitionError` (the first one); a step that does not fit the config's
+    devices is logged as a warning, and fails when it runs, as before."""
+    checked = check_definitions(config=config)
+    if checked.problems:
+        raise checked.problems[0]
+    for mismatch in checked.mismatches:
+        log.warning("%s (edgesaga validate --config lists every such problem)", mismatch)
+    return [definition for _, definition, _ in checked.loaded]
+
+
+def check_against_config(
+    definition: LoadedDefinition, config: AgentConfig, node: yaml.Node | None = None
+) -> list[DefinitionError]:
+    """Problems only the agent config can reveal: ``resources`` and the bundled GPIO steps'
+    ``device`` params naming devices the ``hardware`` section does not have (or of a kind the step
+    cannot use), and GPIO steps in a config without a ``hardware`` section. ``node`` is the file's
+    YAML node tree, for the lines."""
+    hardware = config.hardware
+    problems: list[DefinitionError] = []
+    devices = hardware.devices if hardware is not None else {}
+    known = ", ".join(repr(name) for name in devices) or "none"
+    if hardware is not None:
+        for index, name in enumerate(definition.spec.resources):
+            if name not in devices:
+                problems.append(
+                    DefinitionError(
+                        f"resources names {name!r}, which is not a device in the agent config's "
+                        f"hardware section (known devices: {known}); add the device or fix the "
+                        "name.",
+                        path=definition.source,
+                        key="resources",
+                        line=_line_of(node, ("resources", index)),
+                    )
+                )
+    for index, step in enumerate(definition.steps):
+        loc: tuple[int | str, ...] = ("steps", index)
+        for key, func in (("function", step.function), ("compensate_function", step.compensate)):
+            gpio = gpio_step_name(func)
+            if gpio is None or gpio not in _DEVICE_KINDS:
+                continue
+            if hardware is None:
+                problems.append(
+                    DefinitionError(
+                        f"hardware.steps.{gpio} drives GPIO, but the agent config has no hardware "
+                        "section; add one with the devices (use `pin_factory: mock` on a "
+                        "desktop).",
+                        path=definition.source,
+                        step=step.name,
+                        key=key,
+                        line=_line_of(node, (*loc, key)),
+                    )
+                )
+                break
+            device = step.spec.params.get("device")
+            if not isinstance(device, str):
+                continue  # the signature check already refused a missing device
+            kinds, operation = _DEVICE_KINDS[gpio]
+            config_device = devices.get(device)
+            if config_device is None:
+                message = (
+                    f"device {device!r} is not in the agent config's hardware section (known "
+                    f"devices: {known}); add it or fix the name."
+                )
+            elif config_device.kind not in kinds:
+                message = (
+                    f"hardware.steps.{gpio} needs {with_article(' or '.join(kinds))} device, but "
+                    f"{device!r} is {with_article(config_device.kind)} device, which cannot "
+                    f"{operation}; use another device or another step."
+                )
+            else:
+                continue
+            problems.append(
+                DefinitionError(
+                    message,
+                    path=definition.source,
+                    step=step.name,
+                    key="device",
+                    line=_line_of(node, (*loc, "params", "device")),
+                )
+            )
+            break  # the compensation shares the params: one line per step
+    return problems
