@@ -19,7 +19,13 @@ from pydantic import (
     model_validator,
 )
 
-from agent._definition import YamlLimits, YamlRefused, read_yaml_text, safe_load_yaml
+from agent._definition import (
+    YamlLimits,
+    YamlRefused,
+    read_yaml_text,
+    safe_load_yaml,
+    yaml_problem,
+)
 from agent._errors import AgentError
 from hardware import BoardConfig
 
@@ -266,11 +272,9 @@ def load_config(
             where = f"{p}:{exc.line}" if exc.line else str(p)
             raise ConfigError(f"{where}: {exc.reason}.") from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(
-                f"{where}: malformed YAML: {getattr(exc, 'problem', None) or exc}."
-            ) from None
+            problem, line = yaml_problem(exc)
+            where = f"{p}:{line}" if line else str(p)
+            raise ConfigError(f"{where}: malformed YAML: {problem}.") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -291,13 +291,28 @@ def safe_load_yaml(
             "yaml_limits.max_bytes in the agent config"
         )
     try:
-        return _parse_yaml(text, _FAST_LOADER, compose=compose, limits=limits)
-    except YamlRefused:
-        raise
-    except yaml.YAMLError:
-        if _FAST_LOADER is yaml.SafeLoader:
+        try:
+            return _parse_yaml(text, _FAST_LOADER, compose=compose, limits=limits)
+        except YamlRefused:
             raise
-    return _parse_yaml(text, yaml.SafeLoader, compose=compose, limits=limits)
+        except yaml.YAMLError:
+            if _FAST_LOADER is yaml.SafeLoader:
+                raise
+        return _parse_yaml(text, yaml.SafeLoader, compose=compose, limits=limits)
+    except yaml.reader.ReaderError as exc:  # its text spans lines and it has no mark: say it here
+        line = text.count("\n", 0, exc.position) + 1
+        raise YamlRefused(
+            f"the YAML holds a character it does not allow (#x{exc.character:04x}: {exc.reason}); "
+            "remove it",
+            line,
+        ) from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> tuple[str, int | None]:
+    """PyYAML's problem in one line (its messages may span several) and its 1-based line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return " ".join(str(problem).split()), mark.line + 1 if mark else None
 
 
 def _parse_yaml(
@@ -337,12 +352,9 @@ def _read_yaml(path: Path, limits: YamlLimits) -> tuple[Any, yaml.Node | None]:
             f"{exc.reason}.", path=str(path), key=exc.key, line=exc.line
         ) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem, line = yaml_problem(exc)
         raise DefinitionError(
-            f"malformed YAML: {problem}. Fix the syntax at that line.",
-            path=str(path),
-            line=mark.line + 1 if mark else None,
+            f"malformed YAML: {problem}. Fix the syntax at that line.", path=str(path), line=line
         ) from exc
     return data, node
 

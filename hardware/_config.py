@@ -247,7 +247,7 @@ class BoardConfig(BaseModel):
         """Load a hardware config file. A file whose only key is ``hardware`` is unwrapped."""
         # The agent's bounded loader (size, values after alias expansion, depth, keys given
         # twice), imported here: the agent package imports this one.
-        from agent._definition import YamlRefused, read_yaml_text, safe_load_yaml
+        from agent._definition import YamlRefused, read_yaml_text, safe_load_yaml, yaml_problem
 
         source = str(path)
         try:
@@ -262,7 +262,9 @@ class BoardConfig(BaseModel):
             where = f"{source}:{exc.line}" if exc.line else source
             raise ConfigError(f"{where}: {exc.reason}.") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source} is not valid YAML: {exc}") from exc
+            problem, line = yaml_problem(exc)
+            where = f"{source}:{line}" if line else source
+            raise ConfigError(f"{where} is not valid YAML: {problem}.") from None
         if isinstance(data, Mapping) and set(data) == {"hardware"}:
             data = data["hardware"]
         return cls.parse(data, source=source)

@@ -217,3 +217,17 @@ def test_a_duplicate_device_in_a_devices_file_names_both_lines(tmp_path: Path) -
     )
     with pytest.raises(HardwareConfigError, match=r"'pump' is given twice, on lines 2 and 3"):
         load_board_config(path)
+
+
+def test_a_control_character_is_one_sentence_with_its_line(tmp_path: Path) -> None:
+    """Found by tests/test_fuzz_yaml.py: PyYAML's reader error spans two lines and has no mark."""
+    path = write(tmp_path, HEADER + "    description: a\x08b\n")
+    with pytest.raises(DefinitionError) as info:
+        load_definition(path)
+    assert info.value.line == 7
+    assert "\n" not in str(info.value)
+    assert "a character it does not allow (#x0008" in str(info.value)
+    cfg = write(tmp_path, "device_id: pi\x07\n", "agent.yaml")
+    with pytest.raises(ConfigError, match=rf"^{cfg}:1: the YAML holds a character") as err:
+        load_config(cfg, environ={})
+    assert "\n" not in str(err.value)
