@@ -23,10 +23,12 @@ import pytest
 from tests.failsafe.harness import (
     IRRIGATION_STEPS,
     FailSafeAgent,
+    MqttLog,
     SmallDisk,
     failsafe_agent,
     mqtt_log,
     outputs,
+    statuses,
     write_config,
 )
 from tests.workflows.service.harness import journal, poll
@@ -58,6 +60,11 @@ def disk(tmp_path: Path) -> Iterator[SmallDisk]:
         yield small
     finally:
         small.unmount()
+
+
+def _ids(agent: FailSafeAgent) -> set[str]:
+    """Every workflow the agent's database holds."""
+    return {w["workflow_id"] for w in agent.request("list", limit=100)["workflows"]}
 
 
 def _quick(agent: FailSafeAgent) -> str:
@@ -96,11 +103,7 @@ def _restart_and_finish(config: Path, log_name: str) -> None:
         assert agent.steps("I2") == FINISHED_IRRIGATION
         assert agent.get("Q1")["status"] == "COMPLETED"  # committed before the fault: kept
         assert agent.steps("Q1") == QUICK_ROWS
-        assert {w["workflow_id"] for w in agent.request("list", limit=100)["workflows"]} == {
-            "Q1",
-            "I1",
-            "I2",
-        }
+        assert _ids(agent) == {"Q1", "I1", "I2"}
         # I1 ran on with its outputs at their safe values (docs/hardware.md); I2 drove them
         assert outputs(agent.history()) == ON_OFF
         agent.terminate()
@@ -128,6 +131,7 @@ def test_sigterm_while_a_workflow_waits_for_a_lease(
         mqtt.wait_availability(b"offline")
     # nothing committed lost: both irrigations stay ACTIVE for recovery, with their journals
     db = Path(agent.database)
+    assert statuses(db) == {"Q1": "COMPLETED", "I1": "ACTIVE", "I2": "ACTIVE"}
     assert [(s, o) for s, _, _, o in journal(db, "I1")][:2] == [
         ("Open_Valve", "completed"),
         ("Start_Pump", "completed"),
@@ -196,10 +200,7 @@ def test_a_disk_that_stays_full_past_the_grace(
         ]
         assert outputs(agent.history())["valve"] == [False, True, False]  # never on again
         assert agent.steps("Q1") == QUICK_ROWS
-        assert {w["workflow_id"] for w in agent.request("list", limit=100)["workflows"]} == {
-            "Q1",
-            "H1",
-        }
+        assert _ids(agent) == {"Q1", "H1"}  # the refused starts created nothing
         agent.start("FsQuick", workflow_id="Q2")  # work goes on
         agent.wait_status("Q2", "COMPLETED")
         agent.terminate()
@@ -209,33 +210,40 @@ def test_a_disk_that_stays_full_past_the_grace(
 # -- (c) an exception escaping a workflow's driver ---------------------------------------------------
 
 
+INJECTED = "IntegrityError: UNIQUE constraint failed: journal.k (injected"
+
+
+def _fault_handled(agent: FailSafeAgent, mqtt: MqttLog, workflow_id: str) -> None:
+    """Once the injected exception has escaped the driver with the valve open: the valve goes
+    safe with no one asking, an alert with the error is published, the log has the traceback."""
+    agent.wait_log(INJECTED)
+    poll(
+        agent.history,
+        lambda h: outputs(h)["valve"] == [False, True, False],
+        what="the valve switched off",
+    )
+    alerts = mqtt.wait_for(
+        mqtt.alerts,
+        lambda got: any(a.get("workflow_id") == workflow_id for a in got),
+        f"an alert about {workflow_id}",
+    )
+    alert = next(a for a in alerts if a.get("workflow_id") == workflow_id)
+    assert alert["alert"] == "internal_error"
+    assert INJECTED in alert["error"]
+    assert "sqlite3." + INJECTED in agent.wait_log("Traceback (most recent call last)")
+
+
 def test_an_exception_escaping_the_driver(tmp_path: Path, broker: Any, prefix: str) -> None:
     config = write_config(tmp_path, broker_port=broker.port, prefix=prefix)
     with mqtt_log(broker.port, prefix) as mqtt, failsafe_agent(config) as agent:
         mqtt.wait_availability(b"online")
         _quick(agent)
-        agent.start("FsBroken", workflow_id="B1")
-        # Break_Store's result commit raises sqlite3.IntegrityError in the driver, valve open
-        agent.wait_log("IntegrityError: UNIQUE constraint failed: journal.k (injected")
-        poll(
-            agent.history,
-            lambda h: outputs(h)["valve"] == [False, True, False],
-            what="the valve switched off",
-        )
-        alerts = mqtt.wait_for(
-            mqtt.alerts,
-            lambda got: any(a.get("workflow_id") == "B1" for a in got),
-            "an alert about B1",
-        )
-        alert = next(a for a in alerts if a.get("workflow_id") == "B1")
-        assert alert["alert"] == "internal_error"
-        assert "IntegrityError: UNIQUE constraint failed: journal.k (injected" in alert["error"]
-        log = agent.wait_log("Traceback (most recent call last)")
-        assert "sqlite3.IntegrityError: UNIQUE constraint failed: journal.k (injected" in log
+        agent.start("FsBroken", workflow_id="B1")  # Break_Store's result commit raises
+        _fault_handled(agent, mqtt, "B1")
         # the workflow is FAILED at the step it was in, and the operator's retry finishes it
         info = agent.get("B1")
         assert info["status"] == "FAILED", info
-        assert "IntegrityError" in info["error"]
+        assert INJECTED in info["error"]
         reply = agent.request("retry", workflow_id="B1")
         assert reply["ok"], reply
         agent.wait_status("B1", "COMPLETED")
@@ -253,6 +261,38 @@ def test_an_exception_escaping_the_driver(tmp_path: Path, broker: Any, prefix: s
         agent.wait_status("B2", "COMPLETED")
         assert outputs(agent.history())["valve"] == [False, True, False, True, False]
         assert agent.steps("Q1") == QUICK_ROWS
+        assert _ids(agent) == {"Q1", "B1", "B2"}
+        agent.terminate()
+        assert agent.wait_exit(within=15) == 0
+
+
+def test_an_exception_escaping_the_driver_during_a_rollback(
+    tmp_path: Path, broker: Any, prefix: str
+) -> None:
+    config = write_config(tmp_path, broker_port=broker.port, prefix=prefix)
+    with mqtt_log(broker.port, prefix) as mqtt, failsafe_agent(config) as agent:
+        mqtt.wait_availability(b"online")
+        _quick(agent)
+        agent.start("FsBrokenRollback", workflow_id="R1")  # Arm's compensation commit raises
+        _fault_handled(agent, mqtt, "R1")
+        # the rollback stopped where the exception struck: COMPENSATION_FAILED, retryable
+        info = agent.get("R1")
+        assert info["status"] == "COMPENSATION_FAILED", info
+        assert INJECTED in info["error"]
+        reply = agent.request("retry", workflow_id="R1")
+        assert reply["ok"], reply
+        agent.wait_status("R1", "FAILED_ROLLED_BACK")
+        assert agent.steps("R1") == [
+            ("Valve_On", "forward", "completed"),
+            ("Arm", "forward", "completed"),
+            ("Fail", "forward", "failed"),
+            ("Arm", "compensate", "failed"),  # the attempt the exception ended
+            ("Arm", "compensate", "completed"),
+            ("Valve_On", "compensate", "completed"),
+        ]
+        assert outputs(agent.history())["valve"] == [False, True, False]
+        assert agent.steps("Q1") == QUICK_ROWS
+        assert _ids(agent) == {"Q1", "R1"}
         agent.terminate()
         assert agent.wait_exit(within=15) == 0
 
@@ -268,49 +308,7 @@ def test_sigkill_mid_step(tmp_path: Path) -> None:
         agent.proc.send_signal(signal.SIGKILL)
         assert agent.wait_exit(within=10) == -signal.SIGKILL
     db = Path(agent.database)
+    assert statuses(db) == {"Q1": "COMPLETED", "I1": "ACTIVE", "I2": "ACTIVE"}
     assert [o for s, _, _, o in journal(db, "I1")] == ["completed", "completed", "started"]
     assert journal(db, "I2") == []
     _restart_and_finish(config, "agent-restarted.log")
-
-
-def test_an_exception_escaping_the_driver_during_a_rollback(
-    tmp_path: Path, broker: Any, prefix: str
-) -> None:
-    config = write_config(tmp_path, broker_port=broker.port, prefix=prefix)
-    with mqtt_log(broker.port, prefix) as mqtt, failsafe_agent(config) as agent:
-        mqtt.wait_availability(b"online")
-        _quick(agent)
-        agent.start("FsBrokenRollback", workflow_id="R1")
-        agent.wait_log("IntegrityError: UNIQUE constraint failed: journal.k (injected")
-        poll(
-            agent.history,
-            lambda h: outputs(h)["valve"] == [False, True, False],
-            what="the valve switched off",
-        )
-        # the rollback stopped where the exception struck: COMPENSATION_FAILED, retryable
-        info = agent.wait_status("R1", "COMPENSATION_FAILED")
-        assert "IntegrityError" in info["error"]
-        alerts = mqtt.wait_for(
-            mqtt.alerts,
-            lambda got: any(a.get("workflow_id") == "R1" for a in got),
-            "an alert about R1",
-        )
-        alert = next(a for a in alerts if a.get("workflow_id") == "R1")
-        assert alert["alert"] == "internal_error"
-        assert "IntegrityError" in alert["error"]
-        assert "sqlite3.IntegrityError" in agent.wait_log("Traceback (most recent call last)")
-        reply = agent.request("retry", workflow_id="R1")
-        assert reply["ok"], reply
-        agent.wait_status("R1", "FAILED_ROLLED_BACK")
-        assert agent.steps("R1") == [
-            ("Valve_On", "forward", "completed"),
-            ("Arm", "forward", "completed"),
-            ("Fail", "forward", "failed"),
-            ("Arm", "compensate", "failed"),  # the attempt the exception ended
-            ("Arm", "compensate", "completed"),
-            ("Valve_On", "compensate", "completed"),
-        ]
-        assert outputs(agent.history())["valve"] == [False, True, False]
-        assert agent.steps("Q1") == QUICK_ROWS
-        agent.terminate()
-        assert agent.wait_exit(within=15) == 0

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -138,6 +139,15 @@ def failsafe_agent(
         yield agent
     finally:
         agent.kill()
+
+
+def statuses(database: Path) -> dict[str, str]:
+    """Every workflow's status in the database, read-only (for an agent that has stopped)."""
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT id, status FROM instances").fetchall())
+    finally:
+        conn.close()
 
 
 def outputs(history: dict[str, list[Any]]) -> dict[str, list[bool]]:

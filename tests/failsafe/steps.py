@@ -60,13 +60,15 @@ async def fail(state: Any, context: Any) -> None:
     raise RuntimeError("the flow sensor reports no flow")
 
 
-async def hold(state: Any, context: Any) -> None:
-    """Write ``state.mark`` ("<pid> attempt <n>"), then wait until ``state.release`` exists."""
+async def hold(state: Any, context: Any, pad: int = 0) -> dict[str, Any] | None:
+    """Write ``state.mark`` ("<pid> attempt <n>"), then wait until ``state.release`` exists.
+    Returns ``pad`` bytes in ``state.note``: a result whose commit needs that much new space."""
     _remember(context.hardware)
     if state.mark:
         Path(state.mark).write_text(f"{os.getpid()} attempt {context.attempt}\n")  # noqa: ASYNC240 - a tiny marker file for the test
     while state.release and not os.path.exists(state.release):  # noqa: ASYNC110, ASYNC240 - a test's file: nothing to await
         await asyncio.sleep(0.02)
+    return {"note": "." * pad} if pad else None
 
 
 _broken = False
