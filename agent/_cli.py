@@ -358,7 +358,8 @@ async def cmd_validate(args: argparse.Namespace) -> int:
     shown = [
         (f, d)
         for f, d, bundled in checked.loaded
-        if (not bundled or f.resolve() in named) and str(f) not in mismatched
+        # the bundled ones too when checking what the config loads, else only if named
+        if (not bundled or not args.paths or f.resolve() in named) and str(f) not in mismatched
     ]
     problems = checked.all_problems()
     if not shown and not problems:

@@ -496,3 +496,21 @@ def test_the_agent_runs_a_step_module_kept_beside_its_definitions(tmp_path: Path
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_validate_with_only_a_config_checks_what_the_agent_would_load(tmp_path: Path) -> None:
+    (tmp_path / "agent.yaml").write_text("device_id: pi\n")
+    proc = edgesaga("validate", "--config", "agent.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(": ")[1].split(",")[0] for line in lines[:-1]] == [
+        "Irrigation 1.0.0",
+        "PaymentProcessing 1.0.0",
+    ]
+    assert lines[-1] == "2 workflows, 9 steps"
+    proc = edgesaga("validate", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "edgesaga: error: Name the workflow definition files or directories to check, or give "
+        "--config to check the ones the agent would load.\n"
+    )
