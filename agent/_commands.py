@@ -76,8 +76,9 @@ class ListCommand(_Command):
     """Workflows, newest first, filtered by status and type."""
 
     command: Literal["list"] = "list"
-    status: list[WorkflowStatus] | None = None
-    workflow_type: str | None = None
+    # Not strict: over JSON a status is its string value ("ACTIVE"), which a strict enum refuses.
+    status: list[Annotated[WorkflowStatus, Field(strict=False)]] | None = None
+    workflow_type: Annotated[str, StringConstraints(max_length=200)] | None = None
     limit: int = Field(50, ge=1, le=1000)
 
 
@@ -134,6 +135,22 @@ class CommandError(AgentError, ValueError):
         return error_reply(self.request_id, self.code, self.message)
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    """User input as it may appear in an error message: one line (control characters escaped)
+    and at most ``limit`` characters, so a message can neither forge log lines nor echo a 60 kB
+    field name back."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except ValueError:  # an integer of more digits than int() converts to text
+        return f"<{type(value).__name__}>"
+
+
 def _peek(obj: Any, key: str) -> str | None:
     if isinstance(obj, dict):
         value = obj.get(key)
@@ -158,7 +175,9 @@ def parse_command(
             )
         try:
             raw = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer of more digits
+        # than int() converts; RecursionError a payload nested deeper than the parser goes.
+        except (ValueError, RecursionError) as exc:
             raise CommandError(
                 "invalid_json", f"The payload is not valid UTF-8 JSON ({exc.__class__.__name__})."
             ) from None
@@ -167,7 +186,7 @@ def parse_command(
     if model is None:
         raise CommandError(
             "unknown_command",
-            f"Unknown command {name!r}; use one of {', '.join(COMMANDS)}.",
+            f"Unknown command {_shown(repr(name))}; use one of {', '.join(COMMANDS)}.",
             request_id=request_id,
             reply_to=reply_to,
         )
@@ -182,7 +201,8 @@ def parse_command(
     if "command" in raw and raw["command"] != name:
         raise CommandError(
             "invalid_command",
-            f"The payload says command {raw['command']!r} but was sent as {name!r}.",
+            f"The payload says command {_shown(_repr(raw['command']))} but was sent as "
+            f"{_shown(repr(name))}.",
             request_id=request_id,
             reply_to=reply_to,
         )
@@ -190,7 +210,8 @@ def parse_command(
         return model.model_validate(body)  # type: ignore[return-value]
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}"
+            f"{_shown('.'.join(str(p) for p in e['loc'])) if e['loc'] else '(payload)'}: "
+            f"{_shown(e['msg'], 200)}"
             for e in exc.errors()[:3]
         )
         raise CommandError(

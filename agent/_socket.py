@@ -87,7 +87,7 @@ class ControlServer:
     async def _one(self, line: bytes) -> dict[str, Any]:
         try:
             req = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, a huge integer, deep nesting
             return error_reply(None, "invalid_json", "The request is not valid UTF-8 JSON.")
         if not isinstance(req, dict) or not isinstance(req.get("command"), str):
             return error_reply(None, "invalid_command", 'A request is {"command": "...", ...}.')
