@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from agent._definition import bundled_definitions_dir, discover
+from agent._definition import bundled_definitions_dir, discover, load_definition
 from agent._engine import Workflow, WorkflowBuilder
 from agent._errors import AgentError, StoreError, WorkflowNotFound
 from agent._startup import resume_gc
@@ -46,25 +46,32 @@ def _local(args: argparse.Namespace) -> Iterator[WorkflowBuilder]:
     With ``--config`` it loads the config's definitions and builds its hardware board (outputs to
     their safe values first, as the agent would), so a hardware workflow runs the same way."""
     cfg_path = _config_path(args)
-    cfg = None
+    builder: WorkflowBuilder
+    board = None
     if cfg_path:
+        # The agent's own loader: python_path, yaml_limits and max_state_bytes apply here too.
         from agent._config import load_config
+        from agent._validate import load_definitions
 
         cfg = load_config(cfg_path)
-    paths: list[str | Path] = []
-    if cfg is None or cfg.include_bundled:
-        paths.append(bundled_definitions_dir())
-    if cfg is not None:
-        paths.extend(cfg.definitions)
-    paths.extend(getattr(args, "definitions", []))
-    board = None
-    if cfg is not None and cfg.hardware is not None:
-        from hardware import Board
+        if cfg.hardware is not None:
+            from hardware import Board
 
-        board = Board.from_config(cfg.hardware)
-        board.safe_state()
+            board = Board.from_config(cfg.hardware)
+            board.safe_state()
+        builder = WorkflowBuilder(hardware=board, max_state_bytes=cfg.max_state_bytes)
+        for definition in load_definitions(cfg):
+            builder.add_definition(definition)
+        extra = list(getattr(args, "definitions", []))
+        if extra:
+            for path in discover(extra):
+                builder.add_definition(load_definition(path))
+    else:
+        paths: list[str | Path] = [bundled_definitions_dir()]
+        paths.extend(getattr(args, "definitions", []))
+        builder = WorkflowBuilder(definitions=paths)
     try:
-        yield WorkflowBuilder(definitions=paths, hardware=board)
+        yield builder
     finally:
         if board is not None:
             board.close()
@@ -746,6 +753,12 @@ def _run_args(argv: Sequence[str]) -> SimpleNamespace | None:
         case _:
             return None
     log_level = os.environ.get("EDGESAGA_LOG_LEVEL", "WARNING")
+    from agent._logging import check_level
+
+    try:
+        check_level(log_level)
+    except ValueError:
+        return None  # argparse refuses it in one sentence
     return SimpleNamespace(log_level=log_level, command="run", config=config, func=cmd_run)
 
 

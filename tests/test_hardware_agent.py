@@ -190,7 +190,7 @@ def test_sigkill_with_the_pump_on_then_safe_before_recovery(tmp_path: Path) -> N
                 "logging": {"level": "INFO"},
                 "hardware": {
                     "pin_factory": "mock",
-                    # initial on: the restarted agent must switch it off before it recovers
+                    # initial on: the agent ignores it and opens the pump at its safe value
                     "devices": {
                         "pump": {"kind": "output", "pin": 27, "initial": True, "safe": False}
                     },
@@ -228,10 +228,10 @@ def test_sigkill_with_the_pump_on_then_safe_before_recovery(tmp_path: Path) -> N
         info = _wait_for(finished, 20, "the recovered workflow to complete")
         history = _ask(sock, "pins", history=True)
         assert history is not None
-        # the mock pin's log in the restarted agent: created low, switched on by `initial`, then
-        # driven safe (off) at start; nothing switched it on again (Pump_On completed before the
-        # crash and never runs again) and Pump_Off found it off already.
-        assert [bool(v) for v in history["history"]["pump"]] == [False, True, False]
+        # the mock pin's log in the restarted agent: opened at its safe value (off), not at
+        # `initial`; nothing switched it on again (Pump_On completed before the crash and never
+        # runs again) and Pump_Off found it off already.
+        assert [bool(v) for v in history["history"]["pump"]] == [False]
         steps = [(j["step"], j["outcome"]) for j in info["journal"]]
         assert steps == [
             ("Pump_On", "completed"),

@@ -3,6 +3,7 @@ caught here with the agent config, and the summary counts workflows and steps in
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -514,3 +515,52 @@ def test_validate_with_only_a_config_checks_what_the_agent_would_load(tmp_path: 
         "edgesaga: error: Name the workflow definition files or directories to check, or give "
         "--config to check the ones the agent would load.\n"
     )
+
+
+def test_the_cli_without_an_agent_loads_as_the_agent_does(tmp_path: Path) -> None:
+    """`edgesaga start --config` with no agent running: python_path and max_state_bytes of the
+    config apply, as they do in `edgesaga run`."""
+    (tmp_path / "defs").mkdir()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "fishlib_cli.py").write_text(
+        FISH_STEPS + "\n\ndef big(state, context):\n    return {'note': 'x' * 5000}\n"
+    )
+    fish_definition(tmp_path / "defs", "fishlib_cli")
+    (tmp_path / "defs" / "big.yaml").write_text(
+        f"""\
+workflow_type: Big
+workflow_version: "1"
+initial_state_model: {MODEL}
+steps:
+  - name: Grow
+    function: fishlib_cli.big
+"""
+    )
+    (tmp_path / "agent.yaml").write_text(
+        "include_bundled: false\ndefinitions: [defs]\npython_path: [lib]\n"
+        f"database: {tmp_path / 'db' / 'e.db'}\ncontrol_socket: {tmp_path / 'none.sock'}\n"
+        "max_state_bytes: 2000\n"
+    )
+    proc = edgesaga("start", "Fish", "--config", "agent.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = edgesaga("start", "Big", "--id", "big-1", "--config", "agent.yaml", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    info = json.loads(edgesaga("get", "big-1", "--config", "agent.yaml", cwd=tmp_path).stdout)
+    assert info["status"] == "FAILED", info
+    assert "max_state_bytes" in info["error"]
+
+
+def test_the_run_fast_path_refuses_a_bad_log_level_from_the_environment(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "EDGESAGA_CONFIG"}
+    env["EDGESAGA_LOG_LEVEL"] = "bogus"
+    proc = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "edgesaga"), "run", "--config", "missing.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert proc.returncode == 2
+    assert "unknown log level 'bogus'" in proc.stderr
+    assert not (tmp_path / "missing.yaml").exists()
