@@ -39,7 +39,8 @@ def test_field_names_are_echoed_on_one_line_and_cut_short(field: str) -> None:
     with pytest.raises(CommandError) as err:
         parse_command("cancel", payload)
     assert err.value.code == "invalid_command"
-    assert "\n" not in err.value.message and "\r" not in err.value.message
+    assert "\n" not in err.value.message
+    assert "\r" not in err.value.message
     assert len(err.value.message) < 400
 
 
@@ -55,7 +56,8 @@ def test_unknown_command_names_are_cut_short() -> None:
     with pytest.raises(CommandError) as err:
         parse_command("z" * 60_000 + "\n", b'{"request_id": "r"}')
     assert err.value.code == "unknown_command"
-    assert "\n" not in err.value.message and len(err.value.message) < 400
+    assert "\n" not in err.value.message
+    assert len(err.value.message) < 400
 
 
 def test_list_takes_statuses_as_their_json_strings() -> None:
