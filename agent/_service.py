@@ -229,10 +229,14 @@ class Agent:
             )
 
     async def _send_disk_alert(self, payload: dict[str, Any]) -> None:
-        """Publish the alert once the link is connected, as long as the disk is still full."""
+        """Publish the alert: at once if the link is connected (even if a write has succeeded
+        since, so a disk that filled up is always reported), else once it connects, for as long
+        as the disk stays full."""
         assert self.store is not None
-        while self.store.disk_full:
+        while True:
             if self.link is not None and await self.link.publish_alert(payload):
+                return
+            if not self.store.disk_full:
                 return
             await asyncio.sleep(1.0)
 
