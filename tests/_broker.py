@@ -44,12 +44,12 @@ from agent._runner import Runner
 from agent._store import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
-# Test step modules are imported by dotted path (tests.workflows.slow.steps): keep the repository
+# Test step modules are imported by dotted path (tests.flows.slow.steps): keep the repository
 # root importable also when pytest is started from elsewhere (as tests/_engine_fixtures.py does).
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 PAYMENT = ROOT / "workflows" / "payment"
-SLOW = ROOT / "tests" / "workflows" / "slow" / "slow.yaml"
+SLOW = ROOT / "tests" / "flows" / "slow" / "slow.yaml"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 HOST = "127.0.0.1"

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# The test step modules are imported by dotted path (``tests.workflows.engine.steps``), which needs
+# The test step modules are imported by dotted path (``tests.flows.engine.steps``), which needs
 # the repository root on sys.path also when pytest is started from elsewhere.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -21,8 +21,8 @@ if str(ROOT) not in sys.path:
 PAYMENT_DIR = ROOT / "workflows" / "payment"
 PAYMENT_YAML = PAYMENT_DIR / "payment.yaml"
 DEFS_DIR = ROOT / "tests" / "defs"
-STEPS = "tests.workflows.engine.steps"
-MODEL = "tests.workflows.engine.models.EngineState"
+STEPS = "tests.flows.engine.steps"
+MODEL = "tests.flows.engine.models.EngineState"
 
 PAYMENT_DATA: dict[str, Any] = {
     "order_id": "ORD-12345",

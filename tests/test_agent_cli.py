@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.workflows.service.harness import (
+from tests.flows.service.harness import (
     ROOT,
     SERVICE_DEFS,
     AgentProcess,

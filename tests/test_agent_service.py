@@ -21,7 +21,7 @@ import pytest
 
 from agent import SQLiteStore, WorkflowBuilder
 from tests._broker import Broker, unique_prefix
-from tests.workflows.service.harness import (
+from tests.flows.service.harness import (
     SERVICE_DEFS,
     AgentProcess,
     agent_process,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.workflows.service.harness import (
+from tests.flows.service.harness import (
     ROOT,
     SERVICE_DEFS,
     AgentProcess,

@@ -18,8 +18,8 @@ from agent import (
     WorkflowStatus,
     load_definition,
 )
-from tests.workflows.engine.models import EngineState
-from tests.workflows.engine.steps import names
+from tests.flows.engine.models import EngineState
+from tests.flows.engine.steps import names
 
 MARK = "# <-- error"
 

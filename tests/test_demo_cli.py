@@ -143,7 +143,7 @@ def test_start_without_an_agent_uses_the_configs_definitions_and_hardware(tmp_pa
         json.dumps(
             {
                 "database": "db/edgesaga.db",
-                "definitions": [str(ROOT / "tests" / "workflows" / "hw")],
+                "definitions": [str(ROOT / "tests" / "flows" / "hw")],
                 "hardware": {
                     "pin_factory": "mock",
                     "devices": {

@@ -31,7 +31,7 @@ from hardware import Board
 from tests._broker import Broker, probe, running_agent, unique_prefix
 from tests._hw_fixtures import states
 from tests.failsafe.harness import SmallDisk
-from tests.workflows.service.harness import (
+from tests.flows.service.harness import (
     SERVICE_DEFS,
     AgentProcess,
     agent_process,
@@ -39,7 +39,7 @@ from tests.workflows.service.harness import (
     poll,
     write_config,
 )
-from tests.workflows.service.steps import ServiceState
+from tests.flows.service.steps import ServiceState
 
 #: Initial data whose state needs several new pages (1 KiB each) to be stored.
 BIG = {"seconds": 30, "flag": "x" * 6000}
@@ -172,7 +172,7 @@ async def test_outputs_of_a_workflow_stalled_by_a_full_disk_go_safe_after_the_gr
 ) -> None:
     defs = tmp_path / "defs"
     defs.mkdir()
-    service = "tests.workflows.service.steps"
+    service = "tests.flows.service.steps"
     (defs / "held.yaml").write_text(
         yaml.safe_dump(
             {

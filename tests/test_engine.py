@@ -23,7 +23,7 @@ from agent import (
     WorkflowNotActive,
     WorkflowStatus,
 )
-from tests.workflows.engine.steps import CALLS, EARLY, names
+from tests.flows.engine.steps import CALLS, EARLY, names
 
 S = WorkflowStatus
 EVENT_NAMES = {

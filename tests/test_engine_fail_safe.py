@@ -29,9 +29,9 @@ from hardware import Board
 from tests._engine_fixtures import MODEL, STEPS, write_definition
 from tests._engine_fixtures import step as engine_step
 from tests._hw_fixtures import states
-from tests.workflows.engine.models import EngineState
+from tests.flows.engine.models import EngineState
 
-HOLD = "tests.workflows.hw.steps.hold"
+HOLD = "tests.flows.hw.steps.hold"
 SET = "hardware.steps.set_output"
 RESTORE = "hardware.steps.restore_output"
 SAFE = "hardware.steps.safe_output"

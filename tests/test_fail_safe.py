@@ -31,7 +31,7 @@ from tests.failsafe.harness import (
     statuses,
     write_config,
 )
-from tests.workflows.service.harness import journal, poll
+from tests.flows.service.harness import journal, poll
 
 pytestmark = pytest.mark.slow
 

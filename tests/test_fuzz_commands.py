@@ -38,7 +38,7 @@ from paho.mqtt.properties import Properties
 
 from agent._commands import COMMANDS
 from tests._broker import HOST, PAYMENT, PAYMENT_DATA, Broker, unique_prefix
-from tests.workflows.service.harness import AgentProcess, agent_process, write_config
+from tests.flows.service.harness import AgentProcess, agent_process, write_config
 
 pytestmark = pytest.mark.timeout(90)
 

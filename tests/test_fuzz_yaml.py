@@ -57,7 +57,7 @@ DOTTED = st.sampled_from(
         MODEL,
         "hardware.HardwareState",
         "workflows.payment.models.PaymentState",
-        "tests.workflows.engine.models.NotAModel",
+        "tests.flows.engine.models.NotAModel",
         "no_such_module_xyz.thing",
         "nodots",
         "",

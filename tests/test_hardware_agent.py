@@ -21,7 +21,7 @@ from hardware import Board
 from tests._hw_fixtures import states
 
 ROOT = Path(__file__).resolve().parents[1]
-HW = ROOT / "tests" / "workflows" / "hw"
+HW = ROOT / "tests" / "flows" / "hw"
 
 
 async def test_same_resource_runs_one_after_the_other_disjoint_alongside(board, tmp_path) -> None:

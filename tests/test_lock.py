@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent import DatabaseLocked, SQLiteStore
-from tests.workflows.service.harness import ROOT, base_env
+from tests.flows.service.harness import ROOT, base_env
 
 PAYMENT_DATA = '{"order_id": "O1", "customer_id": "C1", "amount": 1.0}'
 

@@ -21,7 +21,7 @@ from agent._mqtt import Topics
 from agent._runner import Runner
 from agent._store import _MIGRATIONS
 from tests._broker import PAYMENT, Broker, probe, running_agent, unique_prefix
-from tests.workflows.service.harness import SERVICE_DEFS
+from tests.flows.service.harness import SERVICE_DEFS
 
 LONG = {"seconds": 30}
 

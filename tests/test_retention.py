@@ -22,7 +22,7 @@ from agent._config import AgentConfig, load_config
 from agent._sdnotify import Notifier
 from agent._service import Agent
 from tests._broker import Broker, unique_prefix
-from tests.workflows.service.harness import retained, write_config
+from tests.flows.service.harness import retained, write_config
 
 DEVICE = "svc-test"
 

@@ -107,7 +107,7 @@ def test_two_files_defining_one_type_are_reported(
 
 
 def test_redefining_a_bundled_type_is_reported(tmp_path: Path) -> None:
-    """Run as the user runs it: in-process under pytest, ``workflows`` is tests/workflows."""
+    """Run as the user runs it: in-process under pytest, ``workflows`` is tests/flows."""
     path = write_definition(tmp_path, [step("A", "record")], workflow_type="PaymentProcessing")
     proc = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "edgesaga"), "validate", str(path)],

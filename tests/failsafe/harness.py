@@ -1,5 +1,5 @@
 """The fail-safe harness: ``edgesaga run --config`` on mock valve/pump/level pins, a full disk,
-and an MQTT listener. Builds on tests/workflows/service/harness.py (config, polling, the agent
+and an MQTT listener. Builds on tests/flows/service/harness.py (config, polling, the agent
 process and its control socket); every wait is bounded.
 """
 
@@ -24,7 +24,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.failsafe.steps import PIN_LOG_ENV
-from tests.workflows.service.harness import (
+from tests.flows.service.harness import (
     HOST,
     ROOT,
     AgentProcess,

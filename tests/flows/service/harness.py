@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent._socket import request
 
 ROOT = Path(__file__).resolve().parents[3]
-SERVICE_DEFS = ROOT / "tests" / "workflows" / "service"
+SERVICE_DEFS = ROOT / "tests" / "flows" / "service"
 HOST = "127.0.0.1"
 
 

@@ -1,4 +1,4 @@
-"""Step functions for the service tests (dotted paths ``tests.workflows.service.steps``).
+"""Step functions for the service tests (dotted paths ``tests.flows.service.steps``).
 
 They run inside a real ``edgesaga run`` subprocess, so everything a test needs to observe goes to
 files named in the workflow's state (``marker``, ``flag``, ``record``), never to module globals.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import SQLiteStore, StepContext
-from tests.workflows.engine.models import EngineState
+from tests.flows.engine.models import EngineState
 
 
 @dataclass(frozen=True)

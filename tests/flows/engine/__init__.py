@@ -1,0 +1,1 @@
+"""Step functions and a state model used by the engine tests (dotted paths ``tests.flows.engine``)."""

@@ -1,1 +1,0 @@
-"""Step functions and a state model used by the engine tests (dotted paths ``tests.workflows.engine``)."""
