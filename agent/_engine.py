@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import json
 import logging
 import os
 import time
-import types
 import uuid
 import weakref
-from collections.abc import Coroutine, Generator, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from agent import _invoke
 from agent import _saga as saga
-from agent._context import StepContext
 from agent._definition import (
     LoadedDefinition,
-    LoadedStep,
     build_definition,
     discover,
     load_definition,
@@ -32,11 +28,11 @@ from agent._errors import (
     DiskFull,
     InvalidData,
     InvalidTransition,
-    StepTimeout,
     UnknownWorkflowType,
     WorkflowNotActive,
     WorkflowNotFound,
 )
+from agent._invoke import _oversize, _size_text, _unknown_fields
 from agent._leases import LeaseManager
 from agent._status import RESUMABLE, WorkflowStatus
 from agent._store import (
@@ -52,61 +48,6 @@ from agent._store import (
 from agent._threads import DaemonPool
 
 log = logging.getLogger("edgesaga.workflow")
-
-step_is_async = functools.cache(inspect.iscoroutinefunction)
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
-    """Go on driving a coroutine whose first ``send(None)`` already ran and yielded
-    ``waiting_on``, as its own task would have: what it yields goes up to the task that drives
-    this, and what that task sends or throws goes down to it (``yield from``, after the start)."""
-    while True:
-        try:
-            sent = yield waiting_on
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # a cancel or timeout, delivered to the step
-            try:
-                waiting_on = coro.throw(exc)
-            except StopIteration as finished:
-                return finished.value
-        else:
-            try:
-                waiting_on = coro.send(sent)
-            except StopIteration as finished:
-                return finished.value
-
-
-async def _finish(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:
-    return await _resume(coro, waiting_on)
-
-
-_CLEANING_UP: set[asyncio.Task[Any]] = set()  # steps finishing their clean-up after a missed cancel
-
-
-def _deliver_missed_cancel(coro: Coroutine[Any, Any, Any]) -> None:
-    """Throw the CancelledError into a step whose task was cancelled before its first step.
-
-    Such a task never runs ``_finish``, so the step, suspended after its inline first part, would
-    never see the cancel and its clean-up would not run. A step the cancel did reach has finished
-    (it re-raised, or returned) by the time its task is done, and is left alone. A step that
-    awaits something during its clean-up finishes it in a task of its own."""
-    if inspect.getcoroutinestate(coro) != inspect.CORO_SUSPENDED:
-        return
-    try:
-        waiting_on = coro.throw(asyncio.CancelledError())
-    except (StopIteration, Exception, asyncio.CancelledError):
-        return  # it handled the cancel (or failed while doing so); nothing is waiting for it
-    task = asyncio.get_running_loop().create_task(_finish(coro, waiting_on))
-    _CLEANING_UP.add(task)
-    task.add_done_callback(_CLEANING_UP.discard)
-
-
-@functools.cache
-def _step_logger(workflow_type: str, step: str) -> logging.Logger:
-    return logging.getLogger(f"edgesaga.step.{workflow_type}.{step}")
 
 
 _random_pool = bytearray()
@@ -129,43 +70,8 @@ def new_workflow_id() -> str:
     return str(uuid.UUID(bytes=raw, version=4))
 
 
-_INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
-
 #: Default limit of a workflow's serialized state (``max_state_bytes`` in the agent config).
 DEFAULT_MAX_STATE_BYTES = 1024 * 1024
-
-
-def _size_text(n: int) -> str:
-    """``1 MiB``, ``2.4 MiB``, ``2 KiB``, ``900 bytes``."""
-    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n // size} {unit}" if n % size == 0 else f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
-
-
-def _oversize(state_json: str, limit: int | None) -> int | None:
-    """The UTF-8 size of ``state_json`` when it is over ``limit``, else None (cheap: an ASCII
-    text, the usual state, is measured by its length without encoding it)."""
-    if limit is None or len(state_json) <= limit // 4:
-        return None
-    size = len(state_json) if state_json.isascii() else len(state_json.encode())
-    return size if size > limit else None
-
-
-@functools.cache
-def _field_names(model: type[BaseModel]) -> frozenset[str]:
-    names = set(model.model_fields)
-    for field in model.model_fields.values():
-        names.update(a for a in (field.alias, field.validation_alias) if isinstance(a, str))
-    return frozenset(names)
-
-
-def _unknown_fields(model: type[BaseModel], data: Any) -> list[str]:
-    """Keys of ``data`` that are no field of ``model`` (none when the model allows extras)."""
-    if not isinstance(data, dict) or model.model_config.get("extra") == "allow":
-        return []
-    known = _field_names(model)
-    return sorted(str(k) for k in data if k not in known)
 
 
 def _plan(definition: LoadedDefinition) -> saga.Plan:
@@ -190,14 +96,6 @@ def _plan(definition: LoadedDefinition) -> saga.Plan:
             )
         )
     return saga.Plan(tuple(steps))
-
-
-class _Outcome(NamedTuple):
-    ok: bool
-    state: BaseModel | None = None
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    cancelled: bool = False
 
 
 class _Pending:
@@ -432,7 +330,7 @@ class Workflow:
                     assert fl is not None
                     await self._commit(pending, now)  # "started, attempt n" before the side effect
 
-                outcome = await self._execute(step, fl)
+                outcome = await _invoke.execute(self, step, fl)
                 now = time.time()
                 if outcome.ok:
                     assert outcome.state is not None
@@ -617,132 +515,6 @@ class Workflow:
             except Exception:
                 log.exception("workflow %s: cannot queue the internal_error alert", self.id)
 
-    # -- executing a step ----------------------------------------------------------------------------
-    async def _execute(self, step: LoadedStep, fl: saga.Inflight) -> _Outcome:
-        compensating = fl.phase == "compensate"
-        func = step.compensate if compensating else step.function
-        assert func is not None
-        params = step.spec.params
-        key = f"{self.id}:{step.name}" + (":compensate" if compensating else "")
-        ctx = StepContext(
-            workflow_id=self.id,
-            workflow_type=self.workflow_type,
-            step_name=step.name,
-            attempt=fl.attempt,
-            idempotency_key=key,
-            params=dict(params),
-            hardware=self._builder.hardware,
-            compensating=compensating,
-            logger=_step_logger(self.workflow_type, step.name),
-        )
-        state = self.state  # the step may change it in place; a failure restores the committed copy
-        timeout = step.spec.timeout
-        task: asyncio.Future[Any]
-        coro = None
-        if step_is_async(func):
-            coro = func(state, ctx, **params)
-            try:
-                # Run it at once, as an eager task would: most steps (a GPIO write, a no-op)
-                # finish without waiting, and then need no task and no trip round the loop.
-                waiting_on = coro.send(None)
-            except StopIteration as finished:
-                return self._outcome(state, finished.value, step)
-            except Exception as exc:
-                self._restore_state()
-                return _Outcome(False, error=f"{type(exc).__name__}: {exc}")
-            task = asyncio.get_running_loop().create_task(_finish(coro, waiting_on))
-            # Only an async forward step can be stopped by a cancel (see cancel()).
-            self._step_task = None if compensating else task
-        else:
-            task = self._builder._threads.run(functools.partial(func, state, ctx, **params))
-            self._step_task = None
-        deadline = None if timeout is None else asyncio.timeout(timeout)
-        try:
-            if deadline is None:
-                result = await task
-            else:
-                async with deadline:
-                    result = await task
-        except TimeoutError as exc:
-            self._restore_state()
-            if deadline is None or not deadline.expired():
-                # The step's own TimeoutError (e.g. a device that never answered), not ours.
-                return _Outcome(False, error=f"{type(exc).__name__}: {exc}")
-            if not isinstance(task, asyncio.Task):
-                log.warning(
-                    "workflow %s: sync step %s outlived its timeout; its thread cannot be stopped, "
-                    "so whatever it returns later is discarded",
-                    self.id,
-                    step.name,
-                )
-            return _Outcome(False, error=str(StepTimeout(self.id, step.name, timeout or 0)))
-        except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if (
-                task.cancelled()
-                and self._cancel.is_set()
-                and me is not None
-                and not me.cancelling()
-            ):
-                self._restore_state()  # stopped by cancel(): the step may have taken effect
-                return _Outcome(False, cancelled=True, error=self._cancel_reason)
-            task.cancel()
-            if coro is not None and task.done():
-                _deliver_missed_cancel(coro)
-            raise
-        except Exception as exc:
-            self._restore_state()
-            return _Outcome(False, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self._step_task = None
-        return self._outcome(state, result, step)
-
-    def _outcome(self, state: BaseModel, result: Any, step: LoadedStep) -> _Outcome:
-        try:
-            new_state = self._merge(state, result, step)
-            state_json = new_state.model_dump_json()
-            limit = self._builder.max_state_bytes
-            size = _oversize(state_json, limit)
-            if size is not None:
-                raise InvalidData(
-                    f"Step {step.name!r} returned a state of {_size_text(size)} of JSON; the "
-                    f"limit is {_size_text(limit or 0)} (max_state_bytes). Keep large data out of "
-                    "the state (in a file, say, with its path in the state) or raise "
-                    "max_state_bytes in the agent config."
-                )
-        except InvalidData as err:
-            self._restore_state()
-            return _Outcome(False, error=str(err))
-        self._json_of = (new_state, state_json)
-        return _Outcome(True, state=new_state, result=result)
-
-    def _merge(self, state: BaseModel, result: Any, step: LoadedStep) -> BaseModel:
-        model = type(state)
-        if result is None:
-            result = {}
-        if not isinstance(result, dict):
-            raise InvalidData(
-                f"Step {step.name!r} returned {type(result).__name__}; a step returns a dict of "
-                "state fields to update, or None."
-            )
-        data = state.model_dump()
-        if result:
-            unknown = _unknown_fields(model, result)
-            if unknown:
-                raise InvalidData(
-                    f"Step {step.name!r} returned field(s) {unknown} that {model.__name__} does "
-                    "not have; add them to the state model or stop returning them."
-                )
-            data.update(result)
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise InvalidData(
-                f"Step {step.name!r} left the state invalid: {where}: {first['msg']}."
-            ) from None
-
     def _restore_state(self) -> None:
         self.state = type(self.state).model_validate_json(self._state_json)
 
@@ -892,7 +664,9 @@ class Workflow:
         try:
             hw.safe_state(resources)
         except Exception:
-            log.exception("workflow %s: could not drive %s to their safe values", self.id, resources)
+            log.exception(
+                "workflow %s: could not drive %s to their safe values", self.id, resources
+            )
             return
         log.error(
             "workflow %s: the disk has been full for %.0f s; %s set to their safe values while "
@@ -901,29 +675,6 @@ class Workflow:
             stalled_for,
             ", ".join(resources),
         )
-
-    async def _recover_inflight(self) -> None:
-        """Mark an attempt cut short by the agent dying as interrupted (§6)."""
-        fl = self._progress.inflight
-        if fl is None:
-            return
-        now = time.time()
-        pending = _Pending()
-        self._progress = saga.interrupted(self._plan, self._progress)
-        pending.journal.append(JournalEnd(fl.seq, "interrupted", now, _INTERRUPTED))
-        name = "step_failed" if fl.phase == "forward" else "compensation_failed"
-        self._event(pending, name, now, step=fl.step, attempt=fl.attempt, error=_INTERRUPTED)
-        if fl.phase == "compensate" and fl.step in self._progress.compensation_failed:
-            self._alert(pending, now, fl.step, self._progress.error)
-        self._status_event(pending, now)
-        log.warning(
-            "workflow %s: %s step %s attempt %d was interrupted",
-            self.id,
-            fl.phase,
-            fl.step,
-            fl.attempt,
-        )
-        await self._commit(pending, now)
 
 
 class WorkflowBuilder:
@@ -1149,49 +900,10 @@ class WorkflowBuilder:
         )
 
     async def recover(self, store: SQLiteStore, *, run: bool = True) -> list[Workflow]:
-        """Resume every ``ACTIVE`` and ``COMPENSATING`` instance (§6).
+        """Resume every ``ACTIVE`` and ``COMPENSATING`` instance (see :func:`agent._recovery.recover`)."""
+        from agent._recovery import recover  # that module builds on this one
 
-        An attempt cut short by the agent dying is recorded as interrupted first. With ``run=True``
-        (the default) the workflows are driven to a terminal status concurrently before this
-        returns; with ``run=False`` they are returned for the caller to drive.
-        """
-        records = await store.list_instances(status=[s.value for s in RESUMABLE], limit=1_000_000)
-        workflows = []
-        for rec in sorted(records, key=lambda r: (r.created_at, r.id)):
-            live = self._live.get(rec.id)
-            if live is not None and live.store is store and live.is_running:
-                continue
-            try:
-                full = await store.load_instance(rec.id)  # with its definition snapshot
-                if full is None:
-                    continue
-                wf = self._from_record(full, store)
-            except Exception as exc:
-                # One instance that cannot be rebuilt (its step module was removed, say) must not
-                # keep the others from resuming: it stays as it is, and a person is told.
-                message = (
-                    f"Workflow {rec.id} ({rec.workflow_type}) cannot be resumed: {exc} It stays "
-                    f"{rec.status.value}; restore the code it was started with and restart the agent."
-                )
-                log.error(message)
-                await store.add_alert(
-                    {
-                        "seq": None,
-                        "at": iso(time.time()),
-                        "alert": "recovery_failed",
-                        "workflow_id": rec.id,
-                        "workflow_type": rec.workflow_type,
-                        "message": message,
-                    },
-                    workflow_id=rec.id,
-                )
-                continue
-            self._live[rec.id] = wf
-            await wf._recover_inflight()
-            workflows.append(wf)
-        if run:
-            await asyncio.gather(*(wf.run() for wf in workflows))
-        return workflows
+        return await recover(self, store, run=run)
 
     async def cancel(
         self, workflow_id: str, store: SQLiteStore, *, reason: str = "cancelled on request"

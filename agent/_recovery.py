@@ -1,0 +1,89 @@
+"""Recovery after a restart: every workflow left running is rebuilt from the store, an attempt
+the agent died in is recorded as interrupted, and the workflows go on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from agent import _saga as saga
+from agent._engine import Workflow, WorkflowBuilder, _Pending
+from agent._status import RESUMABLE
+from agent._store import JournalEnd, SQLiteStore, iso
+
+log = logging.getLogger("edgesaga.workflow")
+
+_INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
+
+
+async def recover(
+    builder: WorkflowBuilder, store: SQLiteStore, *, run: bool = True
+) -> list[Workflow]:
+    """Resume every ``ACTIVE`` and ``COMPENSATING`` instance.
+
+    An attempt cut short by the agent dying is recorded as interrupted first. With ``run=True``
+    (the default) the workflows are driven to a terminal status concurrently before this
+    returns; with ``run=False`` they are returned for the caller to drive.
+    """
+    records = await store.list_instances(status=[s.value for s in RESUMABLE], limit=1_000_000)
+    workflows = []
+    for rec in sorted(records, key=lambda r: (r.created_at, r.id)):
+        live = builder._live.get(rec.id)
+        if live is not None and live.store is store and live.is_running:
+            continue
+        try:
+            full = await store.load_instance(rec.id)  # with its definition snapshot
+            if full is None:
+                continue
+            wf = builder._from_record(full, store)
+        except Exception as exc:
+            # One instance that cannot be rebuilt (its step module was removed, say) must not
+            # keep the others from resuming: it stays as it is, and a person is told.
+            message = (
+                f"Workflow {rec.id} ({rec.workflow_type}) cannot be resumed: {exc} It stays "
+                f"{rec.status.value}; restore the code it was started with and restart the agent."
+            )
+            log.error(message)
+            await store.add_alert(
+                {
+                    "seq": None,
+                    "at": iso(time.time()),
+                    "alert": "recovery_failed",
+                    "workflow_id": rec.id,
+                    "workflow_type": rec.workflow_type,
+                    "message": message,
+                },
+                workflow_id=rec.id,
+            )
+            continue
+        builder._live[rec.id] = wf
+        await mark_interrupted(wf)
+        workflows.append(wf)
+    if run:
+        await asyncio.gather(*(wf.run() for wf in workflows))
+    return workflows
+
+
+async def mark_interrupted(wf: Workflow) -> None:
+    """Mark an attempt cut short by the agent dying as interrupted."""
+    fl = wf._progress.inflight
+    if fl is None:
+        return
+    now = time.time()
+    pending = _Pending()
+    wf._progress = saga.interrupted(wf._plan, wf._progress)
+    pending.journal.append(JournalEnd(fl.seq, "interrupted", now, _INTERRUPTED))
+    name = "step_failed" if fl.phase == "forward" else "compensation_failed"
+    wf._event(pending, name, now, step=fl.step, attempt=fl.attempt, error=_INTERRUPTED)
+    if fl.phase == "compensate" and fl.step in wf._progress.compensation_failed:
+        wf._alert(pending, now, fl.step, wf._progress.error)
+    wf._status_event(pending, now)
+    log.warning(
+        "workflow %s: %s step %s attempt %d was interrupted",
+        wf.id,
+        fl.phase,
+        fl.step,
+        fl.attempt,
+    )
+    await wf._commit(pending, now)
