@@ -559,8 +559,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
-    from agent._config import load_config
-    from agent._mqtt import MqttSettings, watch
+    from agent._config import MqttSettings, load_config
+    from agent._watch import watch
 
     cfg_path = _config_path(args)
     settings = load_config(cfg_path).mqtt if cfg_path else MqttSettings()

@@ -1,51 +1,25 @@
-"""The MQTT link (DESIGN §8): commands in; replies, events, alerts and retained state out.
+"""The MQTT link: commands in; replies, events, alerts and retained state out.
 
-Why paho-mqtt directly rather than aiomqtt 2.x on top of it (so aiomqtt is not a dependency):
-
-* **Manual acknowledgements.** A command is PUBACKed only after its reply was published (and the
-  broker acknowledged that reply), so a command cut short by a crash or a lost connection is
-  delivered again (request-id dedupe in :class:`agent._control.Control` makes the repeat safe). It
-  also gives back-pressure for free: the broker sends at most *Receive Maximum* unacknowledged
-  commands, so a flood queues at the broker, not in the agent's memory. aiomqtt 2 always
-  acknowledges on receipt.
-* **A lost connection fails every publish still waiting for its PUBACK at once**, so the outbox
-  drainer stops and resumes from the first unacknowledged item after reconnecting; aiomqtt 2 waits
-  for each publish's own timeout.
-* **A fresh client per connection**: nothing paho queued for an old connection is resent behind the
-  outbox's back; the outbox (SQLite) is the only record of what is still to be published.
-
-Threads meet the loop in one place, :class:`_Connection`: paho's network thread (``loop_start``)
-runs its callbacks, and each callback only hands its arguments to the event loop with
-``call_soon_threadsafe``. Everything else here runs on the loop. The blocking parts of connecting
-(DNS, TCP, TLS handshake, reading the password file) run in a worker thread.
+The connection under it (paho, TLS, the thread bridge, reconnect backoff) is
+:mod:`agent._transport`'s; ``edgesaga watch`` is :mod:`agent._watch`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
-import math
-import os
-import random
-import socket
 import sqlite3
-import ssl
-import sys
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent._commands import error_reply
@@ -55,14 +29,21 @@ from agent._commands import error_reply
 from agent._config import MqttSettings as MqttSettings
 from agent._config import TlsSettings as TlsSettings
 from agent._store import OutboxItem, SQLiteStore, iso
+from agent._transport import (
+    ConnectFailed,
+    Connection,
+    Lost,
+    PubResult,
+    backoff,
+    mqtt_properties,
+    open_connection,
+)
 
 log = logging.getLogger("edgesaga.mqtt")
 
 #: ``handler(command_name, payload) -> (reply, reply_to)``, i.e. :meth:`Control.handle_raw`.
 Handler = Callable[[str, bytes], Awaitable[tuple[dict[str, Any], str | None]]]
 
-_CONNECT_TIMEOUT = 10.0  # seconds for TCP + TLS + CONNACK
-_SUBACK_TIMEOUT = 10.0
 _REPLY_TIMEOUT = 10.0  # seconds to wait for the PUBACK of a reply before giving up on it
 _OFFLINE_TIMEOUT = 2.0  # seconds a clean stop waits for the PUBACK of `offline`
 _MAX_QOS0_BACKLOG = (
@@ -185,440 +166,6 @@ def _request_id_of(body: dict[str, Any] | None) -> str | None:
     return rid if isinstance(rid, str) and 0 < len(rid) <= 200 else None
 
 
-# ------------------------------------------------------------------------------------------------
-# One connection: the only place paho's thread meets the event loop
-
-
-class _Lost(Exception):
-    """Raised when the connection went away while something waited on it."""
-
-
-@dataclass(frozen=True, slots=True)
-class _PubResult:
-    ok: bool
-    reason: str = ""
-    lost: bool = False  # False with ok=False: the broker (or paho) refused this message
-
-
-_LOST = _PubResult(False, "the connection was lost", lost=True)
-
-
-class _Connection:
-    """One paho client and one network connection. Never reused: reconnecting makes a new one.
-
-    paho's network thread calls the ``_t_*`` callbacks; each only schedules its ``_on_*`` twin on
-    the loop. Futures handed out here never carry exceptions (results say what happened), so none
-    is ever left "unretrieved".
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        on_message: Callable[[_Connection, paho.MQTTMessage], None],
-        on_lost: Callable[[_Connection], None],
-        on_puback: Callable[[], None],
-    ) -> None:
-        self._loop = loop
-        self.client: paho.Client | None = None
-        self.connack: asyncio.Future[tuple[ReasonCode, bool]] = loop.create_future()
-        self.closed: asyncio.Future[str] = loop.create_future()
-        self._publishes: dict[int, asyncio.Future[_PubResult]] = {}
-        self._subscribes: dict[int, asyncio.Future[list[ReasonCode] | None]] = {}
-        self._on_message_cb = on_message
-        self._on_lost_cb = on_lost
-        self._on_puback_cb = on_puback
-        self._started = False
-
-    # -- set-up (worker thread) ------------------------------------------------------------------
-    def attach(self, client: paho.Client) -> None:
-        self.client = client
-        client.on_connect = self._t_connect
-        client.on_disconnect = self._t_disconnect
-        client.on_publish = self._t_publish
-        client.on_subscribe = self._t_subscribe
-        client.on_message = self._t_message
-
-    def start_loop(self) -> None:
-        assert self.client is not None
-        self.client.loop_start()
-        self._started = True
-
-    # -- paho thread side: hand over to the loop, nothing else ----------------------------------------
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _t_connect(self, _c: Any, _u: Any, flags: Any, reason: ReasonCode, _p: Any) -> None:
-        self._call(self._on_connect, reason, bool(getattr(flags, "session_present", False)))
-
-    def _t_disconnect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
-        self._call(self._on_disconnect, str(reason))
-
-    def _t_publish(self, _c: Any, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
-        self._call(self._on_publish, mid, reason)
-
-    def _t_subscribe(self, _c: Any, _u: Any, mid: int, reasons: list[ReasonCode], _p: Any) -> None:
-        self._call(self._on_subscribe, mid, list(reasons))
-
-    def _t_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
-        self._call(self._on_message_cb, self, message)
-
-    # -- loop side --------------------------------------------------------------------------------
-    def _on_connect(self, reason: ReasonCode, session_present: bool) -> None:
-        if not self.connack.done():
-            self.connack.set_result((reason, session_present))
-
-    def _on_disconnect(self, reason: str) -> None:
-        self.mark_closed(reason)
-
-    def mark_closed(self, reason: str) -> None:
-        if self.closed.done():
-            return
-        self.closed.set_result(reason)
-        for fut in self._publishes.values():
-            if not fut.done():
-                fut.set_result(_LOST)
-        for sub in self._subscribes.values():
-            if not sub.done():
-                sub.set_result(None)
-        self._publishes.clear()
-        self._subscribes.clear()
-        self._on_lost_cb(self)
-
-    def _on_publish(self, mid: int, reason: ReasonCode) -> None:
-        fut = self._publishes.pop(mid, None)
-        if fut is not None and not fut.done():
-            if reason.is_failure:
-                fut.set_result(_PubResult(False, f"refused by the broker: {reason}"))
-            else:
-                fut.set_result(_PubResult(True))
-            self._on_puback_cb()
-
-    def _on_subscribe(self, mid: int, reasons: list[ReasonCode]) -> None:
-        fut = self._subscribes.pop(mid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(reasons)
-
-    @property
-    def alive(self) -> bool:
-        return (
-            self.connack.done()
-            and not self.connack.result()[0].is_failure
-            and not self.closed.done()
-        )
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        properties: Properties | None = None,
-    ) -> asyncio.Future[_PubResult]:
-        """Publish; the future resolves when the broker acknowledged it (QoS 1) or it was sent
-        (QoS 0), or says why not."""
-        fut: asyncio.Future[_PubResult] = self._loop.create_future()
-        if not self.alive or self.client is None:
-            fut.set_result(_LOST)
-            return fut
-        try:
-            info = self.client.publish(topic, payload, qos, retain, properties)
-        except (ValueError, TypeError, UnicodeError) as exc:  # a topic paho cannot send
-            fut.set_result(_PubResult(False, f"cannot publish to {topic!r}: {exc}"))
-            return fut
-        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-            fut.set_result(_LOST)
-        elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            fut.set_result(_PubResult(False, paho.error_string(info.rc)))
-        elif qos == 0:
-            fut.set_result(_PubResult(True))
-        else:
-            self._publishes[info.mid] = fut
-        return fut
-
-    async def subscribe(
-        self, topics: list[tuple[str, int]], *, v5_options: SubscribeOptions | None
-    ) -> list[ReasonCode]:
-        """Subscribe and wait for the SUBACK; raises :class:`_Lost` when the connection goes."""
-        assert self.client is not None
-        fut: asyncio.Future[list[ReasonCode] | None] = self._loop.create_future()
-        if not self.alive:
-            raise _Lost("not connected")
-        if v5_options is not None:
-            rc, mid = self.client.subscribe([(t, v5_options) for t, _ in topics])
-        else:
-            rc, mid = self.client.subscribe(topics)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            raise _Lost(paho.error_string(rc))
-        self._subscribes[mid] = fut
-        done, _ = await asyncio.wait({fut}, timeout=_SUBACK_TIMEOUT)
-        result = fut.result() if done else None
-        if result is None:
-            raise _Lost("no SUBACK from the broker")
-        return result
-
-    def ack(self, message: paho.MQTTMessage) -> None:
-        """Acknowledge a command (manual acks); a no-op when its connection is gone."""
-        if self.client is not None and message.qos > 0 and not self.closed.done():
-            self.client.ack(message.mid, message.qos)
-
-    async def close(self, *, clean: bool = False) -> None:
-        """Disconnect (sending DISCONNECT when ``clean``), stop the network thread and close the
-        sockets."""
-        client = self.client
-        if client is None:
-            self.mark_closed("closed")
-            return
-        if clean or not self.closed.done():
-            with contextlib.suppress(Exception):
-                client.disconnect()
-        if self._started:
-            await asyncio.to_thread(client.loop_stop)
-        _close_sockets(client)
-        self.mark_closed("closed")
-
-
-def _close_sockets(client: paho.Client) -> None:
-    # paho closes its socket and wake-up socket pair in `_reset_sockets` (also run by its
-    # `__del__`); call it now so no socket waits for the garbage collector (ResourceWarning).
-    reset = getattr(client, "_reset_sockets", None)
-    if reset is not None:
-        with contextlib.suppress(Exception):
-            reset()
-
-
-# ------------------------------------------------------------------------------------------------
-# Building and opening a connection
-
-
-class _ConnectFailed(Exception):
-    """Raised when one connection attempt failed; ``message`` is the one line logged for it."""
-
-    def __init__(self, message: str, *, auth: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.auth = auth
-
-
-_REFUSALS = {
-    0x84: "the broker does not speak MQTT {version}; set mqtt.version",
-    0x85: "client id {client_id!r} rejected; set mqtt.client_id",
-    0x86: "bad username or password; check mqtt.username / password_file",
-    # Mosquitto answers a wrong password with "not authorized".
-    0x87: "not authorized (bad username or password, or the broker's ACL); check mqtt.username / password_file",
-    0x88: "the broker is unavailable",
-    0x89: "the broker is busy",
-    0x8A: "this client is banned",
-    0x8C: "bad authentication method; check mqtt.username / password_file",
-    0x95: "the CONNECT packet is too large",
-    0x97: "quota exceeded",
-}
-
-
-def _refusal(reason: ReasonCode, settings: MqttSettings, client_id: str) -> _ConnectFailed:
-    text = _REFUSALS.get(reason.value)
-    if text is None:
-        text = f"{reason} (reason code {reason.value})"
-    else:
-        text = text.format(version=settings.version, client_id=client_id)
-    return _ConnectFailed(
-        f"MQTT broker {settings.host}:{settings.port} refused the connection: {text}",
-        auth=reason.value in (0x86, 0x87, 0x8C),
-    )
-
-
-def _tls_context(tls: TlsSettings) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
-    )
-    if tls.cert_file is not None:
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-    if tls.insecure:
-        ctx.check_hostname = False
-    return ctx
-
-
-def _new_client(
-    settings: MqttSettings,
-    client_id: str,
-    *,
-    persistent: bool,
-    will_topic: str | None,
-    manual_ack: bool,
-    inflight: int,
-) -> paho.Client:
-    """Build a paho client (blocking: reads the password file and the TLS files)."""
-    v5 = settings.version == "5"
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-        clean_session=None if v5 else not persistent,
-        reconnect_on_failure=False,
-        manual_ack=manual_ack,
-    )
-    client.connect_timeout = _CONNECT_TIMEOUT
-    client.max_inflight_messages_set(inflight)
-    client.max_queued_messages_set(0)
-    if will_topic is not None:
-        client.will_set(will_topic, b"offline", qos=1, retain=True)
-    try:
-        password = settings.read_password()
-    except OSError as exc:
-        raise _ConnectFailed(
-            f"cannot read mqtt.password_file {settings.password_file}: {exc.strerror or exc}"
-        ) from None
-    if settings.username is not None or password is not None:
-        client.username_pw_set(settings.username, password)
-    if settings.tls is not None:
-        try:
-            client.tls_set_context(_tls_context(settings.tls))
-        except (OSError, ssl.SSLError) as exc:
-            raise _ConnectFailed(f"cannot load the TLS files of mqtt.tls: {exc}") from None
-    return client
-
-
-def _properties(packet_type: int) -> Properties:
-    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
-
-
-def _connect_properties(
-    settings: MqttSettings, *, persistent: bool, receive_maximum: int
-) -> Properties | None:
-    if settings.version != "5":
-        return None
-    props = _properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = settings.session_expiry if persistent else 0
-    props.ReceiveMaximum = receive_maximum
-    # Payloads a little over max_payload still arrive (and get a `payload_too_large` reply);
-    # the broker drops anything larger than this instead of making a small device buffer it.
-    props.MaximumPacketSize = max(16 * settings.max_payload, 1 << 20)
-    return props
-
-
-async def _open(
-    settings: MqttSettings,
-    client_id: str,
-    *,
-    persistent: bool,
-    will_topic: str | None,
-    manual_ack: bool,
-    inflight: int,
-    receive_maximum: int,
-    on_message: Callable[[_Connection, paho.MQTTMessage], None],
-    on_lost: Callable[[_Connection], None],
-    on_puback: Callable[[], None],
-) -> tuple[_Connection, bool]:
-    """Connect once; returns the live connection and the broker's session-present flag, or raises
-    :class:`_ConnectFailed` with the line to log."""
-    loop = asyncio.get_running_loop()
-    conn = _Connection(loop, on_message=on_message, on_lost=on_lost, on_puback=on_puback)
-    where = f"{settings.host}:{settings.port}"
-
-    def blocking() -> None:
-        client = _new_client(
-            settings,
-            client_id,
-            persistent=persistent,
-            will_topic=will_topic,
-            manual_ack=manual_ack,
-            inflight=inflight,
-        )
-        conn.attach(client)
-        if settings.version == "5":
-            client.connect(
-                settings.host,
-                settings.port,
-                settings.keepalive,
-                clean_start=not persistent,
-                properties=_connect_properties(
-                    settings, persistent=persistent, receive_maximum=receive_maximum
-                ),
-            )
-        else:  # 3.1.1: persistence is the client's clean_session flag
-            client.connect(settings.host, settings.port, settings.keepalive)
-        _no_delay(client)
-        conn.start_loop()
-
-    work = loop.run_in_executor(None, blocking)
-    try:
-        await asyncio.shield(work)
-    except asyncio.CancelledError:
-        # The worker thread cannot be stopped: let it finish, then close what it opened.
-        await asyncio.wait({work})
-        if not work.cancelled():
-            work.exception()  # retrieved: it no longer matters
-        await conn.close()
-        raise
-    except _ConnectFailed:
-        await conn.close()
-        raise
-    except ssl.SSLCertVerificationError as exc:
-        await conn.close()
-        raise _ConnectFailed(
-            f"TLS handshake with the MQTT broker {where} failed: {exc.verify_message}; check "
-            "mqtt.tls.ca_file and that mqtt.host is a name the broker's certificate carries"
-        ) from None
-    except ssl.SSLError as exc:
-        await conn.close()
-        raise _ConnectFailed(f"TLS handshake with the MQTT broker {where} failed: {exc}") from None
-    except OSError as exc:
-        await conn.close()
-        why = exc.strerror or str(exc) or type(exc).__name__
-        raise _ConnectFailed(f"cannot reach the MQTT broker {where}: {why}") from None
-    except Exception as exc:
-        await conn.close()
-        raise _ConnectFailed(
-            f"cannot connect to the MQTT broker {where}: {type(exc).__name__}: {exc}"
-        ) from None
-
-    waiters: set[asyncio.Future[Any]] = {conn.connack, conn.closed}
-    try:
-        done, _ = await asyncio.wait(
-            waiters, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-        )
-    except asyncio.CancelledError:
-        await conn.close()
-        raise
-    if conn.connack.done():
-        reason, session_present = conn.connack.result()
-        if reason.is_failure:
-            await conn.close()
-            raise _refusal(reason, settings, client_id)
-        if not conn.closed.done():
-            return conn, session_present
-    await conn.close()
-    if not done:
-        raise _ConnectFailed(
-            f"no answer (CONNACK) from the MQTT broker {where} within {_CONNECT_TIMEOUT:.0f} s"
-        )
-    raise _ConnectFailed(
-        f"the MQTT broker {where} closed the connection before accepting it ({conn.closed.result()}); "
-        "check mqtt.tls and mqtt.port"
-    )
-
-
-def _no_delay(client: paho.Client) -> None:
-    # paho leaves Nagle's algorithm on: a small packet sent right after another (a PUBACK, then
-    # the next event) then waits for the peer's delayed ACK, ~40 ms a hop. Small, latency-bound
-    # packets are all MQTT sends here.
-    sock = client.socket()
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _backoff(settings: MqttSettings, failures: int) -> float:
-    """Capped exponential backoff with jitter: uniformly in [base/2, base] for
-    ``base = min(reconnect_max, reconnect_min * 2**(failures-1))``. Each gap is at least as long
-    as the one before until the cap, and many devices restarting together do not reconnect in step."""
-    exponent = min(max(failures - 1, 0), 62)
-    base = min(settings.reconnect_max, settings.reconnect_min * math.pow(2, exponent))
-    return base * random.uniform(0.5, 1.0)
-
-
 def _dumps(obj: Any) -> bytes:
     # ensure_ascii (the default): a lone surrogate read from hostile input cannot break encoding.
     return json.dumps(obj, separators=(",", ":"), default=str).encode()
@@ -675,11 +222,11 @@ class MqttLink:
         self._max_commands = max_concurrent_commands
         self._window = outbox_window
         self._trim_interval = trim_interval
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()  # the drainer has something to do
         self._outbox_grew = asyncio.Event()  # for the cap check
-        self._incoming: asyncio.Queue[tuple[_Connection, paho.MQTTMessage]] = asyncio.Queue()
+        self._incoming: asyncio.Queue[tuple[Connection, paho.MQTTMessage]] = asyncio.Queue()
         self._slots = asyncio.Semaphore(max_concurrent_commands)
         self._to_clear: set[str] = set()  # pruned workflows whose state topic is still to clear
         # Pruned workflow -> the outbox's highest seq when it was pruned. Its events up to there
@@ -742,7 +289,7 @@ class MqttLink:
         while True:
             self.attempts += 1
             try:
-                conn, session_present = await _open(
+                conn, session_present = await open_connection(
                     s,
                     self.client_id,
                     persistent=True,
@@ -754,9 +301,9 @@ class MqttLink:
                     on_lost=self._on_lost,
                     on_puback=self._wake.set,
                 )
-            except _ConnectFailed as err:
+            except ConnectFailed as err:
                 failures += 1
-                delay = _backoff(s, failures)
+                delay = backoff(s, failures)
                 self.last_error = err.message
                 (log.error if err.auth else log.warning)(
                     "%s; retrying in %.1f s (attempt %d)", err.message, delay, self.attempts
@@ -765,7 +312,7 @@ class MqttLink:
                 continue
             except Exception as exc:  # a bug here must not end the link
                 failures += 1
-                delay = _backoff(s, failures)
+                delay = backoff(s, failures)
                 log.exception(
                     "MQTT connection attempt failed unexpectedly (%s); retrying in %.1f s",
                     exc,
@@ -778,7 +325,7 @@ class MqttLink:
             self._conn = conn
             try:
                 await self._session_started(conn, session_present)
-            except _Lost as exc:
+            except Lost as exc:
                 if not conn.closed.done():
                     log.warning(
                         "the MQTT broker did not confirm the subscription (%s); reconnecting", exc
@@ -792,7 +339,7 @@ class MqttLink:
             if self._conn is conn:
                 self._conn = None
             await conn.close()
-            delay = _backoff(s, 1)
+            delay = backoff(s, 1)
             log.warning(
                 "lost the connection to the MQTT broker %s:%d (%s); reconnecting in %.1f s",
                 s.host,
@@ -802,7 +349,7 @@ class MqttLink:
             )
             await asyncio.sleep(delay)
 
-    async def _session_started(self, conn: _Connection, session_present: bool) -> None:
+    async def _session_started(self, conn: Connection, session_present: bool) -> None:
         s = self.settings
         self.connects += 1
         log.info(
@@ -838,7 +385,7 @@ class MqttLink:
             if self._to_clear:
                 self._publish_clears(conn)
 
-    def _on_lost(self, conn: _Connection) -> None:
+    def _on_lost(self, conn: Connection) -> None:
         if self._conn is conn:
             self._connected.clear()
         self._wake.set()
@@ -848,7 +395,7 @@ class MqttLink:
         self._outbox_grew.set()
 
     # -- commands ----------------------------------------------------------------------------------
-    def _on_message(self, conn: _Connection, message: paho.MQTTMessage) -> None:
+    def _on_message(self, conn: Connection, message: paho.MQTTMessage) -> None:
         if message.qos == 0 and self._incoming.qsize() >= _MAX_QOS0_BACKLOG:
             self._qos0_dropped += 1
             if self._qos0_dropped in (1, 10, 100) or self._qos0_dropped % 1000 == 0:
@@ -866,7 +413,7 @@ class MqttLink:
                 name = "?"
             tg.create_task(self._command(conn, message), name=f"mqtt-command:{name[:40]}")
 
-    async def _command(self, conn: _Connection, message: paho.MQTTMessage) -> None:
+    async def _command(self, conn: Connection, message: paho.MQTTMessage) -> None:
         try:
             await self._serve(conn, message)
         except Exception:
@@ -875,7 +422,7 @@ class MqttLink:
         finally:
             self._slots.release()
 
-    async def _serve(self, conn: _Connection, message: paho.MQTTMessage) -> None:
+    async def _serve(self, conn: Connection, message: paho.MQTTMessage) -> None:
         try:
             topic = message.topic
         except UnicodeDecodeError:
@@ -962,7 +509,7 @@ class MqttLink:
 
     async def _reply(
         self,
-        conn: _Connection,
+        conn: Connection,
         message: paho.MQTTMessage,
         target: str,
         correlation: bytes | None,
@@ -973,11 +520,11 @@ class MqttLink:
         rid = reply.get("request_id")
         properties: Properties | None = None
         if correlation is not None:
-            properties = _properties(PacketTypes.PUBLISH)
+            properties = mqtt_properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation
         fut = conn.publish(target, _dumps(reply), qos=1, properties=properties)
         done, _ = await asyncio.wait({fut}, timeout=_REPLY_TIMEOUT)
-        result = fut.result() if done else _PubResult(False, "no PUBACK in time", lost=True)
+        result = fut.result() if done else PubResult(False, "no PUBACK in time", lost=True)
         if result.ok or not result.lost:
             if not result.ok:
                 log.warning(
@@ -1007,11 +554,11 @@ class MqttLink:
                 log.exception("the outbox drainer failed; retrying in 1 s")
                 await asyncio.sleep(1.0)
 
-    async def _drain(self, conn: _Connection) -> None:
+    async def _drain(self, conn: Connection) -> None:
         """Publish the outbox in seq order over ``conn`` until it is lost; delete each item only
         after the broker acknowledged every message made from it."""
         cursor = 0  # the last seq published on this connection
-        inflight: deque[tuple[OutboxItem, list[asyncio.Future[_PubResult]]]] = deque()
+        inflight: deque[tuple[OutboxItem, list[asyncio.Future[PubResult]]]] = deque()
         while conn.alive:
             self._wake.clear()
             acked: list[int] = []
@@ -1046,9 +593,7 @@ class MqttLink:
                     self._pruned.clear()
             await self._wake.wait()
 
-    def _publish_item(
-        self, conn: _Connection, item: OutboxItem
-    ) -> list[asyncio.Future[_PubResult]]:
+    def _publish_item(self, conn: Connection, item: OutboxItem) -> list[asyncio.Future[PubResult]]:
         payload = item.payload
         if item.kind == "alert":
             return [conn.publish(self.topics.alerts, _dumps(payload), qos=1)]
@@ -1133,7 +678,7 @@ class MqttLink:
         results = await asyncio.gather(*futures)
         return sum(1 for r in results if r.ok)
 
-    def _publish_clears(self, conn: _Connection) -> list[asyncio.Future[_PubResult]]:
+    def _publish_clears(self, conn: Connection) -> list[asyncio.Future[PubResult]]:
         futures = []
         for wid in sorted(self._to_clear):
             fut = conn.publish(self.topics.state(wid), b"", qos=1, retain=True)
@@ -1141,97 +686,6 @@ class MqttLink:
             futures.append(fut)
         return futures
 
-    def _cleared(self, workflow_id: str, fut: asyncio.Future[_PubResult]) -> None:
+    def _cleared(self, workflow_id: str, fut: asyncio.Future[PubResult]) -> None:
         if fut.result().ok:
             self._to_clear.discard(workflow_id)
-
-
-# ------------------------------------------------------------------------------------------------
-# edgesaga watch
-
-
-def _device_of(topic: str, prefix: str) -> str:
-    rest = topic[len(prefix) + 1 :] if topic.startswith(prefix + "/") else topic
-    return rest.split("/", 1)[0]
-
-
-def format_event(topic: str, payload: bytes, prefix: str) -> str:
-    """One line for ``edgesaga watch``:
-    ``<at> <device> <workflow_id[:8]> <event> <step> attempt=<n> <status> <error>``; alerts read
-    ``<at> <device> <workflow_id[:8]> ALERT <alert> <step> <message>``."""
-    device = _device_of(topic, prefix)
-    try:
-        p = json.loads(payload)
-        if not isinstance(p, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        return f"- {device} - (unreadable message on {topic})"
-    wid = str(p.get("workflow_id") or "-")[:8]
-    step = p.get("step") or "-"
-    if topic.endswith("/alerts"):
-        return f"{p.get('at')} {device} {wid} ALERT {p.get('alert')} {step} {p.get('message') or ''}".rstrip()
-    attempt = p.get("attempt")
-    return (
-        f"{p.get('at')} {device} {wid} {p.get('event')} {step} "
-        f"attempt={attempt if attempt is not None else '-'} {p.get('status')} {p.get('error') or ''}"
-    ).rstrip()
-
-
-async def watch(settings: MqttSettings, device: str = "+", out: TextIO = sys.stdout) -> None:
-    """Print one line per event and alert of ``device`` (``+``: every device) until cancelled."""
-    if device != "+" and not _topic_safe(device):
-        raise ValueError(f"{device!r} is not a device id (or '+' for every device).")
-    topics = Topics(settings.topic_prefix, device)
-    client_id = f"edgesaga-watch-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    lines: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-
-    def on_message(_conn: _Connection, message: paho.MQTTMessage) -> None:
-        lines.put_nowait((message.topic, bytes(message.payload)))
-
-    failures = 0
-    while True:
-        try:
-            conn, _ = await _open(
-                settings,
-                client_id,
-                persistent=False,
-                will_topic=None,
-                manual_ack=False,
-                inflight=20,
-                receive_maximum=100,
-                on_message=on_message,
-                on_lost=lambda _c: None,
-                on_puback=lambda: None,
-            )
-        except _ConnectFailed as err:
-            failures += 1
-            delay = _backoff(settings, failures)
-            log.warning("%s; retrying in %.1f s", err.message, delay)
-            await asyncio.sleep(delay)
-            continue
-        failures = 0
-        try:
-            await conn.subscribe([(topics.events, 1), (topics.alerts, 1)], v5_options=None)
-            closed = conn.closed
-            while not closed.done():
-                getter = asyncio.ensure_future(lines.get())
-                waiters: set[asyncio.Future[Any]] = {getter, closed}
-                try:
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    getter.cancel()
-                if getter.done() and not getter.cancelled():
-                    topic, payload = getter.result()
-                    out.write(format_event(topic, payload, settings.topic_prefix) + "\n")
-                while not lines.empty():
-                    topic, payload = lines.get_nowait()
-                    out.write(format_event(topic, payload, settings.topic_prefix) + "\n")
-                out.flush()
-            log.warning(
-                "lost the connection to the MQTT broker (%s); reconnecting", closed.result()
-            )
-        except _Lost:
-            pass
-        finally:
-            await conn.close(clean=True)
-        await asyncio.sleep(_backoff(settings, 1))

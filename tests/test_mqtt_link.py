@@ -14,8 +14,9 @@ import pytest
 from pydantic import ValidationError
 
 from agent._commands import ERROR_CODES
-from agent._mqtt import MqttLink, MqttSettings, Topics, format_event, watch
+from agent._mqtt import MqttLink, MqttSettings, Topics
 from agent._store import SQLiteStore
+from agent._watch import format_event, watch
 from tests._broker import (
     PAYMENT_DATA,
     PAYMENT_STEPS,
