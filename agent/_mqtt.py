@@ -10,7 +10,6 @@ import asyncio
 import functools
 import json
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -662,12 +661,7 @@ class MqttLink:
         (re)connect. Events of these workflows still in the outbox are published later without
         their snapshots, so a cleared topic stays cleared."""
         ids = [w for w in workflow_ids if _topic_safe(w)]
-
-        def last_seq(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
-
-        # The store has no public "last seq"; its read() runs this on the store thread.
-        mark = await self.store.read(last_seq)
+        mark = await self.store.outbox_last_seq()
         self._to_clear.update(ids)
         for wid in ids:
             self._pruned[wid] = max(mark, self._pruned.get(wid, 0))

@@ -449,6 +449,12 @@ class SQLiteStore(GroupWriter):
             lambda conn: conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
         )
 
+    async def outbox_last_seq(self) -> int:
+        """The seq of the newest item still in the outbox (0 when it is empty)."""
+        return await self.read(
+            lambda conn: int(conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+        )
+
     async def outbox_trim(self, cap: int) -> int:
         """Keep at most ``cap`` outbox items: drop the oldest events of *finished* workflows first
         (then the oldest of any), and return how many were dropped."""

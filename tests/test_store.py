@@ -266,6 +266,20 @@ async def test_outbox_trim_drops_finished_workflows_first(
     assert done.id != waiting.id
 
 
+async def test_outbox_last_seq_is_the_newest_pending_item(
+    store: SQLiteStore, builder: WorkflowBuilder
+) -> None:
+    """What the link marks a pruned workflow with: the seq of the newest item still pending."""
+    assert await store.outbox_last_seq() == 0
+    await run_quick(builder, store)
+    seqs = [i.seq for i in await store.outbox_pending(limit=1000)]
+    assert await store.outbox_last_seq() == seqs[-1]
+    await store.outbox_ack(seqs[-2:])
+    assert await store.outbox_last_seq() == seqs[-3]
+    await store.outbox_ack(seqs)
+    assert await store.outbox_last_seq() == 0
+
+
 async def test_wait_outbox_wakes_on_commit(store: SQLiteStore, builder: WorkflowBuilder) -> None:
     assert await store.wait_outbox(timeout=0.01) is False
     await run_quick(builder, store)
