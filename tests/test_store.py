@@ -19,6 +19,7 @@ from _engine_fixtures import PAYMENT_DATA, PAYMENT_DIR, step, write_definition
 
 from agent import (
     DatabaseLocked,
+    MemoryStore,
     SQLiteStore,
     StoreError,
     Workflow,
@@ -41,9 +42,11 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "edgesaga.db"
 
 
-@pytest.fixture
-async def store(db: Path) -> AsyncIterator[SQLiteStore]:
-    async with SQLiteStore(db) as s:
+@pytest.fixture(params=["file", "memory"])
+async def store(request: pytest.FixtureRequest, db: Path) -> AsyncIterator[SQLiteStore]:
+    """Each test that takes it runs on a database file and on MemoryStore (the same store on an
+    in-memory database, for tests and tools that need nothing to survive)."""
+    async with SQLiteStore(db) if request.param == "file" else MemoryStore() as s:
         yield s
 
 
@@ -119,6 +122,20 @@ async def test_second_store_on_the_same_file_is_locked_out(db: Path) -> None:
     assert not SQLiteStore.is_locked(db)
     async with SQLiteStore(db) as again:
         assert await again.ping()
+
+
+async def test_memory_store_keeps_nothing_and_writes_no_file(
+    tmp_path: Path, builder: WorkflowBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with MemoryStore() as store:
+        wf = await run_quick(builder, store)
+        assert (await store.load_instance(wf.id)) is not None
+        assert await store.outbox_count() > 0
+    async with MemoryStore() as again:
+        assert await again.list_instances() == []
+        assert await again.outbox_count() == 0
+    assert list(tmp_path.iterdir()) == [tmp_path / "Quick.yaml"]  # only the definition
 
 
 async def test_readonly_store_refuses_writes(db: Path, builder: WorkflowBuilder) -> None:
@@ -364,10 +381,11 @@ async def test_bulk_write_of_transitions_survives_one_bad_one(
 
 
 async def test_events_are_stored_compact_and_read_back_whole(
-    db: Path, store: SQLiteStore, builder: WorkflowBuilder
+    db: Path, builder: WorkflowBuilder
 ) -> None:
-    wf = await run_quick(builder, store)
-    items = await store.outbox_pending(limit=1000)
+    async with SQLiteStore(db) as store:
+        wf = await run_quick(builder, store)
+        items = await store.outbox_pending(limit=1000)
     first = items[1]  # step_started of the first step
     assert first.payload == {
         "seq": first.seq,
