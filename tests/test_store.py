@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -135,7 +136,7 @@ async def test_memory_store_keeps_nothing_and_writes_no_file(
     async with MemoryStore() as again:
         assert await again.list_instances() == []
         assert await again.outbox_count() == 0
-    assert list(tmp_path.iterdir()) == [tmp_path / "Quick.yaml"]  # only the definition
+    assert await asyncio.to_thread(os.listdir, tmp_path) == ["Quick.yaml"]  # the definition only
 
 
 async def test_readonly_store_refuses_writes(db: Path, builder: WorkflowBuilder) -> None:
