@@ -16,13 +16,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from agent._definition import bundled_definitions_dir, discover, load_definition
-from agent._engine import Workflow, WorkflowBuilder
+from agent._definition import discover, load_definition
+from agent._engine import WorkflowBuilder
 from agent._errors import AgentError, StoreError, WorkflowNotFound
 from agent._startup import resume_gc
 from agent._status import WorkflowStatus
 from agent._store import SQLiteStore
 from hardware import HardwareError
+from workflows import DIRECTORY as BUNDLED  # the CLI hands it down to the loader
 
 if TYPE_CHECKING:
     import argparse  # imported by _parser(), which `edgesaga run` does not need
@@ -60,14 +61,14 @@ def _local(args: argparse.Namespace) -> Iterator[WorkflowBuilder]:
             board = Board.from_config(cfg.hardware)
             board.safe_state()
         builder = WorkflowBuilder(hardware=board, max_state_bytes=cfg.max_state_bytes)
-        for definition in load_definitions(cfg):
+        for definition in load_definitions(cfg, bundled=BUNDLED):
             builder.add_definition(definition)
         extra = list(getattr(args, "definitions", []))
         if extra:
             for path in discover(extra):
                 builder.add_definition(load_definition(path))
     else:
-        paths: list[str | Path] = [bundled_definitions_dir()]
+        paths: list[str | Path] = [BUNDLED]
         paths.extend(getattr(args, "definitions", []))
         builder = WorkflowBuilder(definitions=paths)
     try:
@@ -251,69 +252,6 @@ async def _get(store: SQLiteStore, workflow_id: str) -> dict[str, Any]:
 # commands
 
 
-def _print_final_state(wf: Workflow) -> None:
-    state = wf.state
-    print("\n" + RULE)
-    print(" FINAL STATE")
-    print(RULE + "\n")
-    print(f"Workflow ID: {wf.id}")
-    print(f"Status: {wf.status.value}")
-    print(f"Order Reference: {state.order_reference}")  # type: ignore[attr-defined]
-    print("\nStep Results:")
-    print(f" Order Created: {state.order_created}")  # type: ignore[attr-defined]
-    print(f" Payment Charged: {state.payment_charged}")  # type: ignore[attr-defined]
-    print(f" Inventory Reserved: {state.inventory_reserved}")  # type: ignore[attr-defined]
-    print(f" Shipment Created: {state.shipment_created}")  # type: ignore[attr-defined]
-    runs = state.compensations_run  # type: ignore[attr-defined]
-    if runs:
-        print("\n⚠️ Compensations Run:")
-        for comp in runs:
-            print(f" - {comp}")
-    else:
-        print("\n✅ No compensations needed")
-    print(f"\nFinal Workflow Status: {state.workflow_status}")  # type: ignore[attr-defined]
-
-
-async def _demo_payment(builder: WorkflowBuilder, store: SQLiteStore, *, fail: bool) -> Workflow:
-    print("\n" + RULE)
-    print(" PROCESSING PAYMENT" + ("  (carrier API will fail)" if fail else ""))
-    print(RULE)
-    data: dict[str, Any] = {
-        "order_id": "ORD-12345",
-        "customer_id": "CUST-789",
-        "amount": 299.99,
-        "currency": "USD",
-    }
-    if fail:
-        data["fail_step"] = "Create_Shipment"
-    wf = await builder.create_workflow("PaymentProcessing", initial_data=data, store=store)
-    wf.enable_saga_mode()
-    print("✓ Saga mode enabled (compensation active)")
-
-    def banner(workflow: Workflow, event: dict[str, Any]) -> None:
-        if (
-            workflow is wf
-            and event["event"] == "status_changed"
-            and event["status"] == "COMPENSATING"
-        ):
-            print("\n" + RULE)
-            print(" WORKFLOW FAILED - INITIATING ROLLBACK")
-            print(RULE)
-
-    builder.observers.append(banner)
-    try:
-        while wf.status == "ACTIVE":
-            await wf.next_step()
-    finally:
-        builder.observers.remove(banner)
-    if wf.status == "COMPLETED":
-        print("\n" + RULE)
-        print(" WORKFLOW COMPLETED SUCCESSFULLY")
-        print(RULE)
-    _print_final_state(wf)
-    return wf
-
-
 async def cmd_demo(args: argparse.Namespace) -> int:
     db = _not_a_directory(_db(args))
     if args.log_level.upper() == "WARNING":
@@ -323,22 +261,18 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     print(" EDGESAGA SAGA PATTERN DEMO")
     print(RULE)
     print(f"Database: {db} (SQLite, WAL, synchronous=FULL)")
-    builder = WorkflowBuilder(definitions=[bundled_definitions_dir()])
-    async with SQLiteStore(db) as store:
-        ok = await _demo_payment(builder, store, fail=False)
-        bad = await _demo_payment(builder, store, fail=True)
-        results = [
-            ok.status is WorkflowStatus.COMPLETED,
-            bad.status is WorkflowStatus.FAILED_ROLLED_BACK,
-        ]
-        from hardware import demo as hw_demo  # the HAL part of the demo (mock pins)
+    # Each bundled workflow's demo lives beside it (workflows/<name>/demo.py).
+    from workflows.irrigation import demo as irrigation
+    from workflows.payment import demo as payment
 
-        results.extend(await hw_demo.run_demo(store))
+    async with SQLiteStore(db) as store:
+        results, summary = await payment.run_demo(store)
+        results.extend(await irrigation.run_demo(store))
     print("\n" + RULE)
     print(" SUMMARY")
     print(RULE)
-    print(f"PaymentProcessing (success path): {ok.status.value}")
-    print(f"PaymentProcessing (carrier fails): {bad.status.value}")
+    for line in summary:
+        print(line)
     print(
         f"\nEverything above is in {db}: try `edgesaga list --db {db}` and `edgesaga show <id> --db {db}`."
     )
@@ -356,7 +290,7 @@ async def cmd_validate(args: argparse.Namespace) -> int:
             "Name the workflow definition files or directories to check, or give --config to "
             "check the ones the agent would load."
         )
-    checked = check_definitions(args.paths, config=cfg)
+    checked = check_definitions(args.paths, config=cfg, bundled=BUNDLED)
     named: set[Path] = set()
     for item in args.paths:
         with contextlib.suppress(AgentError):  # a missing path is among the problems already

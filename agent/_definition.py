@@ -638,10 +638,3 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
                 "no such file or directory; check the definition path.", path=str(p)
             )
     return found
-
-
-def bundled_definitions_dir() -> Path:
-    """The directory of the workflows shipped with edgesaga (package ``workflows``)."""
-    import workflows
-
-    return Path(workflows.__file__).parent

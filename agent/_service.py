@@ -28,6 +28,7 @@ from agent._startup import resume_gc
 from agent._status import WorkflowStatus
 from agent._store import SQLiteStore, iso
 from agent._validate import load_definitions
+from workflows import DIRECTORY as BUNDLED  # the service hands it down to the loader
 
 log = logging.getLogger("edgesaga.agent")
 
@@ -102,7 +103,7 @@ class Agent:
             self.board = self._open_board()
             self.builder = WorkflowBuilder(hardware=self.board, max_state_bytes=cfg.max_state_bytes)
             # Loaded as `edgesaga validate --config` checks them (python_path, yaml_limits, ...).
-            for definition in load_definitions(cfg):
+            for definition in load_definitions(cfg, bundled=BUNDLED):
                 self.builder.add_definition(definition)
             self.control = Control(
                 builder=self.builder,

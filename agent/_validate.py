@@ -17,7 +17,6 @@ from agent._definition import (
     DEFAULT_YAML_LIMITS,
     LoadedDefinition,
     _line_of,
-    bundled_definitions_dir,
     discover,
     gpio_step_name,
     load_definition_and_node,
@@ -96,12 +95,18 @@ def add_python_path(directories: Iterable[Path]) -> None:
 
 
 def check_definitions(
-    paths: Iterable[str | Path] = (), *, config: AgentConfig | None = None
+    paths: Iterable[str | Path] = (),
+    *,
+    config: AgentConfig | None = None,
+    bundled: Path | None = None,
 ) -> Checked:
     """Load the bundled definitions (unless the config leaves them out), the config's, then
     ``paths``, as the agent would, and collect every problem instead of stopping at the first:
     a file that does not load, a workflow type defined twice (also when it redefines a bundled
     one), and with a config, steps and ``resources`` naming devices the config does not have.
+
+    ``bundled`` is the directory of the workflows shipped with edgesaga, handed down by the CLI
+    and the service (None: there are none to load).
 
     The config's ``python_path`` (by default the definitions directories, and those of
     ``paths``) is added to ``sys.path`` first, so custom step modules beside the YAML import."""
@@ -114,10 +119,10 @@ def check_definitions(
     sources: list[tuple[Path, bool]] = []
     seen: set[Path] = set()
     groups: list[tuple[list[str | Path], bool]] = []
-    if config is None or config.include_bundled:
-        groups.append(([bundled_definitions_dir()], True))
+    if bundled is not None and (config is None or config.include_bundled):
+        groups.append(([bundled], True))
     groups.append(([*(config.definitions if config is not None else []), *paths], False))
-    for group, bundled in groups:
+    for group, shipped in groups:
         for item in group:
             try:
                 found = discover([item])
@@ -128,30 +133,31 @@ def check_definitions(
                 real = file.resolve()
                 if real not in seen:
                     seen.add(real)
-                    sources.append((file, bundled))
+                    sources.append((file, shipped))
 
     registry = WorkflowBuilder()
     loaded: list[tuple[Path, LoadedDefinition, bool]] = []
     mismatches: list[DefinitionError] = []
-    for file, bundled in sources:
+    for file, shipped in sources:
         try:
             definition, node = load_definition_and_node(file, limits=limits)
             registry.add_definition(definition)
         except DefinitionError as exc:
             problems.append(exc)
             continue
-        if config is not None and not bundled:
+        if config is not None and not shipped:
             mismatches.extend(check_against_config(definition, config, node))
-        loaded.append((file, definition, bundled))
+        loaded.append((file, definition, shipped))
     return Checked(loaded, problems, mismatches)
 
 
-def load_definitions(config: AgentConfig) -> list[LoadedDefinition]:
-    """The definitions the agent runs with ``config``, loaded and checked as ``edgesaga validate
-    --config`` does (``python_path`` and ``yaml_limits`` included). A file that does not load
-    raises its :class:`DefinitionError` (the first one); a step that does not fit the config's
-    devices is logged as a warning, and fails when it runs, as before."""
-    checked = check_definitions(config=config)
+def load_definitions(config: AgentConfig, *, bundled: Path | None = None) -> list[LoadedDefinition]:
+    """The definitions the agent runs with ``config`` (and ``bundled``, the directory of the
+    workflows shipped with edgesaga, unless the config leaves them out), loaded and checked as
+    ``edgesaga validate --config`` does (``python_path`` and ``yaml_limits`` included). A file
+    that does not load raises its :class:`DefinitionError` (the first one); a step that does not
+    fit the config's devices is logged as a warning, and fails when it runs, as before."""
+    checked = check_definitions(config=config, bundled=bundled)
     if checked.problems:
         raise checked.problems[0]
     for mismatch in checked.mismatches:

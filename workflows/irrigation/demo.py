@@ -1,4 +1,5 @@
-"""The hardware half of ``edgesaga demo``: the Irrigation workflow on mock pins, twice."""
+"""The Irrigation part of ``edgesaga demo``: the workflow on mock pins, twice (the float switch
+closes in time, then never)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from hardware._board import Board
-from hardware._config import load_board_config
+from agent import SQLiteStore, Workflow, WorkflowBuilder
+from hardware import Board, load_board_config
 
 RULE = "=" * 70
-DEVICES = Path(__file__).resolve().parents[1] / "workflows" / "irrigation" / "devices.yaml"
+HERE = Path(__file__).parent
+DEVICES = HERE / "devices.yaml"
 
 
 def _pins(board: Board) -> str:
@@ -22,7 +24,9 @@ def _pins(board: Board) -> str:
     return "  ".join(f"{name}={show(value)}" for name, value in board.snapshot().items())
 
 
-async def _one(builder: Any, store: Any, board: Board, *, level_arrives: bool) -> Any:
+async def _one(
+    builder: WorkflowBuilder, store: SQLiteStore, board: Board, *, level_arrives: bool
+) -> Workflow:
     print("\n" + RULE)
     print(
         " IRRIGATION on mock pins: "
@@ -36,7 +40,7 @@ async def _one(builder: Any, store: Any, board: Board, *, level_arrives: bool) -
     board.set_input("level", False)
     print(f"  start        {_pins(board)}")
 
-    def observer(workflow: Any, event: dict[str, Any]) -> None:
+    def observer(workflow: Workflow, event: dict[str, Any]) -> None:
         name = event["event"]
         if name in ("step_completed", "compensation_completed", "step_failed"):
             label = {
@@ -66,14 +70,11 @@ async def _one(builder: Any, store: Any, board: Board, *, level_arrives: bool) -
     return wf
 
 
-async def run_demo(store: Any) -> list[bool]:
+async def run_demo(store: SQLiteStore) -> list[bool]:
     """Run the irrigation demo; returns whether each run ended as it should."""
-    from agent import WorkflowBuilder
-    from agent._definition import bundled_definitions_dir
-
     config = load_board_config(DEVICES)
     with Board.from_config(config, pin_factory="mock") as board:
-        builder = WorkflowBuilder(definitions=[bundled_definitions_dir()], hardware=board)
+        builder = WorkflowBuilder(definitions=[HERE], hardware=board)
         ok = await _one(builder, store, board, level_arrives=True)
         bad = await _one(builder, store, board, level_arrives=False)
         safe = not board["pump"].value and not board["valve"].value
