@@ -76,7 +76,8 @@ def python_path(config: AgentConfig | None, paths: Iterable[str | Path] = ()) ->
     else:
         sources = list(config.definitions) if config is not None else []
     sources.extend(Path(p) for p in paths)
-    dirs.extend(source if source.is_dir() else source.parent for source in sources)
+    # A definitions file adds its own directory; a directory (also one not created yet) itself.
+    dirs.extend(source.parent if source.is_file() else source for source in sources)
     unique: list[Path] = []
     for directory in dirs:
         resolved = directory.resolve()
@@ -106,7 +107,8 @@ def check_definitions(
     one), and with a config, steps and ``resources`` naming devices the config does not have.
 
     ``bundled`` is the directory of the workflows shipped with edgesaga, handed down by the CLI
-    and the service (None: there are none to load).
+    and the service (None: there are none to load). A configured definitions directory that does
+    not exist yet is a warning in the log, not a problem (see :func:`_configured`).
 
     The config's ``python_path`` (by default the definitions directories, and those of
     ``paths``) is added to ``sys.path`` first, so custom step modules beside the YAML import."""
@@ -121,7 +123,7 @@ def check_definitions(
     groups: list[tuple[list[str | Path], bool]] = []
     if bundled is not None and (config is None or config.include_bundled):
         groups.append(([bundled], True))
-    groups.append(([*(config.definitions if config is not None else []), *paths], False))
+    groups.append(([*_configured(config), *paths], False))
     for group, shipped in groups:
         for item in group:
             try:
@@ -149,6 +151,24 @@ def check_definitions(
             mismatches.extend(check_against_config(definition, config, node))
         loaded.append((file, definition, shipped))
     return Checked(loaded, problems, mismatches)
+
+
+def _configured(config: AgentConfig | None) -> list[Path]:
+    """The config's ``definitions``, less the directories that do not exist yet: each of those is
+    a warning (a fresh install has no ``/etc/edgesaga/workflows``; the bundled workflows still
+    load), not a refusal to start. A missing ``*.yaml``/``*.yml`` entry names a definition file
+    that is not there, so it stays in the list and fails as a problem."""
+    present: list[Path] = []
+    for path in config.definitions if config is not None else []:
+        if path.exists() or path.suffix in (".yaml", ".yml"):
+            present.append(path)
+        else:
+            log.warning(
+                "definitions directory %s does not exist yet, so no workflows are loaded from "
+                "it; create it and put definitions there, then restart the agent.",
+                path,
+            )
+    return present
 
 
 def load_definitions(config: AgentConfig, *, bundled: Path | None = None) -> list[LoadedDefinition]:

@@ -7,9 +7,11 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent._config import AgentConfig, ConfigError, load_config
 from agent._mqtt import MqttSettings
+from tests.flows.service.harness import agent_process, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,3 +248,81 @@ def test_initial_still_applies_to_a_board_built_outside_the_agent(tmp_path: Path
     path = _write(tmp_path, RELAYS, name="devices.yaml")
     with Board.from_config(load_board_config(path)) as board:
         assert board.snapshot() == {"relay": True, "lamp": False, "fan": 1.0, "level": False}
+
+
+# -- issue 11, small defects: a definitions directory that does not exist yet ---------------------
+
+
+def _desktop_copy_of_the_shipped_config(directory: Path, definitions: list[Path]) -> Path:
+    """systemd/agent.yaml as `edgesaga run --config` reads it on a desktop: mock pins, no broker,
+    its files in ``directory``, ``definitions`` instead of /etc/edgesaga/workflows."""
+    data = yaml.safe_load((ROOT / "systemd" / "agent.yaml").read_text())
+    data["database"] = str(directory / "state" / "edgesaga.db")
+    data["control_socket"] = str(directory / "control.sock")
+    data["definitions"] = [str(path) for path in definitions]
+    data["mqtt"]["enabled"] = False
+    data["hardware"]["pin_factory"] = "mock"
+    return _write(directory, yaml.safe_dump(data))
+
+
+def test_a_definitions_directory_not_created_yet_is_a_warning_and_the_bundled_ones_run(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "workflows"
+    config = _desktop_copy_of_the_shipped_config(tmp_path, [missing])
+    with agent_process(config, test_hooks=False) as agent:
+        agent.wait_ready()
+        wid = agent.start("PaymentProcessing", {"order_id": "O1", "customer_id": "C1", "amount": 5})
+        assert agent.wait_status(wid, "COMPLETED", "FAILED")["status"] == "COMPLETED"
+        agent.terminate()
+        assert agent.wait_exit() == 0
+        log = agent.log_text()
+    assert (
+        f"WARNING edgesaga.definitions: definitions directory {missing} does not exist yet, so no "
+        "workflows are loaded from it; create it and put definitions there, then restart the "
+        "agent.\n"
+    ) in log
+    assert "agent pi-garden-01: 2 workflow type(s) loaded" in log  # PaymentProcessing, Irrigation
+    assert "error" not in log.lower()
+
+
+def test_validate_agrees_a_definitions_directory_not_created_yet_is_only_a_warning(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "workflows"
+    result = cli(_desktop_copy_of_the_shipped_config(tmp_path, [missing]), "validate")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"WARNING edgesaga.definitions: definitions directory {missing} does not exist yet, so no "
+        "workflows are loaded from it; create it and put definitions there, then restart the "
+        "agent.\n"
+    )
+    assert result.stdout.splitlines()[-1] == "2 workflows, 9 steps"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        # a path that exists but is not a directory: read as a definitions file, which it is not
+        ("workflows", "notes\n", "must be a YAML mapping"),
+        # a missing *.yaml entry names a definition file, not a directory to be created
+        ("extra.yaml", None, "no such file or directory; check the definition path."),
+        # a definition that fails to load
+        ("broken/x.yaml", "workflow_type: X\n", "workflow_version"),
+    ],
+)
+def test_a_definitions_path_that_is_not_a_directory_or_does_not_load_still_stops_the_agent(
+    tmp_path: Path, name: str, content: str | None, problem: str
+) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    result = cli(
+        _desktop_copy_of_the_shipped_config(tmp_path, [path.parent if "/" in name else path]), "run"
+    )
+    assert result.returncode == 2, result
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("edgesaga: error: ")]
+    assert line.startswith(f"edgesaga: error: {path}")
+    assert problem in line
+    assert "Traceback" not in result.stderr
