@@ -33,14 +33,17 @@ def _imported(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def _crossings(directory: str, forbidden: str, allowed: frozenset[str] = frozenset()) -> list[str]:
+def _crossings(
+    directory: str, forbidden: str, allowed: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """``(file, module)`` of every import of ``forbidden`` (or a module in it) in ``directory``."""
     hits = []
     for path in sorted((ROOT / directory).rglob("*.py")):
         if path.name in allowed:
             continue
-        for line, name in _imported(path):
+        for _, name in _imported(path):
             if name == forbidden or name.startswith(forbidden + "."):
-                hits.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+                hits.append((str(path.relative_to(ROOT)), name))
     return hits
 
 
@@ -61,6 +64,17 @@ def _loaded_after(code: str, package: str) -> list[str]:
     )
     assert proc.returncode == 0, proc.stderr
     return ast.literal_eval(proc.stdout.strip())  # type: ignore[no-any-return]
+
+
+#: The one import from ``hardware`` up into ``agent`` left: the devices file is read with the
+#: agent's bounded YAML reader (size, alias expansion, depth, keys given twice), which lives in
+#: agent/_definition.py. It goes when that reader moves down into ``hardware``; this list must
+#: then be emptied (the test below fails either way, so it cannot go stale).
+KNOWN_HARDWARE_CROSSINGS = [("hardware/_config.py", "agent._definition")]
+
+
+def test_nothing_in_hardware_imports_agent() -> None:
+    assert _crossings("hardware", "agent") == KNOWN_HARDWARE_CROSSINGS
 
 
 def test_only_the_cli_and_the_service_import_workflows() -> None:
