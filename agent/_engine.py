@@ -298,16 +298,26 @@ class Workflow:
         result: dict[str, Any] | None = None
         leaving = False  # cancelled (shutdown) or the loop closing: let go of the devices
         try:
+            if self._progress.inflight is not None and not self._fresh:
+                # Loaded with an attempt the store has as started and not ended (the agent died,
+                # or it was begun with the instance and the object dropped): it was cut short.
+                from agent._recovery import mark_interrupted  # that module builds on this one
+
+                await mark_interrupted(self)
             if not await self._hold_resources():
                 return None  # stopped (shutdown) before its turn: nothing ran, nothing to commit
             while True:
                 now = time.time()
                 if self._fresh:
-                    # The first attempt was begun in the create transaction (start_workflow).
+                    # The first attempt was begun in the create transaction.
                     self._fresh = False
+                    self._builder._begun.pop(self.id, None)
                     before = self._progress
                     fl = before.inflight
                     assert fl is not None
+                    if self._cancel.is_set():
+                        self._cancel_unrun(pending, before, fl, now)
+                        continue
                     step = self.definition.step(fl.step)
                 else:
                     if self._stop.is_set():
@@ -386,6 +396,19 @@ class Workflow:
             elif leaving or self._stop.is_set():
                 self._let_go()
         return result
+
+    def _cancel_unrun(
+        self, pending: _Pending, before: saga.Progress, fl: saga.Inflight, now: float
+    ) -> None:
+        """A cancel came before the attempt begun with the instance ran (the workflow waited for
+        the runner): the step never took effect, so its attempt ends failed by the cancel, which
+        compensates only what completed (nothing) and ends CANCELLED; the step is not run."""
+        reason = self._cancel_reason
+        marked = saga.cancel(self._plan, before, reason=reason)
+        self._progress = saga.failed(self._plan, marked, reason, now=now)
+        pending.journal.append(JournalEnd(fl.seq, "cancelled", now, reason))
+        self._event(pending, "step_failed", now, step=fl.step, attempt=fl.attempt, error=reason)
+        self._status_event(pending, now)
 
     def _begin(self, pending: _Pending, step: str, phase: saga.Phase, now: float) -> saga.Progress:
         before = saga.begin(self._progress, step, phase)
@@ -480,6 +503,7 @@ class Workflow:
         committed = self._progress
         self._progress = saga.internal_error(committed, error)  # terminal now, in memory
         self._fresh = False
+        self._builder._begun.pop(self.id, None)
         self._let_go()
         try:
             self._restore_state()  # the committed state: what the failed step did is not kept
@@ -705,6 +729,10 @@ class WorkflowBuilder:
         self._by_hash: dict[str, LoadedDefinition] = {}
         self._plans: dict[str, saga.Plan] = {}
         self._live: weakref.WeakValueDictionary[str, Workflow] = weakref.WeakValueDictionary()
+        # Workflows whose first attempt was begun with the instance and has not run: held until it
+        # runs, so a caller that drops one and loads it again gets this object, which knows the
+        # attempt has not run (rebuilt from the store, it would look cut short by a crash).
+        self._begun: dict[str, Workflow] = {}
         for path in discover(definitions):
             self.add_definition(load_definition(path))
 
@@ -790,13 +818,19 @@ class WorkflowBuilder:
         workflow_id: str | None = None,
         saga_mode: bool | None = None,
         request: tuple[str, dict[str, Any]] | None = None,
-        begin: bool = False,
+        begin: bool | None = None,
     ) -> Workflow:
         """Create and persist a new instance; it is committed before this returns.
 
         A ``workflow_id`` that already exists returns the existing workflow (idempotent start).
         ``saga_mode`` overrides the definition's ``saga_mode``. ``request`` is a
         ``(request_id, reply)`` pair stored in the same transaction (command dedupe).
+
+        The first step's "started" record commits with the instance row (``begin``; by default
+        unless the definition leases resources, whose wait comes first), so driving the workflow
+        next costs one commit per step, as :meth:`start_workflow` does. One that is cancelled
+        before it runs ends ``CANCELLED`` without running that step; after a crash before it ran,
+        recovery counts the attempt as interrupted, as it does for every attempt cut short.
         """
         definition = self.definition(workflow_type)
         if workflow_id is not None:
@@ -820,6 +854,8 @@ class WorkflowBuilder:
         )
         pending = _Pending()
         wf._event(pending, "workflow_started", now, step=progress.next_step)
+        if begin is None:
+            begin = not definition.spec.resources  # a lease wait comes before the first step
         if begin:
             wf._begin(pending, progress.next_step or "", "forward", now)
             wf._fresh = True
@@ -840,6 +876,8 @@ class WorkflowBuilder:
         if not created:
             return await self.load_workflow(wid, store)
         self._live[wid] = wf
+        if wf._fresh:
+            self._begun[wid] = wf
         return wf
 
     async def start_workflow(
@@ -851,18 +889,10 @@ class WorkflowBuilder:
         workflow_id: str | None = None,
         saga_mode: bool | None = None,
     ) -> Workflow:
-        """Create an instance and run it to a terminal status.
-
-        The first step's "started" record commits in the same transaction as the instance row, so
-        a workflow that runs at once costs one commit per step plus one.
-        """
+        """Create an instance and run it to a terminal status: one commit per step plus one (the
+        first step's "started" record commits with the instance row)."""
         wf = await self.create_workflow(
-            workflow_type,
-            initial_data,
-            store=store,
-            workflow_id=workflow_id,
-            saga_mode=saga_mode,
-            begin=not self.definition(workflow_type).spec.resources,  # a lease wait comes first
+            workflow_type, initial_data, store=store, workflow_id=workflow_id, saga_mode=saga_mode
         )
         await wf.run()
         return wf
