@@ -19,6 +19,7 @@ from agent import _invoke
 from agent import _saga as saga
 from agent._definition import (
     LoadedDefinition,
+    LoadedStep,
     build_definition,
     discover,
     load_definition,
@@ -306,83 +307,20 @@ class Workflow:
                 await mark_interrupted(self)
             if not await self._hold_resources():
                 return None  # stopped (shutdown) before its turn: nothing ran, nothing to commit
-            while True:
-                now = time.time()
-                if self._fresh:
-                    # The first attempt was begun in the create transaction.
-                    self._fresh = False
-                    self._builder._begun.pop(self.id, None)
-                    before = self._progress
-                    fl = before.inflight
-                    assert fl is not None
-                    if self._cancel.is_set():
-                        self._cancel_unrun(pending, before, fl, now)
-                        continue
-                    step = self.definition.step(fl.step)
-                else:
-                    if self._stop.is_set():
-                        break
-                    if self._cancel.is_set() and self.status is WorkflowStatus.ACTIVE:
-                        self._progress = saga.cancel(
-                            self._plan, self._progress, reason=self._cancel_reason
-                        )
-                        self._status_event(pending, now)
-                    action = saga.next_action(self._progress)
-                    if isinstance(action, saga.Stop):
-                        break
-                    if action.not_before is not None and action.not_before > now:
-                        await self._commit(pending, now)
-                        await self._sleep_until(action.not_before)
-                        continue
-                    step = self.definition.step(action.step)
-                    before = self._begin(pending, action.step, action.phase, now)
-                    fl = before.inflight
-                    assert fl is not None
-                    await self._commit(pending, now)  # "started, attempt n" before the side effect
-
+            while (attempt := await self._next_attempt(pending)) is not None:
+                step, before = attempt
+                fl = before.inflight
+                assert fl is not None
                 outcome = await _invoke.execute(self, step, fl)
-                now = time.time()
+                self._record_outcome(pending, before, fl, outcome, time.time())
                 if outcome.ok:
-                    assert outcome.state is not None
-                    self.state = outcome.state
                     result = outcome.result
-                    self._progress = saga.succeeded(self._plan, before)
-                    pending.journal.append(JournalEnd(fl.seq, "completed", now))
-                    done = "step_completed" if fl.phase == "forward" else "compensation_completed"
-                    self._event(pending, done, now, step=fl.step, attempt=fl.attempt)
-                    self._status_event(pending, now)
                     if (
                         single
                         and fl.phase == "forward"
                         and not saga.continues(self._plan, before, self._progress)
                     ):
                         break
-                    continue
-                if outcome.cancelled:
-                    self._progress = saga.cancel_inflight(self._plan, before, self._cancel_reason)
-                    pending.journal.append(
-                        JournalEnd(fl.seq, "cancelled", now, self._cancel_reason)
-                    )
-                else:
-                    self._progress = saga.failed(
-                        self._plan, before, outcome.error or "failed", now=now
-                    )
-                    pending.journal.append(JournalEnd(fl.seq, "failed", now, outcome.error))
-                failed = "step_failed" if fl.phase == "forward" else "compensation_failed"
-                self._event(
-                    pending, failed, now, step=fl.step, attempt=fl.attempt, error=outcome.error
-                )
-                if fl.phase == "compensate" and fl.step in self._progress.compensation_failed:
-                    self._alert(pending, now, fl.step, outcome.error)
-                self._status_event(pending, now)
-                log.warning(
-                    "workflow %s step %s (%s) attempt %d failed: %s",
-                    self.id,
-                    fl.step,
-                    fl.phase,
-                    fl.attempt,
-                    outcome.error,
-                )
             if pending.journal or pending.events:
                 await self._commit(pending, time.time())
         except Exception as exc:
@@ -396,6 +334,78 @@ class Workflow:
             elif leaving or self._stop.is_set():
                 self._let_go()
         return result
+
+    async def _next_attempt(self, pending: _Pending) -> tuple[LoadedStep, saga.Progress] | None:
+        """The step to run next and the progress with its attempt begun, its "started" record
+        committed (with what ``pending`` holds); None when nothing runs now: stopped, finished,
+        or waiting for someone. A cancel is applied here, and a retry's backoff waited for."""
+        while True:
+            now = time.time()
+            if self._fresh:
+                # The first attempt was begun in the create transaction.
+                self._fresh = False
+                self._builder._begun.pop(self.id, None)
+                before = self._progress
+                fl = before.inflight
+                assert fl is not None
+                if self._cancel.is_set():
+                    self._cancel_unrun(pending, before, fl, now)
+                    continue
+                return self.definition.step(fl.step), before
+            if self._stop.is_set():
+                return None
+            if self._cancel.is_set() and self.status is WorkflowStatus.ACTIVE:
+                self._progress = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
+                self._status_event(pending, now)
+            action = saga.next_action(self._progress)
+            if isinstance(action, saga.Stop):
+                return None
+            if action.not_before is not None and action.not_before > now:
+                await self._commit(pending, now)
+                await self._sleep_until(action.not_before)
+                continue
+            before = self._begin(pending, action.step, action.phase, now)
+            await self._commit(pending, now)  # "started, attempt n" before the side effect
+            return self.definition.step(action.step), before
+
+    def _record_outcome(
+        self,
+        pending: _Pending,
+        before: saga.Progress,
+        fl: saga.Inflight,
+        outcome: _invoke.Outcome,
+        now: float,
+    ) -> None:
+        """Feed an attempt's outcome to the state machine; its journal row and events wait in
+        ``pending`` for the next commit."""
+        if outcome.ok:
+            assert outcome.state is not None
+            self.state = outcome.state
+            self._progress = saga.succeeded(self._plan, before)
+            pending.journal.append(JournalEnd(fl.seq, "completed", now))
+            done = "step_completed" if fl.phase == "forward" else "compensation_completed"
+            self._event(pending, done, now, step=fl.step, attempt=fl.attempt)
+            self._status_event(pending, now)
+            return
+        if outcome.cancelled:
+            self._progress = saga.cancel_inflight(self._plan, before, self._cancel_reason)
+            pending.journal.append(JournalEnd(fl.seq, "cancelled", now, self._cancel_reason))
+        else:
+            self._progress = saga.failed(self._plan, before, outcome.error or "failed", now=now)
+            pending.journal.append(JournalEnd(fl.seq, "failed", now, outcome.error))
+        failed = "step_failed" if fl.phase == "forward" else "compensation_failed"
+        self._event(pending, failed, now, step=fl.step, attempt=fl.attempt, error=outcome.error)
+        if fl.phase == "compensate" and fl.step in self._progress.compensation_failed:
+            self._alert(pending, now, fl.step, outcome.error)
+        self._status_event(pending, now)
+        log.warning(
+            "workflow %s step %s (%s) attempt %d failed: %s",
+            self.id,
+            fl.step,
+            fl.phase,
+            fl.attempt,
+            outcome.error,
+        )
 
     def _cancel_unrun(
         self, pending: _Pending, before: saga.Progress, fl: saga.Inflight, now: float
