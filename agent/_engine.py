@@ -33,7 +33,7 @@ from agent._errors import (
     WorkflowNotActive,
     WorkflowNotFound,
 )
-from agent._invoke import _oversize, _size_text, _unknown_fields
+from agent._invoke import oversize, size_text, unknown_fields
 from agent._leases import LeaseManager
 from agent._status import RESUMABLE, WorkflowStatus
 from agent._store import (
@@ -267,10 +267,11 @@ class Workflow:
         self._cancel.set()
         task = self._step_task
         if task is not None:
-            # Not task.cancel() now: an async step's first part ran inline and its task may not
-            # have taken its first step yet; cancelled then, the step would never see the
-            # CancelledError (its clean-up would not run). The task's first step is already in
-            # the loop's queue, so a cancel queued behind it reaches the step itself.
+            # Not task.cancel() now: an async step's first part ran inline (see
+            # _invoke.start_eagerly) and its task may not have taken its first step yet; cancelled
+            # then, the step would never see the CancelledError (its clean-up would not run). The
+            # task's first step is already in the loop's queue, so a cancel queued behind it
+            # reaches the step itself.
             task.get_loop().call_soon(task.cancel)
 
     async def retry(self) -> WorkflowStatus:
@@ -790,7 +791,7 @@ class WorkflowBuilder:
         the model allows extras), and the size bounded by ``max_state_bytes``."""
         model = self.definition(workflow_type).state_model
         data = initial_data or {}
-        unknown = _unknown_fields(model, data)
+        unknown = unknown_fields(model, data)
         if unknown:
             raise InvalidData(
                 f"Initial data has field(s) {unknown} that {model.__name__} does not have; add "
@@ -809,11 +810,11 @@ class WorkflowBuilder:
                 workflow_type=workflow_type,
             ) from None
         state_json = state.model_dump_json()
-        size = _oversize(state_json, self.max_state_bytes)
+        size = oversize(state_json, self.max_state_bytes)
         if size is not None:
             raise InvalidData(
-                f"The initial data is {_size_text(size)} of JSON; the limit is "
-                f"{_size_text(self.max_state_bytes or 0)} (max_state_bytes). Send less, or raise "
+                f"The initial data is {size_text(size)} of JSON; the limit is "
+                f"{size_text(self.max_state_bytes or 0)} (max_state_bytes). Send less, or raise "
                 "max_state_bytes in the agent config.",
                 workflow_type=workflow_type,
             )

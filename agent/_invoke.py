@@ -26,6 +26,39 @@ log = logging.getLogger("edgesaga.workflow")
 step_is_async = functools.cache(inspect.iscoroutinefunction)
 
 
+# ------------------------------------------------------------------------------------------------
+# The eager start of async steps
+
+
+class Finished(NamedTuple):
+    """An async step that returned without waiting, and what it returned."""
+
+    value: Any
+
+
+def start_eagerly(coro: Coroutine[Any, Any, Any]) -> Finished | asyncio.Task[Any]:
+    """Run an async step's first part now, inline, as an eager task would; raises what it raises.
+
+    Why: most steps (a GPIO write, a no-op) finish without waiting, and then need no task and no
+    trip round the event loop, a good share of what a step costs on a small board. A step that
+    does wait goes on in a task that drives the same coroutine on from where it stopped.
+
+    Python 3.11 has no eager tasks, so this is done by hand, and the hand-driven coroutine needs
+    ``_resume``/``_finish`` to go on and ``_deliver_missed_cancel`` for a cancel that reaches its
+    task before the task's first step. Python 3.12's ``asyncio.Task(coro, loop=loop,
+    eager_start=True)`` (what ``asyncio.eager_task_factory`` builds) does the same in one task:
+    done already when the step did not wait, and a cancel always reaches the step. With 3.12 as
+    the oldest Python supported, those three helpers, :class:`Finished` and ``request_cancel``'s
+    deferred ``call_soon(task.cancel)`` could go; Raspberry Pi OS Bookworm ships 3.11, so this
+    path stays.
+    """
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration as finished:
+        return Finished(finished.value)
+    return asyncio.get_running_loop().create_task(_finish(coro, waiting_on))
+
+
 @types.coroutine
 def _resume(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
     """Go on driving a coroutine whose first ``send(None)`` already ran and yielded
@@ -74,12 +107,16 @@ def _deliver_missed_cancel(coro: Coroutine[Any, Any, Any]) -> None:
     task.add_done_callback(_CLEANING_UP.discard)
 
 
+# ------------------------------------------------------------------------------------------------
+# Running one step
+
+
 @functools.cache
 def _step_logger(workflow_type: str, step: str) -> logging.Logger:
     return logging.getLogger(f"edgesaga.step.{workflow_type}.{step}")
 
 
-def _size_text(n: int) -> str:
+def size_text(n: int) -> str:
     """``1 MiB``, ``2.4 MiB``, ``2 KiB``, ``900 bytes``."""
     for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
@@ -87,7 +124,7 @@ def _size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-def _oversize(state_json: str, limit: int | None) -> int | None:
+def oversize(state_json: str, limit: int | None) -> int | None:
     """The UTF-8 size of ``state_json`` when it is over ``limit``, else None (cheap: an ASCII
     text, the usual state, is measured by its length without encoding it)."""
     if limit is None or len(state_json) <= limit // 4:
@@ -104,7 +141,7 @@ def _field_names(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(names)
 
 
-def _unknown_fields(model: type[BaseModel], data: Any) -> list[str]:
+def unknown_fields(model: type[BaseModel], data: Any) -> list[str]:
     """Keys of ``data`` that are no field of ``model`` (none when the model allows extras)."""
     if not isinstance(data, dict) or model.model_config.get("extra") == "allow":
         return []
@@ -121,6 +158,9 @@ class Outcome(NamedTuple):
 
 
 async def execute(wf: Workflow, step: LoadedStep, fl: saga.Inflight) -> Outcome:
+    """Run the attempt ``fl`` of ``step`` (or of its compensation) for ``wf``, within the step's
+    timeout; a failure, a timeout, a cancel and a result that does not fit the state model are
+    outcomes, not exceptions. On any failure ``wf.state`` is back at its committed value."""
     compensating = fl.phase == "compensate"
     func = step.compensate if compensating else step.function
     assert func is not None
@@ -144,15 +184,13 @@ async def execute(wf: Workflow, step: LoadedStep, fl: saga.Inflight) -> Outcome:
     if step_is_async(func):
         coro = func(state, ctx, **params)
         try:
-            # Run it at once, as an eager task would: most steps (a GPIO write, a no-op)
-            # finish without waiting, and then need no task and no trip round the loop.
-            waiting_on = coro.send(None)
-        except StopIteration as finished:
-            return _outcome(wf, state, finished.value, step)
+            started = start_eagerly(coro)
         except Exception as exc:
             wf._restore_state()
             return Outcome(False, error=f"{type(exc).__name__}: {exc}")
-        task = asyncio.get_running_loop().create_task(_finish(coro, waiting_on))
+        if isinstance(started, Finished):
+            return _outcome(wf, state, started.value, step)
+        task = started
         # Only an async forward step can be stopped by a cancel (see cancel()).
         wf._step_task = None if compensating else task
     else:
@@ -200,11 +238,11 @@ def _outcome(wf: Workflow, state: BaseModel, result: Any, step: LoadedStep) -> O
         new_state = _merge(state, result, step)
         state_json = new_state.model_dump_json()
         limit = wf._builder.max_state_bytes
-        size = _oversize(state_json, limit)
+        size = oversize(state_json, limit)
         if size is not None:
             raise InvalidData(
-                f"Step {step.name!r} returned a state of {_size_text(size)} of JSON; the "
-                f"limit is {_size_text(limit or 0)} (max_state_bytes). Keep large data out of "
+                f"Step {step.name!r} returned a state of {size_text(size)} of JSON; the "
+                f"limit is {size_text(limit or 0)} (max_state_bytes). Keep large data out of "
                 "the state (in a file, say, with its path in the state) or raise "
                 "max_state_bytes in the agent config."
             )
@@ -226,7 +264,7 @@ def _merge(state: BaseModel, result: Any, step: LoadedStep) -> BaseModel:
         )
     data = state.model_dump()
     if result:
-        unknown = _unknown_fields(model, result)
+        unknown = unknown_fields(model, result)
         if unknown:
             raise InvalidData(
                 f"Step {step.name!r} returned field(s) {unknown} that {model.__name__} does "
