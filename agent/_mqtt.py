@@ -188,7 +188,7 @@ def _snapshot(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class MqttLink:
-    """Connects the agent to an MQTT broker (DESIGN §8); ``await link.run()`` until cancelled.
+    """Connects the agent to an MQTT broker; ``await link.run()`` until cancelled.
 
     ``handler`` is :meth:`Control.handle_raw`. Workflows never wait for the broker: they write to
     the store's outbox, which this link drains whenever it is connected.
@@ -447,25 +447,8 @@ class MqttLink:
                 )
                 conn.ack(message)
                 return
-        # Checked before the command runs: a command whose reply cannot be sent is not carried out.
-        refusal: str | None = None
-        body: dict[str, Any] | None = None
-        if message.retain:
-            # Replayed to a new subscription (MQTT 3.1.1), or published live with the flag (seen
-            # with MQTT 5's retain-as-published); either way it would run again and again.
-            refusal = (
-                f"Commands must be published without the retain flag (a retained command runs "
-                f"again for every new subscriber); nothing was done. Clear it with an empty "
-                f"retained message on {topic[:300]}."
-            )
-            body = _peek_command(payload, self.settings.max_payload)
-        else:
-            body = _peek_command(payload, self.settings.max_payload)
-            reply_to = body.get("reply_to") if body is not None else None
-            if isinstance(reply_to, str):
-                problem = reply_refusal(reply_to, self.settings)
-                if problem is not None:
-                    refusal = f"The reply_to {reply_to[:100]!r} {problem}; nothing was done."
+        body = _peek_command(payload, self.settings.max_payload)
+        refusal = self._refusal(message, topic, body)
         if refusal is not None:
             rid = _request_id_of(body)
             log.warning("refused a %s command (request %s): %s", name, rid, refusal)
@@ -505,6 +488,26 @@ class MqttLink:
             conn.ack(message)
             return
         await self._reply(conn, message, target, correlation if response_topic else None, reply)
+
+    def _refusal(
+        self, message: paho.MQTTMessage, topic: str, body: dict[str, Any] | None
+    ) -> str | None:
+        """Why a command must not run, or None. Checked before it runs: a command whose reply
+        cannot be sent is not carried out."""
+        if message.retain:
+            # Replayed to a new subscription (MQTT 3.1.1), or published live with the flag (seen
+            # with MQTT 5's retain-as-published); either way it would run again and again.
+            return (
+                f"Commands must be published without the retain flag (a retained command runs "
+                f"again for every new subscriber); nothing was done. Clear it with an empty "
+                f"retained message on {topic[:300]}."
+            )
+        reply_to = body.get("reply_to") if body is not None else None
+        if isinstance(reply_to, str):
+            problem = reply_refusal(reply_to, self.settings)
+            if problem is not None:
+                return f"The reply_to {reply_to[:100]!r} {problem}; nothing was done."
+        return None
 
     async def _reply(
         self,

@@ -416,44 +416,46 @@ async def open_connection(
             work.exception()  # retrieved: it no longer matters
         await conn.close()
         raise
-    except ConnectFailed:
-        await conn.close()
-        raise
-    except ssl.SSLCertVerificationError as exc:
-        await conn.close()
-        raise ConnectFailed(
-            f"TLS handshake with the MQTT broker {where} failed: {exc.verify_message}; check "
-            "mqtt.tls.ca_file and that mqtt.host is a name the broker's certificate carries"
-        ) from None
-    except ssl.SSLError as exc:
-        await conn.close()
-        raise ConnectFailed(f"TLS handshake with the MQTT broker {where} failed: {exc}") from None
-    except OSError as exc:
-        await conn.close()
-        why = exc.strerror or str(exc) or type(exc).__name__
-        raise ConnectFailed(f"cannot reach the MQTT broker {where}: {why}") from None
     except Exception as exc:
         await conn.close()
-        raise ConnectFailed(
-            f"cannot connect to the MQTT broker {where}: {type(exc).__name__}: {exc}"
-        ) from None
-
-    waiters: set[asyncio.Future[Any]] = {conn.connack, conn.closed}
+        raise _connect_error(exc, where) from None
     try:
-        done, _ = await asyncio.wait(
-            waiters, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-        )
-    except asyncio.CancelledError:
+        return conn, await _accepted(conn, settings, client_id, where)
+    except BaseException:
         await conn.close()
         raise
+
+
+def _connect_error(exc: Exception, where: str) -> ConnectFailed:
+    """The one line to log for what the blocking part of connecting raised."""
+    if isinstance(exc, ConnectFailed):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConnectFailed(
+            f"TLS handshake with the MQTT broker {where} failed: {exc.verify_message}; check "
+            "mqtt.tls.ca_file and that mqtt.host is a name the broker's certificate carries"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return ConnectFailed(f"TLS handshake with the MQTT broker {where} failed: {exc}")
+    if isinstance(exc, OSError):
+        why = exc.strerror or str(exc) or type(exc).__name__
+        return ConnectFailed(f"cannot reach the MQTT broker {where}: {why}")
+    return ConnectFailed(f"cannot connect to the MQTT broker {where}: {type(exc).__name__}: {exc}")
+
+
+async def _accepted(conn: Connection, settings: MqttSettings, client_id: str, where: str) -> bool:
+    """Wait for the broker's CONNACK; its session-present flag, or :class:`ConnectFailed` (the
+    caller closes the connection then)."""
+    waiters: set[asyncio.Future[Any]] = {conn.connack, conn.closed}
+    done, _ = await asyncio.wait(
+        waiters, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+    )
     if conn.connack.done():
         reason, session_present = conn.connack.result()
         if reason.is_failure:
-            await conn.close()
             raise _refusal(reason, settings, client_id)
         if not conn.closed.done():
-            return conn, session_present
-    await conn.close()
+            return session_present
     if not done:
         raise ConnectFailed(
             f"no answer (CONNACK) from the MQTT broker {where} within {_CONNECT_TIMEOUT:.0f} s"
