@@ -428,7 +428,7 @@ class SQLiteStore(GroupWriter):
         """Record the highest seq ever deleted, so numbers are never reused after a reopen."""
         conn.execute(
             "INSERT INTO meta(key, value) VALUES ('last_seq', ?) ON CONFLICT(key) DO UPDATE "
-            "SET value = max(CAST(value AS INTEGER), excluded.value)",
+            "SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
             (seq,),
         )
 
