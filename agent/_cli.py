@@ -10,15 +10,16 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from agent._control import Control
 from agent._definition import discover, load_definition
-from agent._engine import WorkflowBuilder
-from agent._errors import AgentError, StoreError, WorkflowNotFound
+from agent._engine import Workflow, WorkflowBuilder
+from agent._errors import AgentError, StoreError
 from agent._startup import resume_gc
 from agent._status import WorkflowStatus
 from agent._store import SQLiteStore
@@ -133,18 +134,99 @@ def _socket_group(path: Path) -> str:
         return "edgesaga"
 
 
+class Refused(UsageError):
+    """A command refused, by the running agent or by the CLI's own :class:`Control`: its sentence
+    and its code, the same as over MQTT."""
+
+    def __init__(self, reply: dict[str, Any], *, by_agent: bool) -> None:
+        err = reply.get("error") or {}
+        message, code = str(err.get("message", reply)), str(err.get("code", "?"))
+        super().__init__(f"{'the agent refused: ' if by_agent else ''}{message} ({code})")
+
+
 def _remote(path: Path, command: str, **fields: Any) -> dict[str, Any]:
     import uuid
 
+    from agent._commands import COMMANDS
     from agent._socket import request
 
-    if command in ("start", "cancel", "retry", "resume", "get", "list"):
+    if command in COMMANDS:
         fields.setdefault("request_id", f"cli-{uuid.uuid4()}")
     reply = request(path, command, **fields)
     if not reply.get("ok"):
-        err = reply.get("error") or {}
-        raise UsageError(f"the agent refused: {err.get('message', reply)} ({err.get('code', '?')})")
+        raise Refused(reply, by_agent=True)
     return reply
+
+
+class _Here:
+    """The driver of the CLI without an agent: what a command hands on (a start, a cancel, a
+    retry) is driven here after the reply, to its end, by :func:`_drive`."""
+
+    running = 0
+    queued = 0
+
+    def __init__(self) -> None:
+        self.handed: list[Workflow] = []
+
+    def submit(self, workflow: Workflow) -> bool:
+        self.handed.append(workflow)
+        return True
+
+
+@contextlib.asynccontextmanager
+async def _control(
+    args: argparse.Namespace, *, write: bool
+) -> AsyncIterator[tuple[Control, _Here]]:
+    """The agent's command handler, in this process, on the database (no agent running).
+
+    Commands that write load the definitions and the board as the agent does (see :func:`_local`);
+    reading needs neither, nor the database's lock."""
+    here = _Here()
+    if not write:
+        async with _open_store(args, write=False) as store:
+            yield Control(builder=WorkflowBuilder(), store=store, runner=here, reraise=True), here
+        return
+    with _local(args) as builder:
+        async with _open_store(args, write=True) as store:
+            control = Control(
+                builder=builder, store=store, runner=here, board=builder.hardware, reraise=True
+            )
+            yield control, here
+
+
+async def _here(control: Control, command: str, **fields: Any) -> dict[str, Any]:
+    """Carry out one command with ``control`` as the agent would; a refusal raises
+    :class:`Refused` with the reply's sentence and code."""
+    import uuid
+
+    from agent._commands import CHANGES, CommandError, parse_command
+
+    # A command that changes something is remembered by its request id: a new one per call.
+    request_id = f"cli-{uuid.uuid4()}" if command in CHANGES else "cli"
+    try:
+        parsed = parse_command(command, {"request_id": request_id, **fields})
+    except CommandError as err:
+        raise Refused(err.reply(), by_agent=False) from None
+    reply = await control.execute(parsed)
+    if not reply.get("ok"):
+        raise Refused(reply, by_agent=False)
+    return reply
+
+
+async def _drive(control: Control, here: _Here, workflow_id: str) -> Workflow:
+    """Drive what the command handed on to its end; the workflow, as it is then."""
+    for wf in here.handed:
+        await wf.run()
+    return await control.builder.load_workflow(workflow_id, control.store)
+
+
+async def _ask(args: argparse.Namespace, command: str, **fields: Any) -> dict[str, Any]:
+    """A command that only reads: through the running agent, else on the database here."""
+    sock = _agent(args)
+    if sock is not None:
+        return _remote(sock, command, **fields)
+    async with _control(args, write=False) as (control, _):
+        return await _here(control, command, **fields)
 
 
 def _not_a_directory(path: Path) -> Path:
@@ -236,18 +318,6 @@ def print_list(rows: list[dict[str, Any]]) -> None:
         )
 
 
-async def _get(store: SQLiteStore, workflow_id: str) -> dict[str, Any]:
-    rec = await store.load_instance(workflow_id)
-    if rec is None:
-        raise WorkflowNotFound(workflow_id)
-    return {
-        **rec.summary(),
-        "saga": bool(rec.progress.get("saga")),
-        "state": rec.state,
-        "journal": [j.to_json() for j in await store.journal(workflow_id)],
-    }
-
-
 # ------------------------------------------------------------------------------------------------
 # commands
 
@@ -325,49 +395,33 @@ def _count(n: int, noun: str) -> str:
 
 
 async def cmd_start(args: argparse.Namespace) -> int:
-    data = _json_arg(args.data, "--data")
+    fields: dict[str, Any] = {
+        "workflow_type": args.workflow_type,
+        "data": _json_arg(args.data, "--data"),
+    }
+    if args.saga:
+        fields["saga"] = True
+    if args.id:
+        fields["workflow_id"] = args.id
     sock = _agent(args)
     if sock is not None:
-        fields: dict[str, Any] = {"workflow_type": args.workflow_type, "data": data}
-        if args.saga:
-            fields["saga"] = True
-        if args.id:
-            fields["workflow_id"] = args.id
-        reply = _remote(sock, "start", **fields)
-        print(json.dumps(reply, indent=2))
+        print(json.dumps(_remote(sock, "start", **fields), indent=2))
         return 0
-    with _local(args) as builder:
-        async with _open_store(args, write=True) as store:
-            wf = await builder.create_workflow(
-                args.workflow_type,
-                initial_data=data,
-                store=store,
-                workflow_id=args.id,
-                saga_mode=True if args.saga else None,
-            )
-            print(f"started {wf.workflow_type} {wf.id}", file=sys.stderr)
-            status = await wf.run()
-            print(
-                json.dumps({**wf.snapshot(), "state": wf.state.model_dump(mode="json")}, indent=2)
-            )
-    return 0 if status is WorkflowStatus.COMPLETED else 3
+    async with _control(args, write=True) as (control, here):
+        reply = await _here(control, "start", **fields)
+        print(f"started {reply['workflow_type']} {reply['workflow_id']}", file=sys.stderr)
+        wf = await _drive(control, here, reply["workflow_id"])
+        print(json.dumps({**wf.snapshot(), "state": wf.state.model_dump(mode="json")}, indent=2))
+    return 0 if wf.status is WorkflowStatus.COMPLETED else 3
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    sock = _agent(args)
-    if sock is not None:
-        fields: dict[str, Any] = {"limit": args.limit}
-        if args.status:
-            fields["status"] = args.status
-        if args.type:
-            fields["workflow_type"] = args.type
-        rows = _remote(sock, "list", **fields)["workflows"]
-    else:
-        async with _open_store(args, write=False) as store:
-            records = await store.list_instances(
-                status=args.status, workflow_type=args.type, limit=args.limit
-            )
-        rows = [r.summary() for r in records]
+    fields: dict[str, Any] = {"limit": args.limit}
+    if args.status:
+        fields["status"] = args.status
+    if args.type:
+        fields["workflow_type"] = args.type
+    rows = (await _ask(args, "list", **fields))["workflows"]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -376,12 +430,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    sock = _agent(args)
-    if sock is not None:
-        info = _remote(sock, "get", workflow_id=args.workflow_id)
-    else:
-        async with _open_store(args, write=False) as store:
-            info = await _get(store, args.workflow_id)
+    info = await _ask(args, "get", workflow_id=args.workflow_id)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -406,51 +455,39 @@ async def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_cancel(args: argparse.Namespace) -> int:
+async def _operate(args: argparse.Namespace, command: str, **fields: Any) -> Workflow | None:
+    """A command that changes a workflow: through the running agent (its reply printed; None),
+    else here, driven to its end (its final snapshot printed; the workflow)."""
     sock = _agent(args)
     if sock is not None:
-        fields: dict[str, Any] = {"workflow_id": args.workflow_id}
-        if args.reason:
-            fields["reason"] = args.reason
-        print(json.dumps(_remote(sock, "cancel", **fields), indent=2))
-        return 0
-    with _local(args) as builder:
-        async with _open_store(args, write=True) as store:
-            wf = await builder.cancel(
-                args.workflow_id, store, reason=args.reason or "cancelled on request"
-            )
-            print(json.dumps(wf.snapshot(), indent=2))
+        print(json.dumps(_remote(sock, command, **fields), indent=2))
+        return None
+    async with _control(args, write=True) as (control, here):
+        reply = await _here(control, command, **fields)
+        wf = await _drive(control, here, reply["workflow_id"])
+        print(json.dumps(wf.snapshot(), indent=2))
+    return wf
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {"workflow_id": args.workflow_id}
+    if args.reason:
+        fields["reason"] = args.reason
+    await _operate(args, "cancel", **fields)
     return 0
 
 
 async def cmd_retry(args: argparse.Namespace) -> int:
-    sock = _agent(args)
-    if sock is not None:
-        print(json.dumps(_remote(sock, "retry", workflow_id=args.workflow_id), indent=2))
-        return 0
-    with _local(args) as builder:
-        async with _open_store(args, write=True) as store:
-            wf = await builder.retry(args.workflow_id, store)
-            print(json.dumps(wf.snapshot(), indent=2))
-    return 0 if wf.status is WorkflowStatus.COMPLETED else 3
+    wf = await _operate(args, "retry", workflow_id=args.workflow_id)
+    return 0 if wf is None or wf.status is WorkflowStatus.COMPLETED else 3
 
 
 async def cmd_resume(args: argparse.Namespace) -> int:
-    data = _json_arg(args.data, "--data")
-    sock = _agent(args)
-    if sock is not None:
-        print(
-            json.dumps(_remote(sock, "resume", workflow_id=args.workflow_id, data=data), indent=2)
-        )
-        return 0
-    async with _open_store(args, write=False) as store:
-        rec = await store.load_instance(args.workflow_id)
-    if rec is None:
-        raise WorkflowNotFound(args.workflow_id)
-    raise UsageError(
-        f"Workflow {args.workflow_id} is {rec.status.value}, not PAUSED; only a workflow waiting "
-        "for input (a HUMAN_INPUT step) can be resumed."
+    reply = await _ask(
+        args, "resume", workflow_id=args.workflow_id, data=_json_arg(args.data, "--data")
     )
+    print(json.dumps(reply, indent=2))
+    return 0
 
 
 def _pin_setting(text: str) -> tuple[str, bool]:

@@ -1,4 +1,5 @@
-"""Commands accepted over MQTT and the local control socket: one pydantic model per command.
+"""Operator commands: one pydantic model per command, whichever path it comes by (MQTT, the
+control socket, the CLI without an agent); :class:`agent._control.Control` carries each out.
 
 Input is hostile: :func:`parse_command` turns any payload into a command or a
 :class:`CommandError` carrying an error ``code`` and a sentence, never an unhandled exception.
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from agent._errors import AgentError
-from agent._errors import error_reply as error_reply
+from agent._messages import error_reply as error_reply
 from agent._status import WorkflowStatus
 
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -82,8 +83,46 @@ class ListCommand(_Command):
     limit: int = Field(50, ge=1, le=1000)
 
 
-Command = StartCommand | CancelCommand | ResumeCommand | RetryCommand | GetCommand | ListCommand
+class _LocalCommand(_Command):
+    """A command of the control socket only (the device's own operator): no request id needed."""
 
+    request_id: RequestId | None = None  # type: ignore[assignment]
+
+
+class PinsCommand(_LocalCommand):
+    """The board's pins; with ``history`` (mock pins) every state each pin took."""
+
+    command: Literal["pins"] = "pins"
+    history: bool = False
+
+
+class SetInputCommand(_LocalCommand):
+    """Drive a mock input (desktop simulation); the board parses ``value`` strictly."""
+
+    command: Literal["set_input"] = "set_input"
+    device: Annotated[str, StringConstraints(max_length=200)]
+    value: Any
+
+
+class StatusCommand(_LocalCommand):
+    """The agent's own state: queue, counts by status, the MQTT link."""
+
+    command: Literal["status"] = "status"
+
+
+Command = (
+    StartCommand
+    | CancelCommand
+    | ResumeCommand
+    | RetryCommand
+    | GetCommand
+    | ListCommand
+    | PinsCommand
+    | SetInputCommand
+    | StatusCommand
+)
+
+#: The commands MQTT takes.
 COMMANDS: dict[str, type[_Command]] = {
     "start": StartCommand,
     "cancel": CancelCommand,
@@ -91,6 +130,17 @@ COMMANDS: dict[str, type[_Command]] = {
     "retry": RetryCommand,
     "get": GetCommand,
     "list": ListCommand,
+}
+
+#: The commands whose accepted reply is stored with their request id (a repeat gets it again).
+CHANGES = frozenset({"start", "cancel", "resume", "retry"})
+
+#: The commands the control socket takes: those of MQTT, and the device's own.
+LOCAL_COMMANDS: dict[str, type[_Command]] = {
+    **COMMANDS,
+    "pins": PinsCommand,
+    "set_input": SetInputCommand,
+    "status": StatusCommand,
 }
 
 #: Error codes a reply may carry.
@@ -103,8 +153,8 @@ ERROR_CODES = (
     "invalid_data",
     "not_found",
     "invalid_transition",
-    "busy",
     "request_id_conflict",
+    "no_hardware",
     "disk_full",
     "internal_error",
 )
@@ -135,6 +185,13 @@ class CommandError(AgentError, ValueError):
         return error_reply(self.request_id, self.code, self.message)
 
 
+def invalid_json(exc: BaseException) -> CommandError:
+    """The error of a payload (or socket line) that is not JSON, on every path alike."""
+    return CommandError(
+        "invalid_json", f"The payload is not valid UTF-8 JSON ({exc.__class__.__name__})."
+    )
+
+
 def _shown(text: str, limit: int = 80) -> str:
     """User input as it may appear in an error message: one line (control characters escaped)
     and at most ``limit`` characters, so a message can neither forge log lines nor echo a 60 kB
@@ -160,9 +217,14 @@ def _peek(obj: Any, key: str) -> str | None:
 
 
 def parse_command(
-    name: str, payload: bytes | str | dict[str, Any], *, max_payload: int = DEFAULT_MAX_PAYLOAD
+    name: str,
+    payload: bytes | str | dict[str, Any],
+    *,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    commands: dict[str, type[_Command]] = COMMANDS,
 ) -> Command:
-    """Validate a command named ``name`` (the topic's last level) with a JSON ``payload``."""
+    """Validate a command named ``name`` (the topic's last level, or the socket line's
+    ``command``) with a JSON ``payload``; ``commands`` are those its path takes."""
     raw: Any
     if isinstance(payload, dict):
         raw = payload
@@ -178,15 +240,13 @@ def parse_command(
         # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer of more digits
         # than int() converts; RecursionError a payload nested deeper than the parser goes.
         except (ValueError, RecursionError) as exc:
-            raise CommandError(
-                "invalid_json", f"The payload is not valid UTF-8 JSON ({exc.__class__.__name__})."
-            ) from None
+            raise invalid_json(exc) from None
     request_id, reply_to = _peek(raw, "request_id"), _peek(raw, "reply_to")
-    model = COMMANDS.get(name)
+    model = commands.get(name)
     if model is None:
         raise CommandError(
             "unknown_command",
-            f"Unknown command {_shown(repr(name))}; use one of {', '.join(COMMANDS)}.",
+            f"Unknown command {_shown(repr(name))}; use one of {', '.join(commands)}.",
             request_id=request_id,
             reply_to=reply_to,
         )

@@ -1,4 +1,5 @@
-"""Carries out commands (from MQTT or the local socket) against the builder, store and runner.
+"""Carries out every operator command, whichever path it comes by: MQTT, the control socket, or
+the CLI without a running agent (which builds a ``Control`` in its own process).
 
 The command models (:mod:`agent._commands`) are imported by the methods that use them, on the first
 command: the agent builds this handler before it reports READY, but needs no command model until a
@@ -11,20 +12,14 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent._engine import Workflow, WorkflowBuilder
-from agent._errors import (
-    AgentError,
-    DiskFull,
-    InvalidData,
-    InvalidTransition,
-    UnknownWorkflowType,
-    WorkflowNotFound,
-    error_reply,
-)
-from agent._runner import Runner
+from agent._errors import AgentError, DiskFull, InvalidTransition, WorkflowNotFound
+from agent._messages import error_reply, ok_reply
 from agent._store import COMMAND_HASH, SQLiteStore
 
 if TYPE_CHECKING:
@@ -33,6 +28,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgesaga.control")
 
 _REQUEST_NS = uuid.UUID("6f1f3c1e-5f0a-4a8e-9a53-7e0d2f1b9c11")
+
+
+class Driver(Protocol):
+    """What drives the workflows a command hands on: the agent's :class:`~agent._runner.Runner`,
+    or the CLI's own loop when no agent runs."""
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    def submit(self, workflow: Workflow) -> bool: ...
 
 
 def command_hash(command: Command) -> str:
@@ -53,33 +61,84 @@ def _conflict(request_id: str) -> dict[str, Any]:
     )
 
 
+_NOT_REFUSALS = ("internal_error", "disk_full")
+
+
+# Until the state machine's own guards (saga.can_cancel, saga.can_retry) are committed: the
+# statuses that Workflow.cancel and Workflow.prepare_retry take.
+def _can_cancel(wf: Workflow) -> bool:
+    return wf.status.value in ("ACTIVE", "PAUSED")
+
+
+def _can_retry(wf: Workflow) -> bool:
+    return wf.status.value in ("FAILED", "COMPENSATION_FAILED")
+
+
+def _refused(request_id: str | None, name: str, err: Exception) -> dict[str, Any]:
+    """The error reply of a command that failed with ``err``: an :class:`AgentError` carries its
+    code; anything else is a bug, logged with its traceback."""
+    if not isinstance(err, AgentError):
+        log.exception("command %s (request %s) failed unexpectedly", name, request_id)
+        return error_reply(request_id, "internal_error", f"{type(err).__name__}: {err}")
+    if err.code == "internal_error":
+        log.exception("command %s (request %s) failed", name, request_id)
+    elif err.code == "disk_full":
+        log.error("command %s (request %s): %s", name, request_id, err)
+    return error_reply(request_id, err.code, str(err))
+
+
 class Control:
-    """The command handler shared by the MQTT link and the control socket."""
+    """Carries out commands against the builder, the store, the driver and the board."""
 
     def __init__(
         self,
         *,
         builder: WorkflowBuilder,
         store: SQLiteStore,
-        runner: Runner,
+        runner: Driver,
         max_payload: int = 64 * 1024,
-        hardware: Any = None,
+        board: Any = None,
+        device_id: str = "",
+        mqtt_connected: Callable[[], bool | None] = lambda: None,
+        reraise: bool = False,
     ) -> None:
         self.builder = builder
         self.store = store
         self.runner = runner
         self.max_payload = max_payload
-        self.hardware = hardware
+        self.board = board  # hardware.Board, or None when the config has no hardware section
+        self.device_id = device_id
+        self.mqtt_connected = mqtt_connected
+        # The CLI without an agent: a failure that is not the command's fault (a full disk, a
+        # database it may not write, a bug) reaches the command line, which explains it.
+        self.reraise = reraise
         self._inflight: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
 
     async def handle_raw(
         self, name: str, payload: bytes | str
     ) -> tuple[dict[str, Any], str | None]:
-        """Parse and execute; returns ``(reply, reply_to)``. Never raises for bad input."""
+        """A command from MQTT: parse and execute; returns ``(reply, reply_to)``. Never raises for
+        bad input."""
+        from agent._commands import COMMANDS
+
+        return await self._handle(name, payload, COMMANDS)
+
+    async def handle_local(
+        self, name: str, payload: bytes | str
+    ) -> tuple[dict[str, Any], str | None]:
+        """A command from the control socket: those of MQTT, and ``pins``, ``set_input`` and
+        ``status``."""
+        from agent._commands import LOCAL_COMMANDS
+
+        return await self._handle(name, payload, LOCAL_COMMANDS)
+
+    async def _handle(
+        self, name: str, payload: bytes | str, commands: dict[str, Any]
+    ) -> tuple[dict[str, Any], str | None]:
         from agent._commands import CommandError, parse_command
 
         try:
-            command = parse_command(name, payload, max_payload=self.max_payload)
+            command = parse_command(name, payload, max_payload=self.max_payload, commands=commands)
         except CommandError as err:
             log.warning("rejected %s command (request %s): %s", name, err.request_id, err.message)
             return err.reply(), err.reply_to
@@ -90,13 +149,13 @@ class Control:
         failing store: a full disk gets the ``disk_full`` reply, whatever the command."""
         from agent._commands import CancelCommand, ResumeCommand, RetryCommand, StartCommand
 
-        rid = command.request_id
         # The reply of an accepted mutating command is stored with the hash of the command, so
         # an identical repeat (QoS 1 redelivery, a caller's retry) gets it, and a request id
         # reused for another command or body is refused. Refusals are not stored: a corrected
         # command may reuse the id.
         if not isinstance(command, StartCommand | CancelCommand | ResumeCommand | RetryCommand):
             return await self._guarded(command)
+        rid = command.request_id
         digest = command_hash(command)
         # A repeat of a request id gets the first answer, also when both arrive at once.
         running = self._inflight.get(rid)
@@ -122,10 +181,20 @@ class Control:
         from agent._commands import StartCommand
 
         rid = command.request_id
+        assert rid is not None  # a mutating command always has one
         try:
             stored = await self.store.lookup_request(rid)
         except Exception as exc:
-            return self._store_failed(command, exc)
+            if self.reraise:
+                raise
+            if isinstance(exc, DiskFull):
+                return _refused(rid, command.command, exc)
+            log.error("command %s (request %s): the store failed: %s", command.command, rid, exc)
+            return error_reply(
+                rid,
+                "internal_error",
+                f"The database could not be read ({exc}); see the agent's log.",
+            )
         if stored is not None:
             reply, stored_digest = stored
             # A reply stored before hashes were kept is the first answer, whatever the command.
@@ -146,71 +215,27 @@ class Control:
                 )
         return reply
 
-    @staticmethod
-    def _store_failed(command: Command, exc: Exception) -> dict[str, Any]:
-        rid = command.request_id
-        if isinstance(exc, DiskFull):
-            log.error("command %s (request %s): %s", command.command, rid, exc)
-            return error_reply(rid, "disk_full", str(exc))
-        log.error("command %s (request %s): the store failed: %s", command.command, rid, exc)
-        return error_reply(
-            rid, "internal_error", f"The database could not be read ({exc}); see the agent's log."
-        )
-
     async def _guarded(self, command: Command) -> dict[str, Any]:
-        from agent._commands import CommandError
-
-        rid = command.request_id
         try:
             return await self._dispatch(command)
-        except CommandError as err:
-            return error_reply(rid, err.code, err.message)
-        except UnknownWorkflowType as err:
-            return error_reply(rid, "unknown_workflow_type", str(err))
-        except InvalidData as err:
-            return error_reply(rid, "invalid_data", str(err))
-        except WorkflowNotFound as err:
-            return error_reply(rid, "not_found", str(err))
-        except InvalidTransition as err:
-            return error_reply(rid, "invalid_transition", str(err))
-        except DiskFull as err:
-            log.error("command %s (request %s): %s", command.command, rid, err)
-            return error_reply(rid, "disk_full", str(err))
-        except AgentError as err:
-            log.exception("command %s (request %s) failed", command.command, rid)
-            return error_reply(rid, "internal_error", str(err))
         except Exception as err:
-            log.exception("command %s (request %s) failed unexpectedly", command.command, rid)
-            return error_reply(rid, "internal_error", f"{type(err).__name__}: {err}")
+            if self.reraise and getattr(err, "code", "internal_error") in _NOT_REFUSALS:
+                raise
+            return _refused(command.request_id, command.command, err)
 
     async def _dispatch(self, command: Command) -> dict[str, Any]:
-        from agent._commands import (
-            CancelCommand,
-            CommandError,
-            GetCommand,
-            ListCommand,
-            ResumeCommand,
-            RetryCommand,
-            StartCommand,
-        )
+        from agent import _commands as c
 
+        rid = command.request_id
         match command:
-            case StartCommand():
+            case c.StartCommand():
                 return await self._start(command)
-            case CancelCommand():
+            case c.CancelCommand():
+                wf = await self.cancel(command.workflow_id, command.reason)
+                return self._ok(rid, wf, cancel_requested=True)
+            case c.RetryCommand():
                 wf = await self.builder.load_workflow(command.workflow_id, self.store)
-                if wf.is_running:
-                    await wf.cancel(command.reason or "cancelled on request")
-                else:
-                    # Not driven here: hand it to the runner so the reply does not wait for the rollback.
-                    if wf.status.value not in ("ACTIVE", "PAUSED"):
-                        await wf.cancel()  # raises InvalidTransition with a clear sentence
-                    wf.request_cancel(command.reason or "cancelled on request")
-                    self.runner.submit(wf)
-                return self._ok(command.request_id, wf, cancel_requested=True)
-            case RetryCommand():
-                wf = await self.builder.load_workflow(command.workflow_id, self.store)
-                if wf.status.value not in ("FAILED", "COMPENSATION_FAILED"):
+                if not _can_retry(wf):
                     raise InvalidTransition(
                         wf.id,
                         wf.status.value,
@@ -219,33 +244,77 @@ class Control:
                     )
                 await wf.prepare_retry()
                 self.runner.submit(wf)
-                return self._ok(command.request_id, wf)
-            case ResumeCommand():
-                wf = await self.builder.load_workflow(command.workflow_id, self.store)
+                return self._ok(rid, wf)
+            case c.ResumeCommand():
+                rec = await self.store.load_instance(command.workflow_id)
+                if rec is None:
+                    raise WorkflowNotFound(command.workflow_id)
                 raise InvalidTransition(
-                    wf.id,
-                    wf.status.value,
-                    f"Workflow {wf.id} is {wf.status.value}, not PAUSED; only a workflow waiting "
+                    rec.id,
+                    rec.status.value,
+                    f"Workflow {rec.id} is {rec.status.value}, not PAUSED; only a workflow waiting "
                     "for input (a HUMAN_INPUT step) can be resumed.",
                 )
-            case GetCommand():
-                return await self.get(
-                    command.workflow_id, command.request_id, journal=command.journal
-                )
-            case ListCommand():
+            case c.GetCommand():
+                return await self.get(command.workflow_id, rid, journal=command.journal)
+            case c.ListCommand():
                 records = await self.store.list_instances(
                     status=[s.value for s in command.status] if command.status else None,
                     workflow_type=command.workflow_type,
                     limit=command.limit,
                 )
-                return {
-                    "request_id": command.request_id,
-                    "ok": True,
-                    "workflows": [r.summary() for r in records],
-                }
-        raise CommandError(
+                return ok_reply(rid, workflows=[r.summary() for r in records])
+            case c.PinsCommand() | c.SetInputCommand():
+                return self._pins(command)
+            case c.StatusCommand():
+                return ok_reply(
+                    rid,
+                    device_id=self.device_id,
+                    pid=os.getpid(),
+                    running=self.runner.running,
+                    queued=self.runner.queued,
+                    counts=await self.store.count_by_status(),
+                    mqtt_connected=self.mqtt_connected(),
+                    workflow_types=self.builder.workflow_types,
+                )
+        raise c.CommandError(
             "unknown_command", f"Unsupported command {command!r}."
         )  # pragma: no cover
+
+    async def cancel(self, workflow_id: str, reason: str | None) -> Workflow:
+        """Cancel a workflow: a driven one is told, a waiting one is handed to the driver (so the
+        reply does not wait for the rollback); a status it does not apply to is refused."""
+        wf = await self.builder.load_workflow(workflow_id, self.store)
+        reason = reason or "cancelled on request"
+        if wf.is_running or not _can_cancel(wf):
+            await wf.cancel(reason)  # handed to the driver, or refused in one sentence
+        else:
+            wf.request_cancel(reason)
+            self.runner.submit(wf)
+        return wf
+
+    def _pins(self, command: Any) -> dict[str, Any]:
+        from agent._commands import CommandError, SetInputCommand
+
+        board = self.board
+        if board is None:
+            raise CommandError("no_hardware", "This agent has no hardware section in its config.")
+        if isinstance(command, SetInputCommand):
+            from hardware import HardwareError
+
+            try:
+                # The value as sent: the board parses it strictly (bool("false") would be True).
+                board.set_input(command.device, command.value)
+            except HardwareError as exc:
+                raise CommandError("invalid_command", str(exc)) from None
+            return ok_reply(command.request_id, pins=board.snapshot())
+        reply = ok_reply(command.request_id, pins=board.snapshot())
+        if command.history and board.is_mock:
+            # Mock pins record every state they took: the desktop's (and the tests') pin log.
+            reply["history"] = {
+                name: [s.state for s in board[name].gpio.pin.states] for name in board
+            }
+        return reply
 
     async def _start(self, command: StartCommand) -> dict[str, Any]:
         from agent._commands import CommandError
@@ -256,13 +325,7 @@ class Control:
         # Without a caller-chosen id, the id is derived from the request id: a repeat after a
         # crash between commit and reply still finds the same workflow.
         wid = command.workflow_id or str(uuid.uuid5(_REQUEST_NS, rid))
-        reply = {
-            "request_id": rid,
-            "ok": True,
-            "workflow_id": wid,
-            "status": "ACTIVE",
-            "workflow_type": command.workflow_type,
-        }
+        reply = ok_reply(rid, workflow_id=wid, status="ACTIVE", workflow_type=command.workflow_type)
         wf = await self.builder.create_workflow(
             command.workflow_type,
             command.data,
@@ -284,14 +347,8 @@ class Control:
         return answer
 
     @staticmethod
-    def _ok(request_id: str, wf: Workflow, **extra: Any) -> dict[str, Any]:
-        return {
-            "request_id": request_id,
-            "ok": True,
-            "workflow_id": wf.id,
-            "status": wf.status.value,
-            **extra,
-        }
+    def _ok(request_id: str | None, wf: Workflow, **extra: Any) -> dict[str, Any]:
+        return ok_reply(request_id, workflow_id=wf.id, status=wf.status.value, **extra)
 
     async def get(
         self, workflow_id: str, request_id: str | None = None, *, journal: bool = True
@@ -299,16 +356,15 @@ class Control:
         rec = await self.store.load_instance(workflow_id)
         if rec is None:
             raise WorkflowNotFound(workflow_id)
-        reply: dict[str, Any] = {
-            "request_id": request_id,
-            "ok": True,
+        reply = ok_reply(
+            request_id,
             **rec.summary(),
-            "state": rec.state,
-            "saga": bool(rec.progress.get("saga")),
-            "completed_steps": rec.progress.get("completed", []),
-            "compensated_steps": rec.progress.get("compensated", []),
-            "compensation_failed": rec.progress.get("compensation_failed", []),
-        }
+            state=rec.state,
+            saga=bool(rec.progress.get("saga")),
+            completed_steps=rec.progress.get("completed", []),
+            compensated_steps=rec.progress.get("compensated", []),
+            compensation_failed=rec.progress.get("compensation_failed", []),
+        )
         live = self.builder.live(workflow_id)
         if live is not None and live.waiting_for:
             reply["waiting_for"] = live.waiting_for

@@ -1,17 +1,17 @@
-"""One error tree for the agent, rooted at :class:`AgentError`, and the error reply of a command."""
+"""One error tree for the agent, rooted at :class:`AgentError`.
+
+Each error carries the ``code`` its command reply gives (see :func:`agent._messages.error_reply`):
+a command refused for any of these reasons is answered the same way on every path.
+"""
 
 from __future__ import annotations
-
-from typing import Any
-
-
-def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
-    """The reply to a refused command (MQTT or control socket); ``code`` names the problem."""
-    return {"request_id": request_id, "ok": False, "error": {"code": code, "message": message}}
 
 
 class AgentError(Exception):
     """Root of every error edgesaga raises on purpose."""
+
+    #: The error code of the reply to a command that fails with this error.
+    code = "internal_error"
 
 
 class DefinitionError(AgentError, ValueError):
@@ -49,6 +49,8 @@ class DefinitionError(AgentError, ValueError):
 class UnknownWorkflowType(AgentError, KeyError):
     """Raised when a workflow type is not among the loaded definitions."""
 
+    code = "unknown_workflow_type"
+
     def __init__(self, workflow_type: str, known: list[str]) -> None:
         self.workflow_type = workflow_type
         self.known = known
@@ -65,6 +67,8 @@ class UnknownWorkflowType(AgentError, KeyError):
 class InvalidData(AgentError, ValueError):
     """Raised when initial data or a step's result does not fit the workflow's state model."""
 
+    code = "invalid_data"
+
     def __init__(self, message: str, *, workflow_type: str | None = None) -> None:
         self.workflow_type = workflow_type
         super().__init__(message)
@@ -72,6 +76,8 @@ class InvalidData(AgentError, ValueError):
 
 class WorkflowNotFound(AgentError, LookupError):
     """Raised when no workflow instance has the given id in the store."""
+
+    code = "not_found"
 
     def __init__(self, workflow_id: str) -> None:
         self.workflow_id = workflow_id
@@ -93,6 +99,8 @@ class WorkflowNotActive(AgentError, RuntimeError):
 
 class InvalidTransition(AgentError, RuntimeError):
     """Raised when an operator request (cancel, retry, resume) does not apply to the workflow's status."""
+
+    code = "invalid_transition"
 
     def __init__(self, workflow_id: str, status: str, message: str) -> None:
         self.workflow_id = workflow_id
@@ -127,3 +135,5 @@ class DatabaseLocked(StoreError):
 
 class DiskFull(StoreError):
     """Raised when SQLite reports a full disk; work pauses instead of corrupting state."""
+
+    code = "disk_full"

@@ -21,6 +21,7 @@ from agent._config import AgentConfig
 from agent._control import Control
 from agent._engine import WorkflowBuilder
 from agent._errors import DiskFull
+from agent._messages import error_reply
 from agent._runner import Runner
 from agent._sdnotify import Notifier, watchdog_loop
 from agent._socket import ControlServer
@@ -34,15 +35,6 @@ log = logging.getLogger("edgesaga.agent")
 
 #: Seconds between two disk-full alerts while the disk stays full (the first goes out at once).
 DISK_ALERT_INTERVAL = 600.0
-
-
-_NO_HARDWARE = {
-    "ok": False,
-    "error": {
-        "code": "no_hardware",
-        "message": "This agent has no hardware section in its config.",
-    },
-}
 
 
 class Agent:
@@ -64,6 +56,7 @@ class Agent:
         self.exit_code = 0
         self._disk_alerted: float | None = None  # time.monotonic() of the last disk-full alert
         self._disk_alert_task: asyncio.Task[None] | None = None
+        self._paused = 0  # PAUSED workflows at the last count (the status text says it)
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -110,7 +103,9 @@ class Agent:
                 store=self.store,
                 runner=self.runner,
                 max_payload=cfg.mqtt.max_payload,
-                hardware=self.board,
+                board=self.board,
+                device_id=cfg.device_id,
+                mqtt_connected=lambda: None if self.link is None else bool(self.link.connected),
             )
             recovered = await self.builder.recover(self.store, run=False)
             for wf in recovered:
@@ -123,13 +118,8 @@ class Agent:
             )
             server = ControlServer(
                 path=cfg.socket_path,
-                handle_raw=self.control.handle_raw,
-                extra={
-                    "pins": self._pins,
-                    "set_input": self._set_input,
-                    "status": self._status_cmd,
-                    "_block_loop": self._block_loop,
-                },
+                handle_raw=self.control.handle_local,
+                extra={"_block_loop": self._block_loop},
             )
             await server.start()
             try:
@@ -164,6 +154,7 @@ class Agent:
                 tasks.append(
                     tg.create_task(self.board.simulate(cfg.hardware.simulate), name="simulate")
                 )
+            await self._count_paused()
             self.notifier.ready(self._status_text())
             log.info("agent %s ready", cfg.device_id)
             resume_gc(collect=True)  # off since exec when started by the `edgesaga` command
@@ -246,8 +237,14 @@ class Agent:
         assert self.store is not None
         return await self.store.ping()
 
+    async def _count_paused(self) -> None:
+        """How many workflows are PAUSED (waiting for input), for the status text."""
+        assert self.store is not None
+        counts = await self.store.count_by_status()
+        self._paused = counts.get(WorkflowStatus.PAUSED.value, 0)
+
     def _status_text(self) -> str:
-        paused = 0
+        paused = self._paused
         if self.link is not None:
             mqtt = ", mqtt up" if self.link.connected else ", mqtt down"
         else:  # at READY the link is not built yet: it is down
@@ -257,6 +254,8 @@ class Agent:
     async def _status_loop(self) -> None:
         last = ""
         while True:
+            with contextlib.suppress(Exception):  # a store that cannot be read keeps the last count
+                await self._count_paused()
             text = self._status_text()
             if text != last:
                 self.notifier.status(text)
@@ -288,52 +287,13 @@ class Agent:
             await self.store.checkpoint()
         return ids
 
-    # -- extra control commands --------------------------------------------------------------------
-    async def _pins(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.board is None:
-            return _NO_HARDWARE
-        reply: dict[str, Any] = {"ok": True, "pins": self.board.snapshot()}
-        if req.get("history") and self.board.is_mock:
-            # Mock pins record every state they took: the desktop's (and the tests') pin log.
-            reply["history"] = {
-                name: [s.state for s in self.board[name].gpio.pin.states] for name in self.board
-            }
-        return reply
-
-    async def _set_input(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.board is None:
-            return _NO_HARDWARE
-        # The value as sent: the board parses it strictly (bool("false") would be True).
-        self.board.set_input(str(req.get("device")), req.get("value"))
-        return {"ok": True, "pins": self.board.snapshot()}
-
-    async def _status_cmd(self, req: dict[str, Any]) -> dict[str, Any]:
-        assert self.store is not None
-        return {
-            "ok": True,
-            "device_id": self.config.device_id,
-            "pid": os.getpid(),
-            "running": self.runner.running,
-            "queued": self.runner.queued,
-            "counts": await self.store.count_by_status(),
-            "mqtt_connected": None if self.link is None else self.link.connected,
-            "workflow_types": self.builder.workflow_types if self.builder else [],
-        }
-
+    # -- test hooks ---------------------------------------------------------------------------------
     async def _block_loop(self, req: dict[str, Any]) -> dict[str, Any]:
         """Test hook (only with EDGESAGA_TEST_HOOKS=1): block the event loop to prove the watchdog
         stops pinging when the loop is wedged."""
         if os.environ.get("EDGESAGA_TEST_HOOKS") != "1":
-            return {
-                "ok": False,
-                "error": {"code": "unknown_command", "message": "Unknown command '_block_loop'."},
-            }
+            return error_reply(None, "unknown_command", "Unknown command '_block_loop'.")
         seconds = float(req.get("seconds", 1.0))
         asyncio.get_running_loop().call_soon(time.sleep, seconds)  # deliberately blocking
         return {"ok": True}
 
-
-def summary_counts(counts: dict[str, int]) -> str:
-    return ", ".join(
-        f"{s.value.lower()} {counts.get(s.value, 0)}" for s in WorkflowStatus if counts.get(s.value)
-    )

@@ -1,7 +1,9 @@
 """The local control socket: newline-delimited JSON over a Unix socket (mode 0660).
 
 A request is ``{"command": "start", ...fields of that command}``; the reply is one JSON line.
-Besides the MQTT commands it serves ``pins``, ``set_input`` and ``status``.
+Every command goes to ``handle_raw`` (:meth:`agent._control.Control.handle_local`: the MQTT
+commands and ``pins``, ``set_input`` and ``status``), with the line as it came, so the same
+mistake gets the same reply as over MQTT.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent._errors import error_reply
+from agent._messages import dumps, error_reply
 
 log = logging.getLogger("edgesaga.control")
 
@@ -69,13 +71,13 @@ class ControlServer:
                     line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
                     reply = error_reply(None, "payload_too_large", "The request line is too long.")
-                    writer.write(json.dumps(reply).encode() + b"\n")
+                    writer.write(dumps(reply).encode() + b"\n")
                     await writer.drain()
                     break
                 if not line:
                     break
                 reply = await self._one(line)
-                writer.write(json.dumps(reply).encode() + b"\n")
+                writer.write(dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, BrokenPipeError):
             pass
@@ -85,13 +87,16 @@ class ControlServer:
                 await writer.wait_closed()
 
     async def _one(self, line: bytes) -> dict[str, Any]:
+        from agent._commands import invalid_json
+
+        line = line.rstrip(b"\r\n")  # the payload as MQTT would carry it
         try:
             req = json.loads(line)
-        except (ValueError, RecursionError):  # bad JSON or UTF-8, a huge integer, deep nesting
-            return error_reply(None, "invalid_json", "The request is not valid UTF-8 JSON.")
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a huge integer, nesting
+            return invalid_json(exc).reply()
         if not isinstance(req, dict) or not isinstance(req.get("command"), str):
             return error_reply(None, "invalid_command", 'A request is {"command": "...", ...}.')
-        name = req.pop("command")
+        name = req["command"]
         extra = self._extra.get(name)
         if extra is not None:
             try:
@@ -99,7 +104,9 @@ class ControlServer:
             except Exception as exc:
                 return error_reply(req.get("request_id"), "invalid_command", str(exc))
         try:
-            reply, _ = await self._handle_raw(name, json.dumps(req).encode())
+            # The line as it came (its "command" field matches the name): sizes and sentences
+            # are those MQTT gives for the same payload.
+            reply, _ = await self._handle_raw(name, line)
         except Exception:
             log.exception("the command handler failed on a %s command", name)
             return error_reply(
@@ -119,7 +126,7 @@ def request(path: Path, command: str, timeout: float = 30.0, **fields: Any) -> d
         s.connect(str(path))
         buf = b""
         try:
-            s.sendall(json.dumps({"command": command, **fields}).encode() + b"\n")
+            s.sendall(dumps({"command": command, **fields}).encode() + b"\n")
             while not buf.endswith(b"\n"):
                 chunk = s.recv(65536)
                 if not chunk:

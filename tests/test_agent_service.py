@@ -241,3 +241,30 @@ async def test_sigkill_of_edgesaga_run_makes_the_broker_publish_offline(
     assert await asyncio.to_thread(
         poll, offline, lambda got: got == {availability: b"offline"}, what="the last will"
     ) == {availability: b"offline"}
+
+
+async def _leave_paused_workflows(database: Path, count: int) -> None:
+    """``count`` workflows PAUSED in the database (as a HUMAN_INPUT step will leave them)."""
+    async with SQLiteStore(database) as store:
+        builder = WorkflowBuilder(definitions=[SERVICE_DEFS])
+        ids = [
+            (await builder.create_workflow("ServiceQuick", {}, store=store)).id
+            for _ in range(count)
+        ]
+    conn = sqlite3.connect(database)
+    try:
+        conn.executemany("UPDATE instances SET status='PAUSED' WHERE id=?", [(i,) for i in ids])
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_the_status_text_counts_the_paused_workflows(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    asyncio.run(_leave_paused_workflows(tmp_path / "state" / "edgesaga.db", 2))
+    with agent_process(config) as agent:
+        ready = agent.wait_ready()
+        assert "paused 2" in ready["STATUS"], (
+            ready
+        )  # it said "paused 0", whatever the database held
+        assert agent.request("status")["counts"]["PAUSED"] == 2
