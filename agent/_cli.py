@@ -549,6 +549,7 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+# Long, and not split: one flat declaration per sub-command, read top to bottom like the help.
 def _parser() -> argparse.ArgumentParser:
     import argparse
 

@@ -21,7 +21,7 @@ from agent._config import AgentConfig
 from agent._control import Control
 from agent._engine import WorkflowBuilder
 from agent._errors import DiskFull
-from agent._messages import error_reply
+from agent._messages import Alert, error_reply, ok_reply
 from agent._runner import Runner
 from agent._sdnotify import Notifier, watchdog_loop
 from agent._socket import ControlServer
@@ -207,7 +207,7 @@ class Agent:
         log.error(message)
         if not self.config.mqtt.enabled:
             return
-        payload = {
+        payload: Alert = {
             "seq": None,  # not numbered: it never was in the outbox
             "at": iso(time.time()),
             "alert": "disk_full",
@@ -220,7 +220,7 @@ class Agent:
                 self._send_disk_alert(payload), name="disk-full-alert"
             )
 
-    async def _send_disk_alert(self, payload: dict[str, Any]) -> None:
+    async def _send_disk_alert(self, payload: Alert) -> None:
         """Publish the alert: at once if the link is connected (even if a write has succeeded
         since, so a disk that filled up is always reported), else once it connects, for as long
         as the disk stays full."""
@@ -295,5 +295,5 @@ class Agent:
             return error_reply(None, "unknown_command", "Unknown command '_block_loop'.")
         seconds = float(req.get("seconds", 1.0))
         asyncio.get_running_loop().call_soon(time.sleep, seconds)  # deliberately blocking
-        return {"ok": True}
+        return ok_reply(None)
 

@@ -246,3 +246,48 @@ def test_a_reused_request_id_is_a_conflict_on_both_paths(paths: Paths) -> None:
     assert over_socket[0] == "request_id_conflict"
     assert over_mqtt == over_socket
     paths.agent.wait_status("conflict-1", "COMPLETED")
+
+
+# ------------------------------------------------------------------------------------------------
+# The shapes of docs/mqtt.md are those the agent sends
+
+
+def _doc_examples() -> list[dict[str, Any]]:
+    """Every JSON object in the ```json blocks of docs/mqtt.md (a block holds one object, or one
+    per line)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
+    found: list[dict[str, Any]] = []
+    for block in re.findall(r"```json\n(.*?)```", text, flags=re.S):
+        try:
+            found.append(json.loads(block))
+        except ValueError:
+            found.extend(json.loads(line) for line in block.splitlines() if line.strip())
+    return found
+
+
+def _keys(shape: Any) -> set[str]:
+    return set(shape.__required_keys__ | shape.__optional_keys__)
+
+
+def test_the_documented_list_reply_is_what_list_returns(paths: Paths) -> None:
+    from agent._messages import Summary
+
+    (documented,) = [e for e in _doc_examples() if "workflows" in e]
+    reply = paths.mqtt.command("list", {"limit": 5})
+    assert set(reply) == set(documented) == {"request_id", "ok", "workflows"}
+    assert reply["workflows"], reply
+    for row in [*reply["workflows"], *documented["workflows"]]:
+        assert set(row) == _keys(Summary), row  # summaries, not state snapshots
+
+
+def test_the_documented_event_and_state_snapshot_have_the_message_shapes() -> None:
+    from agent._messages import ErrorReply, Event, StateSnapshot
+
+    examples = _doc_examples()
+    (event,) = [e for e in examples if "event" in e]
+    assert set(event) == _keys(Event)
+    (state,) = [e for e in examples if "current_step" in e and "seq" in e]
+    assert set(state) == _keys(StateSnapshot)
+    errors = [e for e in examples if e.get("ok") is False]
+    assert errors
+    assert all(set(e) == _keys(ErrorReply) for e in errors)
