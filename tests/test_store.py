@@ -323,7 +323,7 @@ async def test_group_commit_shares_transactions(
     assert statuses == [WorkflowStatus.COMPLETED] * 32
     writes = store.batched - batched
     txns = store.commits - commits
-    assert writes >= 32 * 6  # create, 4 x (step start + previous result), final
+    assert writes >= 32 * 5  # create with step 1's start, 3 x (result + next start), final
     assert txns * 2 <= writes, f"{txns} transactions for {writes} writes: no group commit"
     assert len(await store.list_instances(status="COMPLETED", limit=100)) == 32
 
