@@ -150,7 +150,6 @@ class Workflow:
         self._step_task: asyncio.Future[Any] | None = None
         self._fresh = False  # the in-flight attempt was begun at creation and has not run yet
         self._cancel_reason = "cancelled on request"
-        self._last_status = progress.status
         self._finished = asyncio.Event()
         if progress.status.is_terminal:
             self._finished.set()
@@ -252,13 +251,8 @@ class Workflow:
         flight is stopped and, since it may have taken effect, compensated) and this returns at once;
         otherwise the rollback runs here.
         """
-        if self.status not in (WorkflowStatus.ACTIVE, WorkflowStatus.PAUSED):
-            raise InvalidTransition(
-                self.id,
-                self.status.value,
-                f"Workflow {self.id} is {self.status.value}; only ACTIVE or PAUSED workflows can be "
-                "cancelled.",
-            )
+        if not saga.can_cancel(self.status):
+            raise self._refused(saga.CANCEL_RULE)
         self.request_cancel(reason)
         if not self._lock.locked():
             await self.run()
@@ -284,19 +278,28 @@ class Workflow:
         return await self.run()
 
     async def prepare_retry(self) -> None:
-        """Record the retry (status back to ACTIVE or COMPENSATING) without driving it yet."""
+        """Record the retry (status back to ACTIVE or COMPENSATING) without driving it yet.
+
+        Refused at once (not after the running attempt) unless the workflow is FAILED or
+        COMPENSATION_FAILED."""
+        if not saga.can_retry(self.status):
+            raise self._refused(saga.RETRY_RULE)
         async with self._lock:
             try:
-                progress = saga.retry(self._plan, self._progress)
-            except ValueError as exc:
-                raise InvalidTransition(self.id, self.status.value, str(exc)) from None
-            self._progress = progress
+                change = saga.retry(self._plan, self._progress)
+            except ValueError:
+                raise self._refused(saga.RETRY_RULE) from None
             self._finished.clear()
             self._cancel.clear()
             pending = _Pending()
             now = time.time()
-            self._status_event(pending, now)
+            self._apply(pending, change, now)
             await self._commit(pending, now)
+
+    def _refused(self, rule: str) -> InvalidTransition:
+        """An operator command the workflow's status does not admit; ``rule`` says which do."""
+        status = self.status.value
+        return InvalidTransition(self.id, status, f"Workflow {self.id} is {status}; {rule}.")
 
     async def _drive(self, *, single: bool) -> dict[str, Any] | None:
         pending = _Pending()
@@ -358,9 +361,9 @@ class Workflow:
                 return self.definition.step(fl.step), before
             if self._stop.is_set():
                 return None
-            if self._cancel.is_set() and self.status is WorkflowStatus.ACTIVE:
-                self._progress = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
-                self._status_event(pending, now)
+            if self._cancel.is_set() and saga.can_cancel(self.status):
+                change = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
+                self._apply(pending, change, now)
             action = saga.next_action(self._progress)
             if isinstance(action, saga.Stop):
                 return None
@@ -385,23 +388,16 @@ class Workflow:
         if outcome.ok:
             assert outcome.state is not None
             self.state = outcome.state
-            self._progress = saga.succeeded(self._plan, before)
             pending.journal.append(JournalEnd(fl.seq, "completed", now))
-            done = "step_completed" if fl.phase == "forward" else "compensation_completed"
-            self._event(pending, done, now, step=fl.step, attempt=fl.attempt)
-            self._status_event(pending, now)
+            self._apply(pending, saga.succeeded(self._plan, before), now)
             return
+        error = outcome.error or "failed"
         if outcome.cancelled:
-            self._progress = saga.cancel_inflight(self._plan, before, self._cancel_reason)
-            pending.journal.append(JournalEnd(fl.seq, "cancelled", now, self._cancel_reason))
+            pending.journal.append(JournalEnd(fl.seq, "cancelled", now, error))
+            self._apply(pending, saga.cancel_inflight(self._plan, before, error), now)
         else:
-            self._progress = saga.failed(self._plan, before, outcome.error or "failed", now=now)
-            pending.journal.append(JournalEnd(fl.seq, "failed", now, outcome.error))
-        failed = "step_failed" if fl.phase == "forward" else "compensation_failed"
-        self._event(pending, failed, now, step=fl.step, attempt=fl.attempt, error=outcome.error)
-        if fl.phase == "compensate" and fl.step in self._progress.compensation_failed:
-            self._alert(pending, now, fl.step, outcome.error)
-        self._status_event(pending, now)
+            pending.journal.append(JournalEnd(fl.seq, "failed", now, error))
+            self._apply(pending, saga.failed(self._plan, before, error, now=now), now)
         log.warning(
             "workflow %s step %s (%s) attempt %d failed: %s",
             self.id,
@@ -419,20 +415,17 @@ class Workflow:
         compensates only what completed (nothing) and ends CANCELLED; the step is not run."""
         reason = self._cancel_reason
         marked = saga.cancel(self._plan, before, reason=reason)
-        self._progress = saga.failed(self._plan, marked, reason, now=now)
         pending.journal.append(JournalEnd(fl.seq, "cancelled", now, reason))
-        self._event(pending, "step_failed", now, step=fl.step, attempt=fl.attempt, error=reason)
-        self._status_event(pending, now)
+        self._apply(pending, marked, now)
+        self._apply(pending, saga.failed(self._plan, marked.progress, reason, now=now), now)
 
     def _begin(self, pending: _Pending, step: str, phase: saga.Phase, now: float) -> saga.Progress:
-        before = saga.begin(self._progress, step, phase)
-        fl = before.inflight
+        change = saga.begin(self._progress, step, phase)
+        fl = change.progress.inflight
         assert fl is not None
-        self._progress = before
         pending.journal.append(JournalStart(fl.seq, fl.step, fl.phase, fl.attempt, now))
-        started = "step_started" if phase == "forward" else "compensation_started"
-        self._event(pending, started, now, step=fl.step, attempt=fl.attempt)
-        return before
+        self._apply(pending, change, now)
+        return change.progress
 
     async def _sleep_until(self, when: float) -> None:
         delay = max(0.0, when - time.time())
@@ -515,7 +508,8 @@ class Workflow:
         error = f"internal error: {type(exc).__name__}: {exc}"
         log.error("workflow %s (%s): %s", self.id, self.workflow_type, error, exc_info=exc)
         committed = self._progress
-        self._progress = saga.internal_error(committed, error)  # terminal now, in memory
+        change = saga.internal_error(committed, error)
+        self._progress = change.progress  # terminal now, in memory
         self._fresh = False
         self._builder._begun.pop(self.id, None)
         self._let_go()
@@ -527,7 +521,8 @@ class Workflow:
             rec = await self.store.load_instance(self.id)
             if rec is not None:
                 committed = saga.Progress.from_json(rec.progress)
-                self._progress = saga.internal_error(committed, error)
+                change = saga.internal_error(committed, error)
+                self._progress = change.progress
         except Exception:
             log.exception("workflow %s: cannot read back what is committed", self.id)
         now = time.time()
@@ -535,10 +530,7 @@ class Workflow:
         fl = committed.inflight
         if fl is not None:  # its "started" record is committed; its outcome never will be
             pending.journal.append(JournalEnd(fl.seq, "failed", now, error))
-            name = "step_failed" if fl.phase == "forward" else "compensation_failed"
-            self._event(pending, name, now, step=fl.step, attempt=fl.attempt, error=error)
-        self._status_event(pending, now)
-        alert = self._internal_alert(pending, now, error)
+        alert = self._apply(pending, change, now)
         try:
             await self.store.commit(self._transition(pending, now))
         except Exception:
@@ -549,7 +541,8 @@ class Workflow:
                 self.status.value,
             )
             try:
-                await self.store.add_alert(alert, workflow_id=self.id)
+                if alert is not None:
+                    await self.store.add_alert(alert, workflow_id=self.id)
             except Exception:
                 log.exception("workflow %s: cannot queue the internal_error alert", self.id)
 
@@ -598,48 +591,38 @@ class Workflow:
                 f"status={self.status.value}" + (f" error={error}" if error else ""),
             )
 
-    def _status_event(self, pending: _Pending, at: float) -> None:
-        if self.status is not self._last_status:
-            self._last_status = self.status
-            self._event(pending, "status_changed", at, step=self.current_step, error=self.error)
+    def _apply(self, pending: _Pending, change: saga.Change, at: float) -> dict[str, Any] | None:
+        """Take the state machine's change: its progress, and its events and alert into
+        ``pending`` for the next commit. Returns the alert's payload, if there is one."""
+        self._progress = change.progress
+        for e in change.events:
+            self._event(pending, e.name, at, step=e.step, attempt=e.attempt, error=e.error)
+        return None if change.alert is None else self._alert(pending, at, change.alert)
 
-    def _alert(self, pending: _Pending, at: float, step: str, error: str | None) -> None:
-        message = (
-            f"Compensation of step {step!r} of workflow {self.id} ({self.workflow_type}) failed after "
-            f"its retries: {error}. The rollback went on with the others; undo this step by hand, "
-            "then `edgesaga retry` the workflow or leave it COMPENSATION_FAILED."
-        )
-        log.error(message)
-        pending.events.append(
-            (
-                "alert",
-                {
-                    "seq": None,
-                    "at": iso(at),
-                    "alert": "compensation_failed",
-                    "workflow_id": self.id,
-                    "workflow_type": self.workflow_type,
-                    "step": step,
-                    "error": error,
-                    "message": message,
-                },
+    def _alert(self, pending: _Pending, at: float, alert: saga.Alert) -> dict[str, Any]:
+        step, error = alert.step, alert.error
+        if alert.kind == "compensation_failed":
+            message = (
+                f"Compensation of step {step!r} of workflow {self.id} ({self.workflow_type}) "
+                f"failed after its retries: {error}. The rollback went on with the others; undo "
+                "this step by hand, then `edgesaga retry` the workflow or leave it "
+                "COMPENSATION_FAILED."
             )
-        )
-
-    def _internal_alert(self, pending: _Pending, at: float, error: str) -> dict[str, Any]:
-        where = f" at step {self.current_step!r}" if self.current_step else ""
-        message = (
-            f"Workflow {self.id} ({self.workflow_type}) stopped{where} on an {error}. Its outputs "
-            f"were set to their safe values and it is {self.status.value}; the agent log has the "
-            f"traceback. Fix the cause, then `edgesaga retry {self.id}`."
-        )
+            log.error(message)
+        else:
+            where = f" at step {step!r}" if step else ""
+            message = (
+                f"Workflow {self.id} ({self.workflow_type}) stopped{where} on an {error}. Its "
+                f"outputs were set to their safe values and it is {self.status.value}; the agent "
+                f"log has the traceback. Fix the cause, then `edgesaga retry {self.id}`."
+            )
         payload = {
             "seq": None,
             "at": iso(at),
-            "alert": "internal_error",
+            "alert": alert.kind,
             "workflow_id": self.id,
             "workflow_type": self.workflow_type,
-            "step": self.current_step,
+            "step": step,
             "error": error,
             "message": message,
         }
@@ -854,7 +837,8 @@ class WorkflowBuilder:
         state, state_json = self._initial_state(workflow_type, initial_data)
         wid = workflow_id or new_workflow_id()
         saga_on = definition.spec.saga_mode if saga_mode is None else saga_mode
-        progress = saga.start(self._plan_for(definition), saga=saga_on)
+        started = saga.start(self._plan_for(definition), saga=saga_on)
+        progress = started.progress
         now = time.time()
         wf = Workflow(
             builder=self,
@@ -867,7 +851,7 @@ class WorkflowBuilder:
             state_json=state_json,
         )
         pending = _Pending()
-        wf._event(pending, "workflow_started", now, step=progress.next_step)
+        wf._apply(pending, started, now)
         if begin is None:
             begin = not definition.spec.resources  # a lease wait comes before the first step
         if begin:

@@ -14,8 +14,6 @@ from agent._store import JournalEnd, SQLiteStore, iso
 
 log = logging.getLogger("edgesaga.workflow")
 
-_INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
-
 
 async def recover(
     builder: WorkflowBuilder, store: SQLiteStore, *, run: bool = True
@@ -72,13 +70,8 @@ async def mark_interrupted(wf: Workflow) -> None:
         return
     now = time.time()
     pending = _Pending()
-    wf._progress = saga.interrupted(wf._plan, wf._progress)
-    pending.journal.append(JournalEnd(fl.seq, "interrupted", now, _INTERRUPTED))
-    name = "step_failed" if fl.phase == "forward" else "compensation_failed"
-    wf._event(pending, name, now, step=fl.step, attempt=fl.attempt, error=_INTERRUPTED)
-    if fl.phase == "compensate" and fl.step in wf._progress.compensation_failed:
-        wf._alert(pending, now, fl.step, wf._progress.error)
-    wf._status_event(pending, now)
+    pending.journal.append(JournalEnd(fl.seq, "interrupted", now, saga.INTERRUPTED))
+    wf._apply(pending, saga.interrupted(wf._plan, wf._progress), now)
     log.warning(
         "workflow %s: %s step %s attempt %d was interrupted",
         wf.id,

@@ -1,9 +1,14 @@
 """The saga state machine: plain functions over plain data, no I/O, no asyncio.
 
 The runner asks :func:`next_action` what to do, executes it, and feeds the outcome back through
-:func:`begin`, :func:`succeeded`, :func:`failed` or :func:`interrupted`; operators act through
-:func:`cancel` and :func:`retry`. Every function returns a new :class:`Progress`; the runner commits
-it (with the journal row and events) before the next side effect starts.
+:func:`begin`, :func:`succeeded`, :func:`failed`, :func:`cancel_inflight` or :func:`interrupted`;
+operators act through :func:`cancel` and :func:`retry`, guarded by :func:`can_cancel` and
+:func:`can_retry`; an exception that escaped the runner ends in :func:`internal_error`.
+
+Every transition returns a :class:`Change`: the new :class:`Progress` and what goes into the same
+commit with it — the events in the order they are written (a status change last, as
+``status_changed``) and an alert when a person has to act. The runner decides none of that: it
+runs the step, writes what the change says, and commits before the next side effect starts.
 
 A position is a step *name*, not an index, so routes and branches can come later without a
 migration of stored progress.
@@ -12,6 +17,7 @@ migration of stored progress.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import zip_longest
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
@@ -20,6 +26,37 @@ from agent._status import WorkflowStatus
 Phase = Literal["forward", "compensate"]
 
 _NO_COUNTS: Mapping[str, int] = MappingProxyType({})  # the shared, read-only empty counter
+
+EventName = Literal[
+    "workflow_started",
+    "step_started",
+    "step_completed",
+    "step_failed",
+    "compensation_started",
+    "compensation_completed",
+    "compensation_failed",
+    "status_changed",
+]
+AlertKind = Literal["compensation_failed", "internal_error"]
+
+#: The error recorded for an attempt cut short by the agent dying.
+INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
+#: What the operator commands admit, in the words of their refusals.
+CANCEL_RULE = "only ACTIVE or PAUSED workflows can be cancelled"
+RETRY_RULE = "only FAILED and COMPENSATION_FAILED workflows can be retried"
+
+_CANCELLABLE = frozenset({WorkflowStatus.ACTIVE, WorkflowStatus.PAUSED})
+_RETRYABLE = frozenset({WorkflowStatus.FAILED, WorkflowStatus.COMPENSATION_FAILED})
+_PREFIX: Mapping[Phase, str] = {"forward": "f:", "compensate": "c:"}  # of the counters' keys
+_STARTED: Mapping[Phase, EventName] = {
+    "forward": "step_started",
+    "compensate": "compensation_started",
+}
+_COMPLETED: Mapping[Phase, EventName] = {
+    "forward": "step_completed",
+    "compensate": "compensation_completed",
+}
+_FAILED: Mapping[Phase, EventName] = {"forward": "step_failed", "compensate": "compensation_failed"}
 
 
 class StepPlan(NamedTuple):
@@ -48,7 +85,7 @@ class Plan:
             raise ValueError("A plan needs at least one step.")
         self.steps = steps
         self._by_name = {s.name: s for s in steps}
-        self._after: dict[str, str | None] = dict(zip(names, [*names[1:], None], strict=True))
+        self._after: dict[str, str | None] = dict(zip_longest(names, names[1:]))
 
     def __repr__(self) -> str:
         return f"Plan(steps={self.steps!r})"
@@ -173,7 +210,7 @@ _replace = Progress._replace
 
 
 def _key(phase: Phase, step: str) -> str:
-    return f"{'f' if phase == 'forward' else 'c'}:{step}"
+    return _PREFIX[phase] + step
 
 
 def _bump(counts: Mapping[str, int], key: str, by: int = 1) -> dict[str, int]:
@@ -210,11 +247,6 @@ class Stop(NamedTuple):
     status: WorkflowStatus
 
 
-def start(plan: Plan, *, saga: bool) -> Progress:
-    """Progress of a new instance."""
-    return Progress(status=WorkflowStatus.ACTIVE, saga=saga, next_step=plan.first)
-
-
 def next_action(progress: Progress) -> Run | Stop:
     """What the runner should do next."""
     if progress.inflight is not None:
@@ -228,25 +260,79 @@ def next_action(progress: Progress) -> Run | Stop:
     return Stop(progress.status)
 
 
+class Event(NamedTuple):
+    """An event to write with the transition; its ``status`` is that of the new progress."""
+
+    name: EventName
+    step: str | None = None
+    attempt: int | None = None
+    error: str | None = None
+
+
+class Alert(NamedTuple):
+    """Something a person has to act on, written with the transition."""
+
+    kind: AlertKind
+    step: str | None
+    error: str | None
+
+
+class Change(NamedTuple):
+    """What a transition decided: the new progress and what commits with it."""
+
+    progress: Progress
+    events: tuple[Event, ...] = ()  # in order; a status change ends them with "status_changed"
+    alert: Alert | None = None
+    status_changed: bool = False
+
+
+def _change(
+    before: Progress, after: Progress, *events: Event, alert: Alert | None = None
+) -> Change:
+    if after.status is before.status:
+        return Change(after, events, alert)
+    changed = Event("status_changed", after.current_step, None, after.error)
+    return Change(after, (*events, changed), alert, True)
+
+
+def can_cancel(status: WorkflowStatus) -> bool:
+    """May an operator cancel a workflow in ``status``?"""
+    return status in _CANCELLABLE
+
+
+def can_retry(status: WorkflowStatus) -> bool:
+    """May an operator retry a workflow in ``status``?"""
+    return status in _RETRYABLE
+
+
 # ------------------------------------------------------------------------------------------------
 # Transitions
 
 
-def begin(progress: Progress, step: str, phase: Phase) -> Progress:
-    """An attempt of ``step`` is about to run; its "started" record commits with this progress."""
+def start(plan: Plan, *, saga: bool) -> Change:
+    """A new instance, due to run the first step."""
+    first = plan.first
+    progress = Progress(saga=saga, next_step=first)  # ACTIVE
+    return Change(progress, (Event("workflow_started", first),))
+
+
+def begin(progress: Progress, step: str, phase: Phase) -> Change:
+    """An attempt of ``step`` is about to run; its "started" record commits with this change."""
     action = next_action(progress)
     if not isinstance(action, Run) or action.step != step or action.phase != phase:
         raise ValueError(f"{phase} step {step!r} is not what runs next ({action}).")
     key = _key(phase, step)
     executions = _bump(progress.executions, key)
     seq = progress.journal_seq + 1
-    return _replace(
+    attempt = executions[key]
+    after = _replace(
         progress,
         executions=executions,
         journal_seq=seq,
-        inflight=Inflight(step=step, phase=phase, seq=seq, attempt=executions[key]),
+        inflight=Inflight(step=step, phase=phase, seq=seq, attempt=attempt),
         not_before=None,
     )
+    return Change(after, (Event(_STARTED[phase], step, attempt),))
 
 
 def _require_inflight(progress: Progress) -> Inflight:
@@ -255,20 +341,21 @@ def _require_inflight(progress: Progress) -> Inflight:
     return progress.inflight
 
 
-def succeeded(plan: Plan, progress: Progress) -> Progress:
+def succeeded(plan: Plan, progress: Progress) -> Change:
     """The in-flight attempt completed."""
     fl = _require_inflight(progress)
+    done = Event(_COMPLETED[fl.phase], fl.step, fl.attempt)
     key = _key(fl.phase, fl.step)
     # A completed attempt never runs again, so its counters go (the progress is rewritten with
     # every commit): failures, interrupts and executions, which only number the next attempt.
     failures, interrupts, executions = (
-        _drop(counts, key) if key in counts else counts
+        _drop(counts, key)
         for counts in (progress.failures, progress.interrupts, progress.executions)
     )
     if fl.phase == "forward" and not progress.cancelled:  # the common case, in one copy
         nxt = plan.after(fl.step)
         finished = nxt is None
-        return progress._replace(
+        after = progress._replace(
             inflight=None,
             completed=(*progress.completed, fl.step),
             next_step=nxt,
@@ -278,30 +365,35 @@ def succeeded(plan: Plan, progress: Progress) -> Progress:
             interrupts=interrupts,
             executions=executions,
         )
+        return _change(progress, after, done)
     base = progress._replace(
         inflight=None, failures=failures, interrupts=interrupts, executions=executions
     )
     if fl.phase == "forward":
         # A cancel arrived while the step ran: it completed, so (saga mode) it joins the rollback.
-        done = (*base.completed, fl.step)
+        base = _replace(base, completed=(*base.completed, fl.step))
         if not progress.saga:
-            return _replace(base, completed=done, next_step=None, status=WorkflowStatus.CANCELLED)
-        return _begin_rollback(plan, _replace(base, completed=done), None)
-    return _compensation_finished(
+            after = _replace(base, next_step=None, status=WorkflowStatus.CANCELLED)
+        else:
+            after = _begin_rollback(plan, base, None)
+        return _change(progress, after, done)
+    after = _compensation_finished(
         _replace(
             base, to_compensate=base.to_compensate[1:], compensated=(*base.compensated, fl.step)
         )
     )
+    return _change(progress, after, done)
 
 
-def failed(plan: Plan, progress: Progress, error: str, *, now: float = 0.0) -> Progress:
+def failed(plan: Plan, progress: Progress, error: str, *, now: float = 0.0) -> Change:
     """The in-flight attempt raised (or timed out, or returned a bad result).
 
     Retries per the step's policy (``not_before`` carries the backoff); once they are used up a
     forward failure starts the rollback (saga) or ends in FAILED, and a compensation failure is
-    recorded and the rollback goes on with the others.
+    recorded, alerted, and the rollback goes on with the others.
     """
     fl = _require_inflight(progress)
+    event = Event(_FAILED[fl.phase], fl.step, fl.attempt, error)
     key = _key(fl.phase, fl.step)
     failures = _bump(progress.failures, key)
     spec = plan.get(fl.step)
@@ -311,11 +403,13 @@ def failed(plan: Plan, progress: Progress, error: str, *, now: float = 0.0) -> P
     # A cancel stops forward retries; compensations keep theirs (the rollback must finish).
     if failures[key] < limit and not (progress.cancelled and fl.phase == "forward"):
         wait = _delay(delays, failures[key])
-        return _replace(base, not_before=(now + wait) if wait > 0 else None)
-    return _give_up(plan, base, fl, error, interrupted=False)
+        return _change(
+            progress, _replace(base, not_before=(now + wait) if wait > 0 else None), event
+        )
+    return _give_up(plan, progress, base, fl, event, None)
 
 
-def interrupted(plan: Plan, progress: Progress, *, error: str | None = None) -> Progress:
+def interrupted(plan: Plan, progress: Progress) -> Change:
     """The in-flight attempt was cut short by the agent dying (found on recovery).
 
     It does not count against ``retry``; it runs again until it has been interrupted
@@ -323,23 +417,33 @@ def interrupted(plan: Plan, progress: Progress, *, error: str | None = None) -> 
     compensation runs first because it may have taken effect.
     """
     fl = _require_inflight(progress)
+    event = Event(_FAILED[fl.phase], fl.step, fl.attempt, INTERRUPTED)
     key = _key(fl.phase, fl.step)
     interrupts = _bump(progress.interrupts, key)
     base = _replace(progress, inflight=None, interrupts=interrupts)
     if interrupts[key] < plan.get(fl.step).max_interrupts:
-        return base
-    msg = error or (
+        return _change(progress, base, event)
+    msg = (
         f"{'Compensation of ' if fl.phase == 'compensate' else ''}step {fl.step!r} was interrupted "
         f"{interrupts[key]} times (max_interrupts); it is not run again."
     )
-    return _give_up(plan, _replace(base, error=msg), fl, msg, interrupted=True)
+    # It may have taken effect: in a rollback its own compensation runs first.
+    return _give_up(plan, progress, _replace(base, error=msg), fl, event, fl.step)
 
 
 def _give_up(
-    plan: Plan, progress: Progress, fl: Inflight, error: str, *, interrupted: bool
-) -> Progress:
+    plan: Plan,
+    before: Progress,
+    progress: Progress,
+    fl: Inflight,
+    event: Event,
+    also_first: str | None,
+) -> Change:
+    """The attempt's step is not run again: ``progress.error`` says why. A rollback compensates
+    ``also_first`` (when compensable) before the completed steps."""
+    error = progress.error
     if fl.phase == "compensate":
-        return _compensation_finished(
+        after = _compensation_finished(
             _replace(
                 progress,
                 to_compensate=progress.to_compensate[1:],
@@ -347,11 +451,13 @@ def _give_up(
                 failures=_drop(progress.failures, _key("compensate", fl.step)),
             )
         )
-    progress = _replace(progress, failed_step=fl.step, error=error)
+        # A person has to undo the step by hand; the rollback goes on with the others.
+        return _change(before, after, event, alert=Alert("compensation_failed", fl.step, error))
+    progress = _replace(progress, failed_step=fl.step)
     if not progress.saga:
         status = WorkflowStatus.CANCELLED if progress.cancelled else WorkflowStatus.FAILED
-        return _replace(progress, status=status)
-    return _begin_rollback(plan, progress, fl.step if interrupted else None)
+        return _change(before, _replace(progress, status=status), event)
+    return _change(before, _begin_rollback(plan, progress, also_first), event)
 
 
 def _begin_rollback(plan: Plan, progress: Progress, also_first: str | None) -> Progress:
@@ -360,17 +466,13 @@ def _begin_rollback(plan: Plan, progress: Progress, also_first: str | None) -> P
     if also_first is not None and plan.get(also_first).compensable and also_first not in queue:
         queue.insert(0, also_first)
     return _compensation_finished(
-        _replace(
-            progress,
-            status=WorkflowStatus.COMPENSATING,
-            next_step=None,
-            to_compensate=tuple(queue),
-            not_before=None,
-        )
+        _replace(progress, next_step=None, to_compensate=tuple(queue), not_before=None)
     )
 
 
 def _compensation_finished(progress: Progress) -> Progress:
+    """COMPENSATING while compensations are due, else the rollback's end status. (No backoff is
+    pending here: an attempt was just recorded, or the rollback just began.)"""
     if progress.to_compensate:
         return _replace(progress, status=WorkflowStatus.COMPENSATING)
     if progress.compensation_failed:
@@ -379,68 +481,77 @@ def _compensation_finished(progress: Progress) -> Progress:
         status = WorkflowStatus.CANCELLED
     else:
         status = WorkflowStatus.FAILED_ROLLED_BACK
-    return _replace(progress, status=status, not_before=None)
+    return _replace(progress, status=status)
 
 
-def cancel(plan: Plan, progress: Progress, *, reason: str = "cancelled on request") -> Progress:
+def cancel(plan: Plan, progress: Progress, *, reason: str = "cancelled on request") -> Change:
     """An operator asked to cancel.
 
     With an attempt in flight only the flag is set: the runner stops the attempt and records it
     (see :func:`cancel_inflight`). Otherwise saga mode compensates the completed steps first and
     ends in CANCELLED; without saga mode the workflow ends in CANCELLED at once.
     """
-    if progress.status not in (WorkflowStatus.ACTIVE, WorkflowStatus.PAUSED):
-        raise ValueError(f"A {progress.status.value} workflow cannot be cancelled.")
+    if not can_cancel(progress.status):
+        raise ValueError(f"A {progress.status.value} workflow cannot be cancelled: {CANCEL_RULE}.")
     marked = _replace(progress, cancelled=True, error=reason)
     if progress.inflight is not None:
-        return marked
-    if not progress.saga:
-        return _replace(marked, status=WorkflowStatus.CANCELLED, next_step=None)
-    return _begin_rollback(plan, marked, None)
+        after = marked
+    elif not progress.saga:
+        after = _replace(marked, status=WorkflowStatus.CANCELLED, next_step=None)
+    else:
+        after = _begin_rollback(plan, marked, None)
+    return _change(progress, after)
 
 
-def cancel_inflight(plan: Plan, progress: Progress, error: str) -> Progress:
+def cancel_inflight(plan: Plan, progress: Progress, error: str) -> Change:
     """The in-flight forward attempt was stopped because of a cancel; it may have taken effect, so
     in saga mode its own compensation runs first."""
     fl = _require_inflight(progress)
+    event = Event(_FAILED[fl.phase], fl.step, fl.attempt, error)
+    if fl.phase == "compensate":  # cancel never stops a compensation: it runs again
+        return _change(progress, _replace(progress, inflight=None), event)
     base = _replace(progress, inflight=None, error=error, failed_step=fl.step, cancelled=True)
-    if fl.phase == "compensate":  # cancel never stops a compensation; treat as interrupted
-        return _replace(progress, inflight=None)
     if not base.saga:
-        return _replace(base, status=WorkflowStatus.CANCELLED, next_step=None)
-    return _begin_rollback(plan, base, fl.step)
+        after = _replace(base, status=WorkflowStatus.CANCELLED, next_step=None)
+    else:
+        after = _begin_rollback(plan, base, fl.step)
+    return _change(progress, after, event)
 
 
-def internal_error(progress: Progress, error: str) -> Progress:
+def internal_error(progress: Progress, error: str) -> Change:
     """Something other than a step failed (an exception escaped the runner): stop, from the
-    committed ``progress``, in a status ``retry`` acts on.
+    committed ``progress``, in a status ``retry`` acts on, and alert.
 
     Forward: ``FAILED`` at the step in flight or due next, which ``retry`` runs again (it may
     have taken effect, as after a crash; ``idempotency_key`` makes that safe). Rollback:
     ``COMPENSATION_FAILED`` with every compensation still due, which ``retry`` runs in order.
     Nothing is compensated here. A workflow that is not running is left as it is.
     """
-    base = _replace(progress, inflight=None, not_before=None)
-    if progress.status is WorkflowStatus.ACTIVE:
-        fl = progress.inflight
-        step = fl.step if fl is not None else progress.next_step
-        return _replace(base, status=WorkflowStatus.FAILED, failed_step=step, error=error)
-    if progress.status is WorkflowStatus.COMPENSATING:
-        return _replace(
-            base,
+    fl = progress.inflight
+    # Its "started" record is committed; its outcome never will be.
+    events = () if fl is None else (Event(_FAILED[fl.phase], fl.step, fl.attempt, error),)
+    after = _replace(progress, inflight=None, not_before=None)
+    if progress.status is WorkflowStatus.ACTIVE:  # next_step is also the step in flight, if any
+        after = _replace(
+            after, status=WorkflowStatus.FAILED, failed_step=progress.next_step, error=error
+        )
+    elif progress.status is WorkflowStatus.COMPENSATING:
+        after = _replace(
+            after,
             status=WorkflowStatus.COMPENSATION_FAILED,
             to_compensate=(),
             compensation_failed=(*progress.compensation_failed, *progress.to_compensate),
             error=error,
         )
-    return base
+    alert = Alert("internal_error", after.current_step, error)
+    return _change(progress, after, *events, alert=alert)
 
 
-def retry(plan: Plan, progress: Progress) -> Progress:
+def retry(plan: Plan, progress: Progress) -> Change:
     """An operator asked to retry a FAILED workflow (from its failed step) or a
     COMPENSATION_FAILED one (its failed compensations, in the order they were due)."""
     if progress.status is WorkflowStatus.FAILED and progress.failed_step is not None:
-        return _replace(
+        after = _replace(
             progress,
             status=WorkflowStatus.ACTIVE,
             next_step=progress.failed_step,
@@ -450,9 +561,9 @@ def retry(plan: Plan, progress: Progress) -> Progress:
             interrupts=_drop(progress.interrupts, _key("forward", progress.failed_step)),
             not_before=None,
         )
-    if progress.status is WorkflowStatus.COMPENSATION_FAILED:
+    elif progress.status is WorkflowStatus.COMPENSATION_FAILED:
         keys = {_key("compensate", s) for s in progress.compensation_failed}
-        return _replace(
+        after = _replace(
             progress,
             status=WorkflowStatus.COMPENSATING,
             to_compensate=progress.compensation_failed,
@@ -461,10 +572,9 @@ def retry(plan: Plan, progress: Progress) -> Progress:
             interrupts={k: v for k, v in progress.interrupts.items() if k not in keys},
             not_before=None,
         )
-    raise ValueError(
-        f"Only FAILED and COMPENSATION_FAILED workflows can be retried; this one is "
-        f"{progress.status.value}."
-    )
+    else:
+        raise ValueError(f"A {progress.status.value} workflow cannot be retried: {RETRY_RULE}.")
+    return _change(progress, after)
 
 
 def continues(plan: Plan, before: Progress, after: Progress) -> bool:
