@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent._engine import Workflow, WorkflowBuilder
 from agent._errors import AgentError, DiskFull, InvalidTransition, WorkflowNotFound
 from agent._messages import error_reply, ok_reply
+from agent._saga import can_cancel
 from agent._store import COMMAND_HASH, SQLiteStore
 
 if TYPE_CHECKING:
@@ -62,16 +63,6 @@ def _conflict(request_id: str) -> dict[str, Any]:
 
 
 _NOT_REFUSALS = ("internal_error", "disk_full")
-
-
-# Until the state machine's own guards (saga.can_cancel, saga.can_retry) are committed: the
-# statuses that Workflow.cancel and Workflow.prepare_retry take.
-def _can_cancel(wf: Workflow) -> bool:
-    return wf.status.value in ("ACTIVE", "PAUSED")
-
-
-def _can_retry(wf: Workflow) -> bool:
-    return wf.status.value in ("FAILED", "COMPENSATION_FAILED")
 
 
 def _refused(request_id: str | None, name: str, err: Exception) -> dict[str, Any]:
@@ -235,14 +226,7 @@ class Control:
                 return self._ok(rid, wf, cancel_requested=True)
             case c.RetryCommand():
                 wf = await self.builder.load_workflow(command.workflow_id, self.store)
-                if not _can_retry(wf):
-                    raise InvalidTransition(
-                        wf.id,
-                        wf.status.value,
-                        f"Workflow {wf.id} is {wf.status.value}; only FAILED and "
-                        "COMPENSATION_FAILED workflows can be retried.",
-                    )
-                await wf.prepare_retry()
+                await wf.prepare_retry()  # refused at once, in one sentence, unless retryable
                 self.runner.submit(wf)
                 return self._ok(rid, wf)
             case c.ResumeCommand():
@@ -286,7 +270,7 @@ class Control:
         reply does not wait for the rollback); a status it does not apply to is refused."""
         wf = await self.builder.load_workflow(workflow_id, self.store)
         reason = reason or "cancelled on request"
-        if wf.is_running or not _can_cancel(wf):
+        if wf.is_running or not can_cancel(wf.status):
             await wf.cancel(reason)  # handed to the driver, or refused in one sentence
         else:
             wf.request_cancel(reason)
