@@ -60,6 +60,11 @@ class StepContext(_Frozen):
     ``idempotency_key`` is stable across retries and restarts: ``<workflow_id>:<step_name>`` for the
     forward step and ``<workflow_id>:<step_name>:compensate`` for its compensation. ``hardware`` is the
     HAL board (:class:`hardware.Board`) or None when the agent runs without one.
+
+    ``outputs`` is where a forward step reports the output values it commanded (a JSON-able dict,
+    by device, as ``hardware.steps`` writes it); the engine commits it with the step's result, in
+    the journal. A compensation finds there what its forward step's completed attempt reported
+    (empty when there is no such record: the forward step never completed, or reported nothing).
     """
 
     __match_args__ = (
@@ -72,6 +77,7 @@ class StepContext(_Frozen):
         "hardware",
         "compensating",
         "logger",
+        "outputs",
     )
     __slots__ = __match_args__
 
@@ -84,6 +90,7 @@ class StepContext(_Frozen):
     hardware: Any
     compensating: bool
     logger: logging.Logger
+    outputs: dict[str, Any]
 
     def __init__(
         self,
@@ -96,6 +103,7 @@ class StepContext(_Frozen):
         hardware: Any = None,
         compensating: bool = False,
         logger: logging.Logger | None = None,
+        outputs: dict[str, Any] | None = None,
     ) -> None:
         # Field by field, not through _init: a context is built for every step.
         init = object.__setattr__
@@ -108,3 +116,4 @@ class StepContext(_Frozen):
         init(self, "hardware", hardware)
         init(self, "compensating", compensating)
         init(self, "logger", logging.getLogger("edgesaga.step") if logger is None else logger)
+        init(self, "outputs", {} if outputs is None else outputs)

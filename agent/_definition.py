@@ -547,8 +547,6 @@ def load_definition_and_node(
     return definition, node
 
 
-#: The bundled GPIO steps (``hardware.steps``) that remember the previous value in ``state.gpio``.
-_GPIO_MEMORY_STEPS = frozenset({"set_output", "pulse", "run_for", "set_pwm"})
 #: Their params that name a state field the step writes.
 _FIELD_PARAMS = ("field", "elapsed_field")
 #: Their params that must be a number of seconds, 0 or more (None allowed for ``timeout``).
@@ -565,9 +563,9 @@ def gpio_step_name(func: Callable[..., Any] | None) -> str | None:
 
 def check_gpio_steps(definition: LoadedDefinition, node: yaml.Node | None = None) -> None:
     """Raise :class:`DefinitionError` for a bundled GPIO step whose params cannot work with the
-    workflow's state model: a step that remembers its previous value in ``state.gpio`` with a model
-    that has no ``gpio`` field, a ``field``/``elapsed_field`` naming a field the model lacks, or
-    ``seconds``/``timeout`` that is not a number of seconds. (Device names need the agent config:
+    workflow's state model: a ``field``/``elapsed_field`` naming a field the model lacks, or
+    ``seconds``/``timeout`` that is not a number of seconds. (What a step commands is kept in the
+    journal, not in the state: any state model will do for the others.) (Device names need the agent config:
     see :mod:`agent._validate`.)"""
     fields = definition.state_model.model_fields
     for index, step in enumerate(definition.steps):
@@ -576,15 +574,6 @@ def check_gpio_steps(definition: LoadedDefinition, node: yaml.Node | None = None
             continue
         loc: tuple[int | str, ...] = ("steps", index)
         where: dict[str, Any] = {"path": definition.source, "step": step.name}
-        if gpio in _GPIO_MEMORY_STEPS and "gpio" not in fields:
-            raise DefinitionError(
-                f"hardware.steps.{gpio} remembers the previous value in state.gpio, but the state "
-                f"model {definition.spec.initial_state_model} has no gpio field; make the model "
-                "subclass hardware.HardwareState.",
-                key="function",
-                line=_line_of(node, (*loc, "function")),
-                **where,
-            )
         params = step.spec.params
         for key in _FIELD_PARAMS:
             name = params.get(key)

@@ -148,6 +148,9 @@ class Workflow:
         self._cancel = asyncio.Event()
         self._stop = asyncio.Event()
         self._step_task: asyncio.Future[Any] | None = None
+        #: The ``outputs`` of the running attempt's context: what a forward step commands, or what
+        #: its forward step committed, for a compensation (see _prepare_outputs).
+        self._step_outputs: dict[str, Any] = {}
         self._fresh = False  # the in-flight attempt was begun at creation and has not run yet
         self._cancel_reason = "cancelled on request"
         self._finished = asyncio.Event()
@@ -318,6 +321,7 @@ class Workflow:
                 step, before = attempt
                 fl = before.inflight
                 assert fl is not None
+                await self._prepare_outputs(fl)
                 outcome = await _invoke.execute(self, step, fl)
                 self._record_outcome(pending, before, fl, outcome, time.time())
                 if outcome.ok:
@@ -375,6 +379,16 @@ class Workflow:
             await self._commit(pending, now)  # "started, attempt n" before the side effect
             return self.definition.step(action.step), before
 
+    async def _prepare_outputs(self, fl: saga.Inflight) -> None:
+        """A forward attempt reports what it commands in a fresh dict; a compensation gets what
+        its forward step's completed attempt committed (read from the journal, so also after a
+        restart)."""
+        if fl.phase == "compensate":
+            commanded = await self.store.commanded_outputs(self.id)
+            self._step_outputs = commanded.get(fl.step, {})
+        else:
+            self._step_outputs = {}
+
     def _record_outcome(
         self,
         pending: _Pending,
@@ -388,7 +402,10 @@ class Workflow:
         if outcome.ok:
             assert outcome.state is not None
             self.state = outcome.state
-            pending.journal.append(JournalEnd(fl.seq, "completed", now))
+            outputs = self._step_outputs if fl.phase == "forward" else None
+            # What the step commanded is committed with its result: its compensation reads it.
+            done = JournalEnd(fl.seq, "completed", now, None, dumps(outputs) if outputs else None)
+            pending.journal.append(done)
             self._apply(pending, saga.succeeded(self._plan, before), now)
             return
         error = outcome.error or "failed"

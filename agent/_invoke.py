@@ -176,6 +176,7 @@ async def execute(wf: Workflow, step: LoadedStep, fl: saga.Inflight) -> Outcome:
         hardware=wf._builder.hardware,
         compensating=compensating,
         logger=_step_logger(wf.workflow_type, step.name),
+        outputs=wf._step_outputs,
     )
     state = wf.state  # the step may change it in place; a failure restores the committed copy
     timeout = step.spec.timeout

@@ -116,6 +116,7 @@ class JournalEnd(NamedTuple):
     outcome: str
     at: float
     error: str | None = None
+    outputs: str | None = None  # JSON: the output values the step commanded, by device
 
 
 class Transition(NamedTuple):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from agent._errors import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The oldest schema a read-only store can read (the tables it reads have not changed since).
 READABLE_FROM = 2
 #: A journal row's key: instance number * JOURNAL_SPAN + attempt seq (see migration 2).
@@ -101,6 +101,12 @@ _MIGRATIONS: dict[int, str] = {
     3: """
     ALTER TABLE requests ADD COLUMN command_hash TEXT;
     DELETE FROM requests WHERE json_extract(reply, '$.ok') IS NOT 1;
+    """,
+    # A completed attempt remembers the output values its step commanded (JSON, by device: the
+    # value before and the value set), so its compensation can put them back after a restart
+    # without a field in the workflow's state model.
+    4: """
+    ALTER TABLE journal ADD COLUMN outputs TEXT;
     """,
 }
 

@@ -77,7 +77,13 @@ _INSERT_JOURNAL = (
     f" VALUES (?1 * {JOURNAL_SPAN} + ?2, ?1, ?2, ?3, ?4, ?5, 'started', ?6)"
 )
 _END_JOURNAL = (
-    f"UPDATE journal SET outcome=?1, ended_at=?2, error=?3 WHERE k = ?4 * {JOURNAL_SPAN} + ?5"
+    "UPDATE journal SET outcome=?1, ended_at=?2, error=?3, outputs=?6"
+    f" WHERE k = ?4 * {JOURNAL_SPAN} + ?5"
+)
+#: An instance and its journal rows (the rows keyed within its span).
+_JOURNAL_OF = (
+    "instances i JOIN journal j "
+    f"ON j.k BETWEEN i.n * {JOURNAL_SPAN} AND i.n * {JOURNAL_SPAN} + {JOURNAL_SPAN - 1}"
 )
 _INSERT_EVENT = "INSERT INTO outbox(seq, kind, workflow_id, payload) VALUES (?,?,?,?)"
 
@@ -194,7 +200,7 @@ class SQLiteStore(GroupWriter):
             if isinstance(op, JournalStart):
                 starts.append((n, op.seq, op.step, op.phase, op.attempt, op.at))
             else:
-                ends.append((op.outcome, op.at, op.error, n, op.seq))
+                ends.append((op.outcome, op.at, op.error, n, op.seq, op.outputs))
 
     def _event_rows(
         self,
@@ -399,12 +405,24 @@ class SQLiteStore(GroupWriter):
         def fn(conn: sqlite3.Connection) -> list[JournalEntry]:
             rows = conn.execute(
                 "SELECT i.id, j.seq, j.step, j.phase, j.attempt, j.outcome, j.started_at, "
-                "j.ended_at, j.error FROM instances i JOIN journal j "
-                f"ON j.k BETWEEN i.n * {JOURNAL_SPAN} AND i.n * {JOURNAL_SPAN} + {JOURNAL_SPAN - 1} "
-                "WHERE i.id = ? ORDER BY j.k",
+                f"j.ended_at, j.error FROM {_JOURNAL_OF} WHERE i.id = ? ORDER BY j.k",
                 (workflow_id,),
             )
             return [JournalEntry(*r) for r in rows]
+
+        return await self.read(fn)
+
+    async def commanded_outputs(self, workflow_id: str) -> dict[str, dict[str, Any]]:
+        """The output values each completed forward step of one instance commanded, by step and
+        device (what its compensation puts back); the latest attempt of a step wins."""
+
+        def fn(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            rows = conn.execute(
+                f"SELECT j.step, j.outputs FROM {_JOURNAL_OF} WHERE i.id = ? AND j.phase = "
+                "'forward' AND j.outcome = 'completed' AND j.outputs IS NOT NULL ORDER BY j.k",
+                (workflow_id,),
+            )
+            return {step: json.loads(text) for step, text in rows}
 
         return await self.read(fn)
 

@@ -1,4 +1,4 @@
-"""Base state model for workflows that use the bundled GPIO steps."""
+"""An optional base state model for workflows that use the bundled GPIO steps."""
 
 # No `from __future__ import annotations` here: pydantic would have to evaluate each field's
 # annotation from its text (compiling it) when the models are built, at every start of the agent.
@@ -9,11 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class HardwareState(BaseModel):
-    """Subclass this for a workflow's state when its steps come from :mod:`hardware.steps`.
+    """A state model whose ``gpio`` field shows what the steps of :mod:`hardware.steps` switched.
 
-    ``gpio`` maps a forward step's name to what that step changed (``device``, ``previous`` value,
-    ``value`` set), so its compensation can put the device back after a restart. Unknown fields are
-    rejected, so a step result with a typo fails the step instead of vanishing.
+    Not needed for those steps to work: the engine keeps what each step commanded in the journal
+    and hands it to the step's compensation. With this model, ``gpio`` also maps a forward step's
+    name to what it changed (``device``, ``previous`` value, ``value`` set), for whoever reads the
+    state. Unknown fields are rejected, so a step result with a typo fails the step instead of
+    vanishing.
     """
 
     model_config = ConfigDict(extra="forbid")

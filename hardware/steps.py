@@ -2,17 +2,20 @@
 
 Every step is ``async def f(state, context, **params)`` and reaches the board via
 ``context.hardware``. A compensation takes the same params as its forward step, so one ``params``
-block in the YAML serves both. Steps that must remember something for their compensation (the
-previous value) store it under ``state.gpio[<step name>]``, so the workflow's state model must
-subclass :class:`hardware.HardwareState`::
+block in the YAML serves both. A step that sets an output reports what it commanded (the value
+before and the value set) in ``context.outputs``; the engine commits that with the step's result,
+in the journal, and hands it to the step's compensation, also after a restart. The workflow's
+state model needs no field for it: any pydantic model will do::
 
     - name: Open_Valve
       function: hardware.steps.set_output
       compensate_function: hardware.steps.restore_output
       params: {device: valve, value: true}
 
-A compensation that finds no record (the forward step was interrupted before its result was saved)
-drives the device to its configured ``safe`` value instead.
+A state model that subclasses :class:`hardware.HardwareState` also gets the record in its
+``gpio`` field (a convenience for steps and operators that read the state). A compensation that
+finds no record (the forward step was interrupted before its result was saved) drives the device
+to its configured ``safe`` value instead.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ __all__ = [
 ]
 
 
-async def set_output(state: Any, context: Any, device: str, value: bool | float) -> dict[str, Any]:
+async def set_output(
+    state: Any, context: Any, device: str, value: bool | float
+) -> dict[str, Any] | None:
     """Set an output (or pwm) device to ``value``; remembers the previous value for ``restore_output``."""
-    _require_gpio_field(state, context, "set_output")
     dev = _output(context, device)
     previous = dev.value
     dev.set(value)
@@ -59,9 +63,8 @@ async def restore_output(
 
 async def pulse(
     state: Any, context: Any, device: str, seconds: float, value: bool | float = True
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Set ``device`` to ``value`` for ``seconds``, then back to what it was (also if cancelled)."""
-    _require_gpio_field(state, context, "pulse")
     delay = _seconds(context, seconds)
     dev = _output(context, device)
     previous = dev.value
@@ -87,9 +90,8 @@ async def safe_output(
     context.logger.info("%s: %s -> safe value %s", context.step_name, device, dev.value)
 
 
-async def run_for(state: Any, context: Any, device: str, seconds: float) -> dict[str, Any]:
+async def run_for(state: Any, context: Any, device: str, seconds: float) -> dict[str, Any] | None:
     """Switch ``device`` on, wait ``seconds`` (without blocking the loop), switch it off."""
-    _require_gpio_field(state, context, "run_for")
     delay = _seconds(context, seconds)
     dev = _output(context, device)
     previous = dev.value
@@ -109,9 +111,8 @@ async def stop_output(state: Any, context: Any, device: str, seconds: float | No
     context.logger.info("%s: %s off", context.step_name, device)
 
 
-async def set_pwm(state: Any, context: Any, device: str, value: float) -> dict[str, Any]:
+async def set_pwm(state: Any, context: Any, device: str, value: float) -> dict[str, Any] | None:
     """Set a pwm device's duty cycle (0.0 to 1.0); remembers the previous one for ``restore_pwm``."""
-    _require_gpio_field(state, context, "set_pwm")
     dev = _output(context, device, kinds=("pwm",), operation="take a duty cycle")
     previous = dev.value
     dev.set(value)
@@ -199,15 +200,6 @@ def _seconds(context: Any, seconds: Any, what: str = "seconds") -> float:
     return float(seconds)
 
 
-def _require_gpio_field(state: Any, context: Any, function: str) -> None:
-    if not isinstance(getattr(state, "gpio", None), dict):
-        raise ConfigError(
-            f"Step {context.step_name!r} uses hardware.steps.{function}, which remembers the "
-            f"previous value in state.gpio, but the state model {type(state).__name__} has no gpio "
-            "field. Make the workflow's state model subclass hardware.HardwareState."
-        )
-
-
 def _require_field(state: Any, context: Any, field: str) -> None:
     fields = getattr(type(state), "model_fields", None)
     if fields is not None and field not in fields:
@@ -217,14 +209,39 @@ def _require_field(state: Any, context: Any, field: str) -> None:
         )
 
 
-def _remember(state: Any, context: Any, **entry: Any) -> dict[str, Any]:
-    return {"gpio": {**state.gpio, context.step_name: entry}}
+def _remember(
+    state: Any, context: Any, *, device: str, previous: Any, value: Any
+) -> dict[str, Any] | None:
+    """Report what the step commanded on its context (the engine journals it); also return it
+    for the state's ``gpio`` field when the model has one (:class:`hardware.HardwareState`)."""
+    outputs = getattr(context, "outputs", None)
+    if isinstance(outputs, dict):
+        outputs[device] = {"previous": previous, "value": value}
+    gpio = getattr(state, "gpio", None)
+    if not isinstance(gpio, dict):
+        return None
+    entry = {"device": device, "previous": previous, "value": value}
+    return {"gpio": {**gpio, context.step_name: entry}}
 
 
-def _restore(state: Any, context: Any, dev: BoardDevice) -> None:
+def _record(state: Any, context: Any, dev: BoardDevice) -> dict[str, Any] | None:
+    """What the forward step of this compensation commanded on ``dev``: from the journal (handed
+    in as ``context.outputs``), else from the state's ``gpio`` field (a workflow begun before
+    the journal kept outputs, or a step called by hand), else None."""
+    outputs = getattr(context, "outputs", None)
+    record = outputs.get(dev.name) if isinstance(outputs, dict) else None
+    if isinstance(record, dict) and "previous" in record:
+        return record
     gpio = getattr(state, "gpio", None)
     record = gpio.get(context.step_name) if isinstance(gpio, dict) else None
     if isinstance(record, dict) and record.get("device") == dev.name and "previous" in record:
+        return record
+    return None
+
+
+def _restore(state: Any, context: Any, dev: BoardDevice) -> None:
+    record = _record(state, context, dev)
+    if record is not None:
         target = record["previous"]
         source = "its value before the step"
     else:

@@ -51,7 +51,6 @@ BAD = [
     # issue 10 #7: a key given twice, both lines named
     ("duplicate_key.yaml", None, "workflow_type", "given twice, on lines 2 and 5"),
     # issue 10 #17: what used to fail only when the step ran
-    ("gpio_step_without_gpio_state.yaml", "Open", "function", "has no gpio field"),
     ("unknown_state_field_param.yaml", "Read_Level", "field", "no field 'level_reached'"),
     ("negative_seconds_param.yaml", "Run_Pump", "seconds", "a number of seconds (0 or more)"),
 ]

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from agent._context import StepContext
 from hardware import (
     Board,
     ConfigError,
@@ -251,17 +252,41 @@ async def test_steps_without_a_board_fail_clearly() -> None:
         await steps.set_output(PlainState(), make_context(None), device="valve", value=True)
 
 
-async def test_state_without_gpio_field_fails_before_touching_pins(board: Board) -> None:
+async def test_a_plain_state_needs_no_gpio_field(board: Board) -> None:
+    """The record goes on the context (the engine journals it), not into the state."""
     from pydantic import BaseModel
 
     class Bare(BaseModel):
         zone: str = "A"
 
-    with pytest.raises(
-        ConfigError, match=r"Bare has no gpio field.*subclass hardware.HardwareState"
-    ):
-        await steps.set_output(Bare(), make_context(board), device="valve", value=True)
-    assert states(board, "valve") == [False]
+    forward = make_context(board)
+    assert await steps.set_output(Bare(), forward, device="valve", value=True) is None
+    assert forward.outputs == {"valve": {"previous": False, "value": True}}
+    fan = make_context(board, "Fan")
+    assert await steps.set_pwm(Bare(), fan, device="fan", value=0.5) is None
+    assert fan.outputs == {"fan": {"previous": 0.0, "value": 0.5}}
+    # The compensation gets what the forward step committed, as the engine hands it back.
+    back = StepContext(**{**forward_fields(forward), "compensating": True})
+    await steps.restore_output(Bare(), back, device="valve")
+    assert states(board, "valve") == [False, True, False]
+
+
+async def test_the_journal_record_wins_over_the_state_one(board: Board) -> None:
+    board["valve"].set(True)
+    stale = PlainState(gpio={"Open_Valve": {"device": "valve", "previous": True, "value": True}})
+    back = StepContext(
+        **{
+            **forward_fields(make_context(board)),
+            "compensating": True,
+            "outputs": {"valve": {"previous": False, "value": True}},
+        }
+    )
+    await steps.restore_output(stale, back, device="valve")
+    assert states(board, "valve") == [False, True, False]
+
+
+def forward_fields(ctx: StepContext) -> dict[str, Any]:
+    return {name: getattr(ctx, name) for name in StepContext.__match_args__}
 
 
 async def test_bad_params(board: Board) -> None:

@@ -34,11 +34,14 @@ def test_step_context_compares_hashes_and_prints_by_value() -> None:
     assert ctx == context()
     assert ctx != context(attempt=3)
     assert ctx != "wf-1"
-    assert hash(context(params=())) == hash(context(params=()))  # hashable when its fields are
+    hashable = {"params": (), "outputs": ()}
+    assert hash(context(**hashable)) == hash(context(**hashable))  # hashable when its fields are
     assert repr(ctx).startswith("StepContext(workflow_id='wf-1', workflow_type='Payment', ")
     assert ctx.params == {}
     assert ctx.hardware is None
     assert ctx.compensating is False
+    assert ctx.outputs == {}
+    assert ctx.outputs is not context().outputs  # each step its own
     assert ctx.logger is logging.getLogger("edgesaga.step")
 
 

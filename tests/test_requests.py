@@ -19,7 +19,7 @@ from agent import SQLiteStore, WorkflowBuilder
 from agent._control import Control
 from agent._mqtt import Topics
 from agent._runner import Runner
-from agent._store import _MIGRATIONS
+from agent._store import _MIGRATIONS, SCHEMA_VERSION
 from tests._broker import PAYMENT, Broker, probe, running_agent, unique_prefix
 from tests.flows.service.harness import SERVICE_DEFS
 
@@ -177,7 +177,7 @@ async def test_a_version_2_database_forgets_its_rejected_replies_and_keeps_the_a
     conn.close()
 
     async with SQLiteStore(db) as store:
-        assert (await store.pragmas())["user_version"] == 3
+        assert (await store.pragmas())["user_version"] == SCHEMA_VERSION
         assert await store.get_request("old-bad") is None
         assert await store.get_request("old-ok") == ok
     async with SQLiteStore(db, readonly=True) as ro:  # the CLI reads it too
