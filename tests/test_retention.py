@@ -1,4 +1,4 @@
-"""Retention (DESIGN §6): finished workflows beyond the limits are pruned with their journal, ACTIVE
+"""Retention: finished workflows beyond the limits are pruned with their journal, ACTIVE
 ones are kept, the database file stops growing, and pruned workflows' retained MQTT state topics are
 cleared. The agent runs in process (``Agent.run()`` in a task) so the test can call ``prune()``."""
 

@@ -260,7 +260,7 @@ async def test_outbox_seq_never_reused_after_trim_and_reopen(
     db: Path, builder: WorkflowBuilder
 ) -> None:
     """Trimmed (never published) events must not hand their seq to new events either: subscribers
-    dedupe on seq (DESIGN §8)."""
+    dedupe on seq."""
     async with SQLiteStore(db) as store:
         await run_quick(builder, store)
         first = [i.seq for i in await store.outbox_pending(limit=1000)]
