@@ -35,6 +35,7 @@ EXPECTED_PRAGMAS = {
     "foreign_keys": 1,
     "user_version": SCHEMA_VERSION,
     "wal_autocheckpoint": 4096,
+    "page_size": 1024,
 }
 
 

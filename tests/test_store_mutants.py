@@ -92,6 +92,13 @@ def rows(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 # create_instance, commit and the record read back
 
 
+async def test_create_with_a_first_transition_that_ends_an_attempt(store: SQLiteStore) -> None:
+    journal = (JournalStart(1, "One", "forward", 1, 1.0), JournalEnd(1, "failed", 2.0, "no"))
+    await store.create_instance(new("wf-1", journal=journal))
+    [entry] = await store.journal("wf-1")
+    assert (entry.outcome, entry.ended_at, entry.error) == ("failed", 2.0, "no")
+
+
 async def test_create_instance_says_whether_it_wrote(store: SQLiteStore) -> None:
     assert await store.create_instance(new("wf-1", state={"a": 1})) is True
     again = new("wf-1", workflow_type="Beta", state={"a": 2}, request=("r-x", {"ok": True}))
@@ -262,6 +269,15 @@ async def test_ack_remembers_the_highest_seq_not_the_last_given(db: Path) -> Non
         assert await seqs(store) == [4]  # a lower seq acked later does not lower the mark
 
 
+async def test_reads_return_a_hundred_unless_told(store: SQLiteStore) -> None:
+    await asyncio.gather(*(store.create_instance(new(f"wf-{i:03d}", events=1)) for i in range(101)))
+    await store.add_alert({"alert": "x"})
+    assert len(await store.list_instances()) == 100
+    assert len(await store.list_instances(limit=101)) == 101
+    assert len(await store.outbox_pending()) == 100
+    assert len(await store.outbox_pending(limit=200)) == 102
+
+
 async def test_outbox_paging(store: SQLiteStore) -> None:
     await store.create_instance(new("wf-1", events=5))
     assert [i.seq for i in await store.outbox_pending(limit=2)] == [1, 2]
@@ -285,8 +301,14 @@ async def test_trim_drops_finished_events_then_the_oldest_of_any(db: Path) -> No
         await store.create_instance(new("done", events=2))  # seqs 4-5
         await store.commit(transition("done", S.COMPLETED))  # seq 6
         await store.add_alert({"alert": "a"}, "done")  # seq 7: an alert of a finished one
+        assert [(i.kind, i.workflow_id) for i in await store.outbox_pending(after_seq=5)] == [
+            ("event", "done"),
+            ("alert", "done"),
+        ]
         # The finished workflow's events go first, oldest first.
-        assert await store.outbox_trim(5) == 2
+        assert await store.outbox_trim(6) == 1
+        assert await seqs(store) == [1, 2, 3, 5, 6, 7]
+        assert await store.outbox_trim(5) == 1
         assert await seqs(store) == [1, 2, 3, 6, 7]
         # Then the last finished event, then the fallback pass takes the oldest of any kind.
         assert await store.outbox_trim(2) == 3
@@ -315,6 +337,14 @@ async def test_prune_raises_the_seq_mark_before_deleting_events(db: Path) -> Non
     async with SQLiteStore(db) as store:
         await store.create_instance(new("new"))
         assert await seqs(store) == [3]
+
+
+async def test_prune_of_instances_made_before_a_reopen(db: Path) -> None:
+    async with SQLiteStore(db) as store:
+        await finished(store, "old", 10.0)
+    async with SQLiteStore(db) as store:
+        assert await store.prune(max_finished=0, now=20.0) == ["old"]
+        assert await store.list_instances() == []
 
 
 async def test_prune_that_removes_nothing_leaves_the_seq_mark(db: Path, store: SQLiteStore) -> None:
@@ -359,7 +389,9 @@ async def test_prune_keeps_the_replies_of_kept_workflows(db: Path, store: SQLite
     assert await store.get_request("r-kept") == {"ok": True, "workflow_id": "kept"}
     assert await store.get_request("r-free") == {"ok": True}
     # Replies older than the age limit (30 days without one) go, whatever they answered.
-    assert await store.prune(now=time.time() + 31 * 86400) == []
+    assert await store.prune(now=time.time() + 30 * 86400 - 10) == []
+    assert rows(db, "SELECT request_id FROM requests ORDER BY 1") == [("r-free",), ("r-kept",)]
+    assert await store.prune(now=time.time() + 30 * 86400 + 10) == []
     assert rows(db, "SELECT request_id FROM requests") == []
 
 
