@@ -260,6 +260,10 @@ def next_action(progress: Progress) -> Run | Stop:
     return Stop(progress.status)
 
 
+# ------------------------------------------------------------------------------------------------
+# What a transition writes, and which operator commands a status admits
+
+
 class Event(NamedTuple):
     """An event to write with the transition; its ``status`` is that of the new progress."""
 
