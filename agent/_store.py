@@ -105,8 +105,6 @@ class SQLiteStore(GroupWriter):
         self._next_seq = self._load_next_seq(conn)
 
     def _load_next_seq(self, conn: sqlite3.Connection) -> int:
-        if self.readonly:
-            return 0
         top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
         row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
         acked = int(row[0]) if row else 0
@@ -237,7 +235,7 @@ class SQLiteStore(GroupWriter):
     ) -> None:
         rows: list[tuple[Any, ...]] = []
         self._event_rows(workflow_id, events, rows)
-        self._write_rows(conn, [], [], rows)
+        conn.executemany(_INSERT_EVENT, rows)
 
     def _create(self, conn: sqlite3.Connection, new: NewInstance) -> bool:
         if conn.execute("SELECT 1 FROM instances WHERE id=?", (new.id,)).fetchone():
@@ -264,7 +262,9 @@ class SQLiteStore(GroupWriter):
                 tr.at,
             ),
         )
-        n = self._keys[new.id] = int(cur.lastrowid or 0)
+        n = cur.lastrowid  # the row an INSERT just wrote: never None
+        assert n is not None
+        self._keys[new.id] = n
         self._append(conn, n, tr)
         if new.request is not None:
             self._put_request(conn, *new.request)
@@ -359,7 +359,7 @@ class SQLiteStore(GroupWriter):
                 "JOIN definitions d ON d.hash = i.definition_hash WHERE i.id = ?",
                 (workflow_id,),
             ).fetchone()
-            return self._record(row[:10], row[10]) if row else None
+            return self._record(row, row[10]) if row else None
 
         return await self.read(fn)
 
@@ -491,12 +491,14 @@ class SQLiteStore(GroupWriter):
                 "ORDER BY o.seq LIMIT ?)",
                 (*FINISHED, excess),
             ).rowcount
-            if dropped < excess:
-                dropped += conn.execute(
+            # Then the oldest of any (LIMIT 0 when the first pass dropped enough).
+            return (
+                dropped
+                + conn.execute(
                     "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
                     (excess - dropped,),
                 ).rowcount
-            return dropped
+            )
 
         return await self.write(fn)
 
@@ -576,4 +578,4 @@ class MemoryStore(SQLiteStore):
     """The same store on an in-memory SQLite database: nothing survives the process."""
 
     def __init__(self) -> None:
-        super().__init__(":memory:", exclusive=False)
+        super().__init__(":memory:")  # never exclusive: no file to lock

@@ -149,6 +149,19 @@ async def test_commit_to_a_missing_workflow_fails_and_writes_nothing(store: SQLi
     assert await store.outbox_last_seq() == 0
 
 
+async def test_commit_to_a_row_gone_under_a_known_id_fails(store: SQLiteStore) -> None:
+    """The store knows the row of each workflow it wrote; a row deleted behind its back is an
+    error naming the workflows of the commit, not a commit that updates nothing."""
+    await store.create_instance(new("wf-1"))
+    await store.create_instance(new("wf-2"))
+    await store.write(lambda conn: conn.execute("DELETE FROM instances WHERE id = 'wf-1'"))
+    with pytest.raises(StoreError) as info:
+        await store.commit(transition("wf-1"))
+    assert str(info.value) == "Workflow wf-1 is not in the database (pruned?)."
+    await store.commit(transition("wf-2", S.PAUSED))  # the others still commit
+    assert await seqs(store) == [1, 2, 3]
+
+
 async def test_journal_rows_of_each_instance_in_order(store: SQLiteStore) -> None:
     start = JournalStart(1, "One", "forward", 1, 5.0)
     await store.create_instance(new("wf-a", journal=(start,)))
