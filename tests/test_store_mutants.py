@@ -435,12 +435,14 @@ async def test_a_pruned_id_can_be_created_again(store: SQLiteStore) -> None:
 
 
 async def test_prune_in_chunks_of_many(store: SQLiteStore) -> None:
-    await asyncio.gather(*(finished(store, f"f{i:04d}", 5.0 + i) for i in range(520)))
+    """More ids than two of the chunks of 500 that prune deletes at a time."""
+    many = 1001
+    await asyncio.gather(*(finished(store, f"f{i:04d}", 5.0 + i) for i in range(many)))
     await store.create_instance(new("live"))
     pruned = await store.prune(max_finished=0, now=1e6)
-    assert pruned == sorted(f"f{i:04d}" for i in range(520))
+    assert pruned == sorted(f"f{i:04d}" for i in range(many))
     assert [r.id for r in await store.list_instances()] == ["live"]
-    assert await seqs(store) == [1041]
+    assert await seqs(store) == [2 * many + 1]
 
 
 async def test_checkpoint_and_ping(db: Path, store: SQLiteStore) -> None:
