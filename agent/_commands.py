@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from agent._errors import AgentError
-from agent._messages import error_reply as error_reply
+from agent._messages import error_reply
 from agent._status import WorkflowStatus
 
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=200)]

@@ -62,6 +62,7 @@ def _conflict(request_id: str) -> dict[str, Any]:
     )
 
 
+#: Codes of failures that are not the command's fault (the CLI without an agent lets them through).
 _NOT_REFUSALS = ("internal_error", "disk_full")
 
 

@@ -38,6 +38,7 @@ from agent._errors import (
 )
 from agent._invoke import oversize, size_text, unknown_fields
 from agent._leases import LeaseManager
+from agent._messages import Snapshot
 from agent._status import RESUMABLE, WorkflowStatus
 from agent._store import (
     InstanceRecord,
@@ -204,8 +205,8 @@ class Workflow:
         if not self._progress.saga:
             self._progress = self._progress._replace(saga=True)
 
-    def snapshot(self) -> dict[str, Any]:
-        """The JSON snapshot published on the retained state topic."""
+    def snapshot(self) -> Snapshot:
+        """The workflow as it is now (the core of the retained state and of a list row)."""
         return {
             "workflow_id": self.id,
             "workflow_type": self.workflow_type,

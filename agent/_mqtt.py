@@ -21,12 +21,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent._commands import error_reply
-
 # The settings models live with the rest of the agent config, which `edgesaga run` loads before
 # READY; this module (and paho) are imported after READY. Re-exported here for existing imports.
 from agent._config import MqttSettings as MqttSettings
 from agent._config import TlsSettings as TlsSettings
+from agent._messages import dumps, error_reply, state_snapshot
 from agent._store import OutboxItem, SQLiteStore, iso
 from agent._transport import (
     ConnectFailed,
@@ -166,21 +165,7 @@ def _request_id_of(body: dict[str, Any] | None) -> str | None:
 
 
 def _dumps(obj: Any) -> bytes:
-    # ensure_ascii (the default): a lone surrogate read from hostile input cannot break encoding.
-    return json.dumps(obj, separators=(",", ":"), default=str).encode()
-
-
-def _snapshot(payload: dict[str, Any]) -> dict[str, Any]:
-    """The retained state snapshot derived from one event."""
-    return {
-        "workflow_id": payload.get("workflow_id"),
-        "workflow_type": payload.get("workflow_type"),
-        "status": payload.get("status"),
-        "current_step": payload.get("step"),
-        "error": payload.get("error"),
-        "updated_at": payload.get("at"),
-        "seq": payload.get("seq"),
-    }
+    return dumps(obj).encode()  # ASCII: a lone surrogate from hostile input cannot break it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -605,7 +590,9 @@ class MqttLink:
             return futures  # an event of a pruned workflow: no snapshot
         if isinstance(wid, str) and _topic_safe(wid):
             futures.append(
-                conn.publish(self.topics.state(wid), _dumps(_snapshot(payload)), qos=1, retain=True)
+                conn.publish(
+                    self.topics.state(wid), _dumps(state_snapshot(payload)), qos=1, retain=True
+                )
             )
         return futures
 

@@ -9,11 +9,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from agent._messages import Summary
+from agent._messages import dumps as dumps  # the one encoder, for what the store writes
 from agent._status import WorkflowStatus
-
-#: Compact JSON for what the store writes (one encoder: ``json.dumps`` with arguments builds a new
-#: one on every call).
-dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 _iso_second: tuple[int, str] = (-1, "")
 _iso_last: tuple[float, str] = (-1.0, "")  # the events of one transition share their time
@@ -56,7 +54,7 @@ class InstanceRecord(NamedTuple):
     updated_at: float
     definition: str | None = None  # the snapshot JSON, when asked for
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> Summary:
         return {
             "workflow_id": self.id,
             "workflow_type": self.workflow_type,

@@ -21,7 +21,7 @@ from agent._config import AgentConfig
 from agent._control import Control
 from agent._engine import WorkflowBuilder
 from agent._errors import DiskFull
-from agent._messages import Alert, error_reply, ok_reply
+from agent._messages import Alert, error_reply
 from agent._runner import Runner
 from agent._sdnotify import Notifier, watchdog_loop
 from agent._socket import ControlServer
@@ -295,5 +295,5 @@ class Agent:
             return error_reply(None, "unknown_command", "Unknown command '_block_loop'.")
         seconds = float(req.get("seconds", 1.0))
         asyncio.get_running_loop().call_soon(time.sleep, seconds)  # deliberately blocking
-        return ok_reply(None)
+        return {"ok": True}
 

@@ -301,7 +301,7 @@ class SQLiteStore(GroupWriter):
         conn.execute(
             "INSERT OR IGNORE INTO requests(request_id, reply, created_at, command_hash) "
             "VALUES (?,?,?,?)",
-            (request_id, json.dumps(reply, separators=(",", ":")), time.time(), command_hash),
+            (request_id, dumps(reply), time.time(), command_hash),
         )
 
     async def put_request(
