@@ -21,6 +21,7 @@ import queue
 import re
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,18 +48,40 @@ class Mqtt:
         self.prefix = prefix
         self.reply_topic = f"replies/{prefix}/paths"
         self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.published: queue.Queue[tuple[str, bytes]] = queue.Queue()  # events, alerts, state
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"paths-{uuid.uuid4().hex[:8]}",
             protocol=MQTTProtocolVersion.MQTTv5,
         )
-        self.client.on_message = lambda _c, _u, m: self.replies.put(json.loads(m.payload))
+        self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *_a: subscribed.set()
         self.client.connect(HOST, port, 30)
         self.client.loop_start()
-        self.client.subscribe(self.reply_topic, 1)
+        self.client.subscribe(
+            [(self.reply_topic, 1), (f"{prefix}/{DEVICE}/events", 1), (f"{prefix}/+/+/+/state", 1)]
+        )
         assert subscribed.wait(10), "no SUBACK for the reply topic"
+
+    def _on_message(self, _c: Any, _u: Any, m: paho.MQTTMessage) -> None:
+        if m.topic == self.reply_topic:
+            self.replies.put(json.loads(m.payload))
+        else:
+            self.published.put((m.topic, bytes(m.payload)))
+
+    def wait_published(self, topic: str, within: float = 10.0) -> dict[str, Any]:
+        """The next message the agent published on ``topic``."""
+        deadline = time.monotonic() + within
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got, payload = self.published.get(timeout=left)
+            except queue.Empty:
+                break
+            if got == topic and payload:
+                value: dict[str, Any] = json.loads(payload)
+                return value
+        raise AssertionError(f"nothing published on {topic} within {within} s")
 
     def call(self, name: str, payload: bytes, within: float = 5.0) -> dict[str, Any] | None:
         """Publish ``payload`` on ``cmd/<name>``; the reply, or None after ``within`` seconds."""
@@ -291,3 +314,17 @@ def test_the_documented_event_and_state_snapshot_have_the_message_shapes() -> No
     errors = [e for e in examples if e.get("ok") is False]
     assert errors
     assert all(set(e) == _keys(ErrorReply) for e in errors)
+
+
+def test_the_events_and_state_the_agent_publishes_have_the_message_shapes(paths: Paths) -> None:
+    from agent._messages import Event, StateSnapshot
+
+    reply = paths.mqtt.command(
+        "start", {"workflow_type": "ServiceQuick", "data": {}, "workflow_id": "shapes-1"}
+    )
+    assert reply["ok"] is True, reply
+    event = paths.mqtt.wait_published(f"{paths.mqtt.prefix}/{DEVICE}/events")
+    assert set(event) == _keys(Event), event
+    state = paths.mqtt.wait_published(f"{paths.mqtt.prefix}/{DEVICE}/workflows/shapes-1/state")
+    assert set(state) == _keys(StateSnapshot), state
+    paths.agent.wait_status("shapes-1", "COMPLETED")
