@@ -1,5 +1,5 @@
 """``edgesaga run`` as a real subprocess: sd_notify (READY after recovery, watchdog, STOPPING),
-SIGTERM with a grace period, outputs set safe, ``offline`` retained on the broker (DESIGN §9).
+SIGTERM with a grace period, outputs set safe, ``offline`` retained on the broker.
 
 The agent runs as ``python -m agent run --config <tmp>/agent.yaml`` (the `edgesaga` command) with mock pins; the test
 owns the ``NOTIFY_SOCKET`` datagram socket, exactly as systemd would.
