@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from hardware._errors import ConfigError, with_article
+from hardware._yaml import YamlRefused, read_yaml_text, safe_load_yaml, yaml_problem
 
 DeviceKind = Literal["output", "input", "button", "pwm"]
 KINDS: tuple[str, ...] = ("output", "input", "button", "pwm")
@@ -245,10 +246,6 @@ class BoardConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | PathLike[str]) -> Self:
         """Load a hardware config file. A file whose only key is ``hardware`` is unwrapped."""
-        # The agent's bounded loader (size, values after alias expansion, depth, keys given
-        # twice), imported here: the agent package imports this one.
-        from agent._definition import YamlRefused, read_yaml_text, safe_load_yaml, yaml_problem
-
         source = str(path)
         try:
             data, _ = safe_load_yaml(read_yaml_text(Path(path)))
