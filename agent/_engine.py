@@ -39,6 +39,7 @@ from agent._errors import (
 from agent._invoke import oversize, size_text, unknown_fields
 from agent._leases import LeaseManager
 from agent._messages import Snapshot
+from agent._messages import snapshot as snapshot_of
 from agent._status import RESUMABLE, WorkflowStatus
 from agent._store import (
     InstanceRecord,
@@ -207,13 +208,9 @@ class Workflow:
 
     def snapshot(self) -> Snapshot:
         """The workflow as it is now (the core of the retained state and of a list row)."""
-        return {
-            "workflow_id": self.id,
-            "workflow_type": self.workflow_type,
-            "status": self.status.value,
-            "current_step": self.current_step,
-            "error": self.error,
-        }
+        return snapshot_of(
+            self.id, self.workflow_type, self.status.value, self.current_step, self.error
+        )
 
     async def wait(self) -> WorkflowStatus:
         """Wait until the workflow reaches a terminal status."""

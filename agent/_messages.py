@@ -65,6 +65,23 @@ class Snapshot(TypedDict):
     error: str | None
 
 
+def snapshot(
+    workflow_id: str,
+    workflow_type: str,
+    status: str,
+    current_step: str | None,
+    error: str | None,
+) -> Snapshot:
+    """A :class:`Snapshot`: what a live workflow and a stored record both report of themselves."""
+    return {
+        "workflow_id": workflow_id,
+        "workflow_type": workflow_type,
+        "status": status,
+        "current_step": current_step,
+        "error": error,
+    }
+
+
 class Summary(Snapshot):
     """A workflow as ``list`` shows it (and the head of a ``get`` reply)."""
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from agent._messages import Summary
+from agent._messages import Summary, snapshot
 from agent._messages import dumps as dumps  # the one encoder, for what the store writes
 from agent._status import WorkflowStatus
 
@@ -56,11 +56,9 @@ class InstanceRecord(NamedTuple):
 
     def summary(self) -> Summary:
         return {
-            "workflow_id": self.id,
-            "workflow_type": self.workflow_type,
-            "status": self.status.value,
-            "current_step": self.current_step,
-            "error": self.error,
+            **snapshot(
+                self.id, self.workflow_type, self.status.value, self.current_step, self.error
+            ),
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
         }
