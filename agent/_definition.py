@@ -258,45 +258,43 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def build_definition(raw: Any, *, source: str, node: yaml.Node | None = None) -> LoadedDefinition:
-    """Validate ``raw`` (parsed YAML or a stored snapshot) and import every dotted path."""
-    if not isinstance(raw, dict):
-        raise DefinitionError(
-            "a workflow definition must be a YAML mapping with workflow_type, steps, ...",
-            path=source,
-            line=_line_of(node, ()),
-        )
-    try:
-        spec = WorkflowDefinition.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        err_loc = tuple(err["loc"])
-        step_name = None
-        if len(err_loc) >= 2 and err_loc[0] == "steps" and isinstance(err_loc[1], int):
-            raw_steps = raw.get("steps")
-            if (
-                isinstance(raw_steps, list)
-                and err_loc[1] < len(raw_steps)
-                and isinstance(raw_steps[err_loc[1]], dict)
-            ):
-                step_name = raw_steps[err_loc[1]].get("name") or f"#{err_loc[1] + 1}"
-            else:
-                step_name = f"#{err_loc[1] + 1}"
-        key = str(err_loc[-1]) if err_loc and isinstance(err_loc[-1], str) else None
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key {key!r}; remove it or fix its spelling"
-        elif err["type"] == "literal_error" and key == "type":
-            msg = (
-                f"unknown step type {err.get('input')!r}; use one of STANDARD, DECISION, "
-                "HUMAN_INPUT, DELAY, PARALLEL"
-            )
+def _spec_error(
+    exc: ValidationError, raw: dict[str, Any], source: str, node: yaml.Node | None
+) -> DefinitionError:
+    """The first of pydantic's problems with a definition, as one sentence with step, key, line."""
+    err = exc.errors()[0]
+    err_loc = tuple(err["loc"])
+    step_name = None
+    if len(err_loc) >= 2 and err_loc[0] == "steps" and isinstance(err_loc[1], int):
+        raw_steps = raw.get("steps")
+        if (
+            isinstance(raw_steps, list)
+            and err_loc[1] < len(raw_steps)
+            and isinstance(raw_steps[err_loc[1]], dict)
+        ):
+            step_name = raw_steps[err_loc[1]].get("name") or f"#{err_loc[1] + 1}"
         else:
-            msg = err["msg"]
-        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-        raise DefinitionError(
-            f"{msg}{more}.", path=source, step=step_name, key=key, line=_line_of(node, err_loc)
-        ) from None
+            step_name = f"#{err_loc[1] + 1}"
+    key = str(err_loc[-1]) if err_loc and isinstance(err_loc[-1], str) else None
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown key {key!r}; remove it or fix its spelling"
+    elif err["type"] == "literal_error" and key == "type":
+        msg = (
+            f"unknown step type {err.get('input')!r}; use one of STANDARD, DECISION, "
+            "HUMAN_INPUT, DELAY, PARALLEL"
+        )
+    else:
+        msg = err["msg"]
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return DefinitionError(
+        f"{msg}{more}.", path=source, step=step_name, key=key, line=_line_of(node, err_loc)
+    )
 
+
+def _load_steps(
+    spec: WorkflowDefinition, source: str, node: yaml.Node | None
+) -> tuple[LoadedStep, ...]:
+    """Every step with its function and compensation imported and their signatures checked."""
     seen: set[str] = set()
     steps: list[LoadedStep] = []
     for index, step in enumerate(spec.steps):
@@ -338,7 +336,13 @@ def build_definition(raw: Any, *, source: str, node: yaml.Node | None = None) ->
                 line=_line_of(node, (*loc, "compensate_function")),
             )
         steps.append(LoadedStep(spec=step, function=func, compensate=comp))
+    return tuple(steps)
 
+
+def _load_state_model(
+    spec: WorkflowDefinition, source: str, node: yaml.Node | None
+) -> type[BaseModel]:
+    """The state model the definition names, imported and checked to be a pydantic model."""
     try:
         model = import_dotted(spec.initial_state_model)
     except Exception as exc:
@@ -355,12 +359,29 @@ def build_definition(raw: Any, *, source: str, node: yaml.Node | None = None) ->
             key="initial_state_model",
             line=_line_of(node, ("initial_state_model",)),
         )
+    return model
+
+
+def build_definition(raw: Any, *, source: str, node: yaml.Node | None = None) -> LoadedDefinition:
+    """Validate ``raw`` (parsed YAML or a stored snapshot) and import every dotted path."""
+    if not isinstance(raw, dict):
+        raise DefinitionError(
+            "a workflow definition must be a YAML mapping with workflow_type, steps, ...",
+            path=source,
+            line=_line_of(node, ()),
+        )
+    try:
+        spec = WorkflowDefinition.model_validate(raw)
+    except ValidationError as exc:
+        raise _spec_error(exc, raw, source, node) from None
+    steps = _load_steps(spec, source, node)
+    model = _load_state_model(spec, source, node)
     snapshot = canonical_json(spec.model_dump(mode="json"))
     digest = hashlib.sha256(snapshot.encode()).hexdigest()
     return LoadedDefinition(
         spec=spec,
         state_model=model,
-        steps=tuple(steps),
+        steps=steps,
         source=source,
         snapshot=snapshot,
         hash=digest,

@@ -39,6 +39,7 @@ from agent._errors import (
 from agent._invoke import oversize, size_text, unknown_fields
 from agent._leases import LeaseManager
 from agent._messages import Snapshot
+from agent._messages import alert as make_alert
 from agent._messages import snapshot as snapshot_of
 from agent._status import RESUMABLE, WorkflowStatus
 from agent._store import (
@@ -631,18 +632,18 @@ class Workflow:
                 f"outputs were set to their safe values and it is {self.status.value}; the agent "
                 f"log has the traceback. Fix the cause, then `edgesaga retry {self.id}`."
             )
-        payload = {
-            "seq": None,
-            "at": iso(at),
-            "alert": alert.kind,
-            "workflow_id": self.id,
-            "workflow_type": self.workflow_type,
-            "step": step,
-            "error": error,
-            "message": message,
-        }
-        pending.events.append(("alert", payload))
-        return payload
+        payload = make_alert(
+            alert.kind,
+            message,
+            at=iso(at),
+            workflow_id=self.id,
+            workflow_type=self.workflow_type,
+            step=step,
+            error=error,
+        )
+        written = dict(payload)
+        pending.events.append(("alert", written))
+        return written
 
     def _transition(self, pending: _Pending, at: float) -> Transition:
         built, self._json_of = self._json_of, None

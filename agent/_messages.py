@@ -14,7 +14,7 @@ This module imports nothing of the agent, so every layer may use it.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, cast
 
 #: The encoder of everything edgesaga writes (the journal, the outbox) and sends (MQTT, the
 #: control socket): compact, ASCII only (a lone surrogate read from hostile input cannot break
@@ -53,6 +53,17 @@ class Alert(TypedDict, total=False):
     dropped: int
     cap: int
     database: str
+
+
+def alert(
+    kind: str, message: str, *, at: str | None, workflow_id: str | None = None, **fields: Any
+) -> Alert:
+    """An :class:`Alert` named ``kind``; ``fields`` are its own (``step``, ``error``, ...). Its
+    ``seq`` is given when the outbox numbers it (None for one published directly)."""
+    payload: dict[str, Any] = {"seq": None, "at": at, "alert": kind, "workflow_id": workflow_id}
+    payload.update(fields)
+    payload["message"] = message
+    return cast(Alert, payload)
 
 
 class Snapshot(TypedDict):

@@ -25,7 +25,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 # READY; this module (and paho) are imported after READY. Re-exported here for existing imports.
 from agent._config import MqttSettings as MqttSettings
 from agent._config import TlsSettings as TlsSettings
-from agent._messages import dumps, error_reply, state_snapshot
+from agent._messages import alert, dumps, error_reply, state_snapshot
 from agent._store import OutboxItem, SQLiteStore, iso
 from agent._transport import (
     ConnectFailed,
@@ -619,17 +619,10 @@ class MqttLink:
                 "workflows first. The workflows themselves are intact: `edgesaga get <id>` shows them."
             )
             log.warning(message)
-            await self.store.add_alert(
-                {
-                    "seq": None,
-                    "at": iso(time.time()),
-                    "alert": "outbox_overflow",
-                    "workflow_id": None,
-                    "dropped": dropped,
-                    "cap": cap,
-                    "message": message,
-                }
+            payload = alert(
+                "outbox_overflow", message, at=iso(time.time()), dropped=dropped, cap=cap
             )
+            await self.store.add_alert(dict(payload))
         return dropped
 
     async def publish_alert(self, payload: dict[str, Any]) -> bool:

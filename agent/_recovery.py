@@ -9,6 +9,7 @@ import time
 
 from agent import _saga as saga
 from agent._engine import Workflow, WorkflowBuilder, _Pending
+from agent._messages import alert
 from agent._status import RESUMABLE
 from agent._store import JournalEnd, SQLiteStore, iso
 
@@ -43,17 +44,14 @@ async def recover(
                 f"{rec.status.value}; restore the code it was started with and restart the agent."
             )
             log.error(message)
-            await store.add_alert(
-                {
-                    "seq": None,
-                    "at": iso(time.time()),
-                    "alert": "recovery_failed",
-                    "workflow_id": rec.id,
-                    "workflow_type": rec.workflow_type,
-                    "message": message,
-                },
+            payload = alert(
+                "recovery_failed",
+                message,
+                at=iso(time.time()),
                 workflow_id=rec.id,
+                workflow_type=rec.workflow_type,
             )
+            await store.add_alert(dict(payload), workflow_id=rec.id)
             continue
         builder._live[rec.id] = wf
         await mark_interrupted(wf)

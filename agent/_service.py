@@ -21,7 +21,7 @@ from agent._config import AgentConfig
 from agent._control import Control
 from agent._engine import WorkflowBuilder
 from agent._errors import DiskFull
-from agent._messages import Alert, error_reply
+from agent._messages import Alert, alert, error_reply
 from agent._runner import Runner
 from agent._sdnotify import Notifier, watchdog_loop
 from agent._socket import ControlServer
@@ -207,14 +207,10 @@ class Agent:
         log.error(message)
         if not self.config.mqtt.enabled:
             return
-        payload: Alert = {
-            "seq": None,  # not numbered: it never was in the outbox
-            "at": iso(time.time()),
-            "alert": "disk_full",
-            "workflow_id": None,
-            "database": str(self.config.database),
-            "message": message,
-        }
+        # seq None: not numbered, it never was in the outbox
+        payload = alert(
+            "disk_full", message, at=iso(time.time()), database=str(self.config.database)
+        )
         if self._disk_alert_task is None or self._disk_alert_task.done():
             self._disk_alert_task = asyncio.get_running_loop().create_task(
                 self._send_disk_alert(payload), name="disk-full-alert"
