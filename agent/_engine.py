@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from agent import _invoke
+from agent import _invoke, _recovery
 from agent import _saga as saga
 from agent._definition import (
     LoadedDefinition,
@@ -303,6 +303,25 @@ class Workflow:
         status = self.status.value
         return InvalidTransition(self.id, status, f"Workflow {self.id} is {status}; {rule}.")
 
+    async def mark_interrupted(self) -> None:
+        """Record the attempt the store has as started and not ended (the agent died while it
+        ran) as interrupted."""
+        fl = self._progress.inflight
+        if fl is None:
+            return
+        now = time.time()
+        pending = _Pending()
+        pending.journal.append(JournalEnd(fl.seq, "interrupted", now, saga.INTERRUPTED))
+        self._apply(pending, saga.interrupted(self._plan, self._progress), now)
+        log.warning(
+            "workflow %s: %s step %s attempt %d was interrupted",
+            self.id,
+            fl.phase,
+            fl.step,
+            fl.attempt,
+        )
+        await self._commit(pending, now)
+
     async def _drive(self, *, single: bool) -> dict[str, Any] | None:
         pending = _Pending()
         result: dict[str, Any] | None = None
@@ -311,9 +330,7 @@ class Workflow:
             if self._progress.inflight is not None and not self._fresh:
                 # Loaded with an attempt the store has as started and not ended (the agent died,
                 # or it was begun with the instance and the object dropped): it was cut short.
-                from agent._recovery import mark_interrupted  # that module builds on this one
-
-                await mark_interrupted(self)
+                await self.mark_interrupted()
             if not await self._hold_resources():
                 return None  # stopped (shutdown) before its turn: nothing ran, nothing to commit
             while (attempt := await self._next_attempt(pending)) is not None:
@@ -945,9 +962,7 @@ class WorkflowBuilder:
 
     async def recover(self, store: SQLiteStore, *, run: bool = True) -> list[Workflow]:
         """Resume every ``ACTIVE`` and ``COMPENSATING`` instance (see :func:`agent._recovery.recover`)."""
-        from agent._recovery import recover  # that module builds on this one
-
-        return await recover(self, store, run=run)
+        return await _recovery.recover(self, store, run=run)
 
     async def cancel(
         self, workflow_id: str, store: SQLiteStore, *, reason: str = "cancelled on request"

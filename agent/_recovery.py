@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
-from agent import _saga as saga
-from agent._engine import Workflow, WorkflowBuilder, _Pending
 from agent._messages import alert
 from agent._status import RESUMABLE
-from agent._store import JournalEnd, SQLiteStore, iso
+from agent._store import SQLiteStore, iso
+
+if TYPE_CHECKING:  # the engine imports this module; it needs the engine's types only
+    from agent._engine import Workflow, WorkflowBuilder
 
 log = logging.getLogger("edgesaga.workflow")
 
@@ -54,27 +56,9 @@ async def recover(
             await store.add_alert(dict(payload), workflow_id=rec.id)
             continue
         builder._live[rec.id] = wf
-        await mark_interrupted(wf)
+        await wf.mark_interrupted()
         workflows.append(wf)
     if run:
         await asyncio.gather(*(wf.run() for wf in workflows))
     return workflows
 
-
-async def mark_interrupted(wf: Workflow) -> None:
-    """Mark an attempt cut short by the agent dying as interrupted."""
-    fl = wf._progress.inflight
-    if fl is None:
-        return
-    now = time.time()
-    pending = _Pending()
-    pending.journal.append(JournalEnd(fl.seq, "interrupted", now, saga.INTERRUPTED))
-    wf._apply(pending, saga.interrupted(wf._plan, wf._progress), now)
-    log.warning(
-        "workflow %s: %s step %s attempt %d was interrupted",
-        wf.id,
-        fl.phase,
-        fl.step,
-        fl.attempt,
-    )
-    await wf._commit(pending, now)
