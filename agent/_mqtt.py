@@ -28,6 +28,7 @@ from agent._config import TlsSettings as TlsSettings
 from agent._messages import alert, dumps, error_reply, state_snapshot
 from agent._store import OutboxItem, SQLiteStore, iso
 from agent._transport import (
+    ClientOptions,
     ConnectFailed,
     Connection,
     Lost,
@@ -276,10 +277,12 @@ class MqttLink:
                 conn, session_present = await open_connection(
                     s,
                     self.client_id,
-                    persistent=True,
-                    will_topic=self.topics.availability,
-                    manual_ack=True,
-                    inflight=2 * self._window + 20,
+                    ClientOptions(
+                        persistent=True,
+                        will_topic=self.topics.availability,
+                        manual_ack=True,
+                        inflight=2 * self._window + 20,
+                    ),
                     receive_maximum=2 * self._max_commands,
                     on_message=self._on_message,
                     on_lost=self._on_lost,

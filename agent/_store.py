@@ -88,6 +88,12 @@ _JOURNAL_OF = (
 _INSERT_EVENT = "INSERT INTO outbox(seq, kind, workflow_id, payload) VALUES (?,?,?,?)"
 
 
+def _instance_columns(tr: Transition) -> tuple[Any, ...]:
+    """What a transition sets on its instance row: status, current_step, error, state, progress
+    and updated_at, in that order (both the INSERT and the UPDATE list them so)."""
+    return (tr.status.value, tr.current_step, tr.error, tr.state_json, tr.progress_json, tr.at)
+
+
 class SQLiteStore(GroupWriter):
     """The durable store on one SQLite file (async context manager).
 
@@ -162,16 +168,7 @@ class SQLiteStore(GroupWriter):
         for tr in transitions:
             n = self._key(conn, tr.workflow_id)
             updates.append(
-                (
-                    tr.status.value,
-                    tr.current_step,
-                    tr.error,
-                    tr.state_json,
-                    tr.progress_json,
-                    tr.at,
-                    tr.at if tr.status.value in FINISHED else None,
-                    n,
-                )
+                (*_instance_columns(tr), tr.at if tr.status.value in FINISHED else None, n)
             )
             self._journal_rows(n, tr, starts, ends)
             self._event_rows(tr.workflow_id, tr.events, events)
@@ -249,18 +246,7 @@ class SQLiteStore(GroupWriter):
         cur = conn.execute(
             "INSERT INTO instances(id, workflow_type, definition_hash, status, current_step, "
             "error, state, progress, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (
-                new.id,
-                new.workflow_type,
-                new.definition_hash,
-                tr.status.value,
-                tr.current_step,
-                tr.error,
-                tr.state_json,
-                tr.progress_json,
-                tr.at,
-                tr.at,
-            ),
+            (new.id, new.workflow_type, new.definition_hash, *_instance_columns(tr), tr.at),
         )
         n = cur.lastrowid  # the row an INSERT just wrote: never None
         assert n is not None

@@ -32,7 +32,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -304,16 +304,19 @@ def _tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return ctx
 
 
-def _new_client(
-    settings: MqttSettings,
-    client_id: str,
-    *,
-    persistent: bool,
-    will_topic: str | None,
-    manual_ack: bool,
-    inflight: int,
-) -> paho.Client:
+class ClientOptions(NamedTuple):
+    """How a connection's client is set up: the link's is a persistent session with a last will
+    and manual acks; `edgesaga watch`'s is a throw-away one."""
+
+    persistent: bool
+    will_topic: str | None
+    manual_ack: bool
+    inflight: int
+
+
+def _new_client(settings: MqttSettings, client_id: str, options: ClientOptions) -> paho.Client:
     """Build a paho client (blocking: reads the password file and the TLS files)."""
+    persistent, will_topic, manual_ack, inflight = options
     v5 = settings.version == "5"
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
@@ -365,11 +368,8 @@ def _connect_properties(
 async def open_connection(
     settings: MqttSettings,
     client_id: str,
+    options: ClientOptions,
     *,
-    persistent: bool,
-    will_topic: str | None,
-    manual_ack: bool,
-    inflight: int,
     receive_maximum: int,
     on_message: Callable[[Connection, paho.MQTTMessage], None],
     on_lost: Callable[[Connection], None],
@@ -382,23 +382,16 @@ async def open_connection(
     where = f"{settings.host}:{settings.port}"
 
     def blocking() -> None:
-        client = _new_client(
-            settings,
-            client_id,
-            persistent=persistent,
-            will_topic=will_topic,
-            manual_ack=manual_ack,
-            inflight=inflight,
-        )
+        client = _new_client(settings, client_id, options)
         conn.attach(client)
         if settings.version == "5":
             client.connect(
                 settings.host,
                 settings.port,
                 settings.keepalive,
-                clean_start=not persistent,
+                clean_start=not options.persistent,
                 properties=_connect_properties(
-                    settings, persistent=persistent, receive_maximum=receive_maximum
+                    settings, persistent=options.persistent, receive_maximum=receive_maximum
                 ),
             )
         else:  # 3.1.1: persistence is the client's clean_session flag

@@ -14,7 +14,14 @@ import paho.mqtt.client as paho
 
 from agent._config import MqttSettings
 from agent._mqtt import Topics, _topic_safe
-from agent._transport import ConnectFailed, Connection, Lost, backoff, open_connection
+from agent._transport import (
+    ClientOptions,
+    ConnectFailed,
+    Connection,
+    Lost,
+    backoff,
+    open_connection,
+)
 
 log = logging.getLogger("edgesaga.mqtt")
 
@@ -63,10 +70,7 @@ async def watch(settings: MqttSettings, device: str = "+", out: TextIO = sys.std
             conn, _ = await open_connection(
                 settings,
                 client_id,
-                persistent=False,
-                will_topic=None,
-                manual_ack=False,
-                inflight=20,
+                ClientOptions(persistent=False, will_topic=None, manual_ack=False, inflight=20),
                 receive_maximum=100,
                 on_message=on_message,
                 on_lost=lambda _c: None,
