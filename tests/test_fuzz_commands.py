@@ -438,16 +438,13 @@ def test_fuzzed_socket_commands_get_documented_replies(fuzz_agent: AgentProcess)
         assert agent.proc.poll() is None, agent.log_text()[-3000:]
         assert logs.problems() == [], item
 
-    started = time.monotonic()
     one()
-    elapsed = time.monotonic() - started
     assert agent.proc.poll() is None
     assert agent.request("list")["ok"] is True
     assert agent.request("status")["ok"] is True
     assert logs.problems() == []
     assert seen["ok"] > 0
     assert sum(n for k, n in seen.items() if k in DOCUMENTED) > SOCKET_EXAMPLES // 2
-    assert elapsed < 30, elapsed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -577,15 +574,12 @@ def test_fuzzed_mqtt_commands_get_documented_replies(broker: Broker, tmp_path: P
                 assert agent.proc.poll() is None, agent.log_text()[-3000:]
                 assert logs.problems() == [], item
 
-            started = time.monotonic()
             one()
-            elapsed = time.monotonic() - started
             assert agent.proc.poll() is None
             assert caller.call(cmd + "list", b'{"request_id": "last"}')["ok"] is True
             assert logs.problems() == []
             # Never disconnected: one connection for the whole run.
             assert _agent_connections(broker) == 1
             assert seen["ok"] > 0
-            assert elapsed < 30, elapsed
         finally:
             caller.close()
