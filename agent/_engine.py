@@ -303,15 +303,20 @@ class Workflow:
         status = self.status.value
         return InvalidTransition(self.id, status, f"Workflow {self.id} is {status}; {rule}.")
 
-    async def mark_interrupted(self) -> None:
+    async def mark_interrupted(self, *, journal_ended: bool = False) -> None:
         """Record the attempt the store has as started and not ended (the agent died while it
-        ran) as interrupted."""
+        ran) as interrupted.
+
+        ``journal_ended``: its journal row is ended already (recovery's one pass over the store
+        before READY, ``SQLiteStore.mark_interrupted_attempts``); only the state machine's rule
+        is applied and committed, with no second write of that row."""
         fl = self._progress.inflight
         if fl is None:
             return
         now = time.time()
         pending = _Pending()
-        pending.journal.append(JournalEnd(fl.seq, "interrupted", now, saga.INTERRUPTED))
+        if not journal_ended:
+            pending.journal.append(JournalEnd(fl.seq, "interrupted", now, saga.INTERRUPTED))
         self._apply(pending, saga.interrupted(self._plan, self._progress), now)
         log.warning(
             "workflow %s: %s step %s attempt %d was interrupted",
