@@ -39,6 +39,7 @@ class Runner:
         self._tg: asyncio.TaskGroup | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._taken = asyncio.Event()  # set whenever workflows leave the queue (wait_for_room)
 
     @property
     def running(self) -> int:
@@ -74,6 +75,7 @@ class Runner:
                 while self._queue and len(self._running) < self.max_concurrent and self._accepting:
                     wf = self._queue.popleft()
                     self._queued_ids.discard(wf.id)
+                    self._taken.set()
                     self._workflows[wf.id] = wf
                     self._running[wf.id] = tg.create_task(self._drive(wf), name=f"workflow:{wf.id}")
                 if not self._queue and not self._running:
@@ -98,6 +100,14 @@ class Runner:
             self._workflows.pop(wf.id, None)
             self._wake.set()
 
+    async def wait_for_room(self, limit: int) -> bool:
+        """Wait until fewer than ``limit`` workflows are queued (recovery's backpressure: it reads
+        its next page only then). False, at once, when the runner no longer accepts work."""
+        while self._accepting and len(self._queue) >= limit:
+            self._taken.clear()
+            await self._taken.wait()
+        return self._accepting
+
     async def wait_idle(self) -> None:
         """Wait until nothing is queued or running."""
         await self._idle.wait()
@@ -109,6 +119,7 @@ class Runner:
         tasks = list(self._running.values())
         self._queue.clear()
         self._queued_ids.clear()
+        self._taken.set()
         for wf_id in list(self._running):
             wf = self._workflows.get(wf_id)
             if wf is not None:
