@@ -1,16 +1,19 @@
 """The database file's schema: its tables, the migrations between versions (``PRAGMA
 user_version``) and the settings every connection to it gets (WAL, ``synchronous=FULL``, small
-pages)."""
+pages, incremental auto-vacuum)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from pathlib import Path
 
 from agent._errors import StoreError
 
-SCHEMA_VERSION = 4
+log = logging.getLogger("edgesaga.store")
+
+SCHEMA_VERSION = 5
 #: The oldest schema a read-only store can read (the tables it reads have not changed since).
 READABLE_FROM = 2
 #: A journal row's key: instance number * JOURNAL_SPAN + attempt seq (see migration 2).
@@ -21,6 +24,15 @@ PAGE_SIZE = 1024
 #: many commits rewrite is copied into the database once per checkpoint, so rarer checkpoints write
 #: fewer bytes per step (see docs/decisions.md).
 WAL_AUTOCHECKPOINT = 4096
+#: A database made before incremental auto-vacuum is converted (one full ``VACUUM``, which
+#: rewrites the file) only when it is at most this big; a bigger one keeps reusing its free pages
+#: without giving them back to the file system (see docs/decisions.md).
+CONVERT_AUTO_VACUUM_MAX_BYTES = 32 * 1024 * 1024
+#: ``PRAGMA auto_vacuum`` for INCREMENTAL.
+AUTO_VACUUM_INCREMENTAL = 2
+#: The statuses recovery resumes, as the SQL literal the partial index ``instances_resumable`` is
+#: declared with (a query uses that index only when it names the very same list).
+RESUMABLE_SQL = "('ACTIVE','COMPENSATING')"
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -108,6 +120,27 @@ _MIGRATIONS: dict[int, str] = {
     4: """
     ALTER TABLE journal ADD COLUMN outputs TEXT;
     """,
+    # Every operator query and every hot-path statement finds its rows by an index, so its cost
+    # is what it returns, not the size of the history (issue 12). Newest-first lists walk
+    # created_at, alone or after status / type and status; recovery walks the resumable instances
+    # in creation order (a partial index: written only when a workflow starts or stops being
+    # resumable); retention walks the finished ones by finished_at (partial: a running workflow's
+    # commit never touches it) and deletes a pruned workflow's events and replies by its id.
+    # Unfinished attempts (partial: in-flight attempts only) are what a restart marks interrupted.
+    5: f"""
+    CREATE INDEX instances_created ON instances(created_at);
+    CREATE INDEX instances_status_created ON instances(status, created_at);
+    CREATE INDEX instances_type_status_created ON instances(workflow_type, status, created_at);
+    CREATE INDEX instances_resumable ON instances(n) WHERE status IN {RESUMABLE_SQL};
+    CREATE INDEX instances_finished ON instances(finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX instances_definition ON instances(definition_hash);
+    CREATE INDEX journal_started ON journal(n) WHERE outcome = 'started';
+    CREATE INDEX outbox_workflow ON outbox(workflow_id);
+    ALTER TABLE requests ADD COLUMN workflow_id TEXT;
+    UPDATE requests SET workflow_id = json_extract(reply, '$.workflow_id');
+    CREATE INDEX requests_workflow ON requests(workflow_id) WHERE workflow_id IS NOT NULL;
+    CREATE INDEX requests_created ON requests(created_at);
+    """,
 }
 
 
@@ -125,8 +158,9 @@ def connect(path: str, *, readonly: bool, busy_timeout_ms: int) -> sqlite3.Conne
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     if not readonly and path != ":memory:":
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
+        if version == 0:  # both only take effect before the first table is made
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            conn.execute(f"PRAGMA auto_vacuum = {AUTO_VACUUM_INCREMENTAL}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise StoreError(f"Could not switch {path} to WAL mode (got {mode}).")
@@ -135,7 +169,32 @@ def connect(path: str, *, readonly: bool, busy_timeout_ms: int) -> sqlite3.Conne
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
     conn.execute("PRAGMA foreign_keys = ON")
     migrate(conn, path, readonly=readonly)
+    if not readonly and path != ":memory:":
+        _ensure_incremental_vacuum(conn, path)
     return conn
+
+
+def _ensure_incremental_vacuum(conn: sqlite3.Connection, path: str) -> None:
+    """Give a database made before incremental auto-vacuum that mode: at once (one ``VACUUM``)
+    when the file is small, else never (logged): a ``VACUUM`` rewrites the whole file."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == AUTO_VACUUM_INCREMENTAL:
+        return
+    size = os.path.getsize(path)
+    if size > CONVERT_AUTO_VACUUM_MAX_BYTES:
+        log.warning(
+            "%s was made without incremental auto-vacuum and is %d MiB: pruned space is reused "
+            "but the file does not shrink. To shrink it, stop the agent and run "
+            "`sqlite3 %s 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM'` once.",
+            path,
+            size // (1024 * 1024),
+            path,
+        )
+        return
+    conn.execute(f"PRAGMA auto_vacuum = {AUTO_VACUUM_INCREMENTAL}")
+    try:
+        conn.execute("VACUUM")
+    except sqlite3.OperationalError as exc:  # no room for the copy, say: it stays as it was
+        log.warning("%s: could not switch to incremental auto-vacuum (%s)", path, exc)
 
 
 def migrate(conn: sqlite3.Connection, path: str, *, readonly: bool) -> None:

@@ -9,11 +9,16 @@ imported from here still are.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import heapq
+import itertools
 import json
+import math
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 from agent._errors import StoreError
 from agent._records import (
@@ -29,7 +34,13 @@ from agent._records import (
     stored_event,
     whole_event,
 )
-from agent._schema import _MIGRATIONS, JOURNAL_SPAN, SCHEMA_VERSION
+from agent._schema import (
+    _MIGRATIONS,
+    AUTO_VACUUM_INCREMENTAL,
+    JOURNAL_SPAN,
+    RESUMABLE_SQL,
+    SCHEMA_VERSION,
+)
 from agent._status import WorkflowStatus
 from agent._writer import GroupWriter
 
@@ -68,9 +79,15 @@ FINISHED = tuple(
     )
 )
 
+#: A transition's instance row in two statements: what every step changes, then its status and
+#: finished_at only when they change, so the indexes on status are written when a workflow changes
+#: status, not at every step (an UPDATE naming an indexed column rewrites its index entry).
 _UPDATE_INSTANCE = (
-    "UPDATE instances SET status=?, current_step=?, error=?, state=?, progress=?, updated_at=?, "
-    "finished_at=? WHERE n=?"
+    "UPDATE instances SET current_step=?, error=?, state=?, progress=?, updated_at=? WHERE n=?"
+)
+_UPDATE_STATUS = (
+    "UPDATE instances SET status=?1, finished_at=?2 WHERE n=?3 "
+    "AND (status IS NOT ?1 OR finished_at IS NOT ?2)"
 )
 _INSERT_JOURNAL = (
     "INSERT INTO journal(k, n, seq, step, phase, attempt, outcome, started_at)"
@@ -86,12 +103,173 @@ _JOURNAL_OF = (
     f"ON j.k BETWEEN i.n * {JOURNAL_SPAN} AND i.n * {JOURNAL_SPAN} + {JOURNAL_SPAN - 1}"
 )
 _INSERT_EVENT = "INSERT INTO outbox(seq, kind, workflow_id, payload) VALUES (?,?,?,?)"
+_COLUMNS = (
+    "i.id, i.workflow_type, i.definition_hash, i.status, i.current_step, i.error, i.state, "
+    "i.progress, i.created_at, i.updated_at"
+)
+#: The most instances one ``list_page`` returns, and one ``resumable_page``.
+LIST_LIMIT_MAX = 1000
+RESUMABLE_PAGE_MAX = 10_000
+
+# Recovery: the statuses are literals, as the partial indexes they use are declared.
+_MARK_INTERRUPTED = (
+    "UPDATE journal SET outcome = 'interrupted', ended_at = ?1, error = ?2 WHERE outcome = "
+    f"'started' AND n IN (SELECT n FROM instances WHERE status IN {RESUMABLE_SQL})"
+)
+_RESUMABLE_PAGE = (
+    f"SELECT i.n, {_COLUMNS}, d.body FROM instances i JOIN definitions d "
+    f"ON d.hash = i.definition_hash WHERE i.status IN {RESUMABLE_SQL} AND i.n > ? "
+    "ORDER BY i.n LIMIT ?"
+)
+
+# Retention walks the finished instances by (finished_at, n) on the partial index of finished
+# ones: the newest kept one's key, then slices of the older ones.
+_FINISHED_SQL = "(" + ",".join(f"'{s}'" for s in FINISHED) + ")"
+_OLDEST_KEPT = (
+    "SELECT finished_at, n FROM instances WHERE finished_at IS NOT NULL AND status IN "
+    f"{_FINISHED_SQL} ORDER BY finished_at DESC, n DESC LIMIT 1 OFFSET ?"
+)
+_DOOMED = (
+    "SELECT n, id, finished_at FROM instances WHERE finished_at IS NOT NULL AND status IN "
+    f"{_FINISHED_SQL} AND finished_at >= ?1 AND (finished_at, n) > (?1, ?2) "
+    "AND finished_at <= ?3 AND (finished_at, n) < (?3, ?4) ORDER BY finished_at, n LIMIT ?5"
+)
+_BEFORE_ALL = (-math.inf, 0)
+_DELETE_JOURNAL = (
+    f"DELETE FROM journal WHERE k BETWEEN ?1 * {JOURNAL_SPAN} "
+    f"AND ?1 * {JOURNAL_SPAN} + {JOURNAL_SPAN - 1}"
+)
+_DROP_UNUSED_DEFINITIONS = (
+    "DELETE FROM definitions WHERE NOT EXISTS "
+    "(SELECT 1 FROM instances i WHERE i.definition_hash = definitions.hash)"
+)
+_DROP_OLD_REQUESTS = (
+    "DELETE FROM requests WHERE rowid IN "
+    "(SELECT rowid FROM requests WHERE created_at < ? ORDER BY created_at LIMIT ?)"
+)
 
 
 def _instance_columns(tr: Transition) -> tuple[Any, ...]:
     """What a transition sets on its instance row: status, current_step, error, state, progress
     and updated_at, in that order (both the INSERT and the UPDATE list them so)."""
     return (tr.status.value, tr.current_step, tr.error, tr.state_json, tr.progress_json, tr.at)
+
+
+def encode_cursor(record: InstanceRecord) -> str:
+    """The cursor that continues a list after ``record`` (opaque: its creation time and id)."""
+    text = f"{record.created_at!r}:{record.id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (created_at, id) a cursor of ``encode_cursor`` holds; ValueError for any other."""
+    bad = ValueError("That cursor is not one this agent gave; start again without --cursor.")
+    if not isinstance(cursor, str) or not 0 < len(cursor) <= 400:
+        raise bad
+    try:
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        at, workflow_id = raw.decode().split(":", 1)
+        created_at = float(at)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise bad from None
+    if not math.isfinite(created_at) or not workflow_id:
+        raise bad
+    return created_at, workflow_id
+
+
+def _newest_first(row: Sequence[Any]) -> tuple[float, str]:
+    return -row[8], row[0]  # created_at descending, then id
+
+
+class _ListQuery(NamedTuple):
+    """A list's filters as SQL that walks an index newest first: one query per status asked for
+    (the status indexes are ordered by creation time within a status), merged."""
+
+    lanes: tuple[str | None, ...]  # a status each; None: any status
+    workflow_type: str | None
+    created_after: float | None
+    created_before: float | None
+
+    @classmethod
+    def of(
+        cls,
+        status: Iterable[str] | str | None,
+        workflow_type: str | None,
+        created_after: float | None,
+        created_before: float | None,
+    ) -> _ListQuery:
+        statuses = [status] if isinstance(status, str) else list(status or [])
+        lanes: tuple[str | None, ...] = tuple(
+            dict.fromkeys(WorkflowStatus(s).value for s in statuses)
+        )
+        for bound in (created_after, created_before):
+            if bound is not None and not math.isfinite(bound):
+                raise ValueError(f"A creation time bound must be a finite number; got {bound}.")
+        if workflow_type and not lanes:  # the type index is ordered by status first
+            lanes = tuple(s.value for s in WorkflowStatus)
+        return cls(lanes or (None,), workflow_type or None, created_after, created_before)
+
+    def rows(
+        self, conn: sqlite3.Connection, after: tuple[float, str] | None, limit: int
+    ) -> list[Any]:
+        any_status = self.lanes == (None,)
+        terms, args = self._terms(after)
+        if not any_status:
+            terms.insert(0, "i.status = ?")
+        where = " WHERE " + " AND ".join(terms) if terms else ""
+        sql = f"SELECT {_COLUMNS} FROM instances i{where} ORDER BY i.created_at DESC, i.id LIMIT ?"
+        if any_status:
+            return conn.execute(sql, (*args, limit)).fetchall()
+        lanes: list[Iterator[Any]] = [conn.execute(sql, (s, *args, limit)) for s in self.lanes]
+        return list(itertools.islice(heapq.merge(*lanes, key=_newest_first), limit))
+
+    def _terms(self, after: tuple[float, str] | None) -> tuple[list[str], list[Any]]:
+        terms: list[str] = []
+        args: list[Any] = []
+        if self.workflow_type is not None:
+            terms.append("i.workflow_type = ?")
+            args.append(self.workflow_type)
+        if self.created_after is not None:
+            terms.append("i.created_at > ?")
+            args.append(self.created_after)
+        if self.created_before is not None:
+            terms.append("i.created_at < ?")
+            args.append(self.created_before)
+        if after is not None:  # keyset: what sorts after the last row of the page before
+            terms.append("i.created_at <= ? AND (i.created_at < ? OR i.id > ?)")
+            args.extend((after[0], after[0], after[1]))
+        return terms, args
+
+
+def _prune_bound(
+    conn: sqlite3.Connection, max_age: float | None, max_finished: int | None, now: float
+) -> tuple[float, int] | None:
+    """The (finished_at, n) key before which every finished instance is to go (both limits doom
+    a prefix of the finished instances in that order, so together they doom the longer one), or
+    None when there is no limit."""
+    bounds: list[tuple[float, int]] = []
+    if max_age is not None:
+        bounds.append((now - max_age, -1))  # finished_at < now - max_age (every n is positive)
+    if max_finished is not None:
+        if max_finished <= 0:
+            bounds.append((math.inf, 0))
+        else:
+            row = conn.execute(_OLDEST_KEPT, (max_finished - 1,)).fetchone()
+            if row is not None:
+                bounds.append((row[0], row[1]))
+    return max(bounds) if bounds else None
+
+
+def _vacuum_slice(conn: sqlite3.Connection, max_pages: int) -> int:
+    """One incremental vacuum of at most ``max_pages`` pages; the pages it freed."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != AUTO_VACUUM_INCREMENTAL:
+        return 0
+    before: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    if not before:
+        return 0
+    conn.execute(f"PRAGMA incremental_vacuum({int(max_pages)})").fetchall()
+    after: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return before - after
 
 
 class SQLiteStore(GroupWriter):
@@ -101,6 +279,9 @@ class SQLiteStore(GroupWriter):
     ``PRAGMA user_version`` migrations. By default it takes an exclusive lock on the database file
     so only one process drives it; ``readonly=True`` opens it for reading only.
     """
+
+    #: About how long one write of a prune deletes for (then the rest waits for the next one).
+    prune_slice_seconds = 0.02
 
     # -- what the writer asks of its domain ------------------------------------------------------
     def _fresh(self) -> None:
@@ -125,8 +306,8 @@ class SQLiteStore(GroupWriter):
 
     # -- pragmas (tests) ----------------------------------------------------------------------------
     async def pragmas(self) -> dict[str, Any]:
-        """journal_mode, synchronous (2 = FULL), foreign_keys, user_version, page_size and
-        wal_autocheckpoint."""
+        """journal_mode, synchronous (2 = FULL), foreign_keys, user_version, page_size,
+        wal_autocheckpoint and auto_vacuum (2 = INCREMENTAL)."""
 
         def q(conn: sqlite3.Connection) -> dict[str, Any]:
             return {
@@ -138,6 +319,7 @@ class SQLiteStore(GroupWriter):
                     "user_version",
                     "page_size",
                     "wal_autocheckpoint",
+                    "auto_vacuum",
                 )
             }
 
@@ -162,20 +344,22 @@ class SQLiteStore(GroupWriter):
         """Commit transitions of one or several workflows: their instance rows, journal rows and
         outbox events, with one ``executemany`` per statement."""
         updates = []
+        statuses = []
         starts: list[tuple[Any, ...]] = []
         ends: list[tuple[Any, ...]] = []
         events: list[tuple[Any, ...]] = []
         for tr in transitions:
             n = self._key(conn, tr.workflow_id)
-            updates.append(
-                (*_instance_columns(tr), tr.at if tr.status.value in FINISHED else None, n)
-            )
+            updates.append((*_instance_columns(tr)[1:], n))
+            status = tr.status.value
+            statuses.append((status, tr.at if status in FINISHED else None, n))
             self._journal_rows(n, tr, starts, ends)
             self._event_rows(tr.workflow_id, tr.events, events)
         cur = conn.executemany(_UPDATE_INSTANCE, updates)
         if cur.rowcount != len(updates):
             ids = ", ".join(tr.workflow_id for tr in transitions)
             raise StoreError(f"Workflow {ids} is not in the database (pruned?).")
+        conn.executemany(_UPDATE_STATUS, statuses)
         self._write_rows(conn, starts, ends, events)
 
     def _append(self, conn: sqlite3.Connection, n: int, tr: Transition) -> None:
@@ -284,10 +468,17 @@ class SQLiteStore(GroupWriter):
         if COMMAND_HASH in reply:
             reply = dict(reply)
             command_hash = reply.pop(COMMAND_HASH)
+        workflow_id = reply.get("workflow_id")
         conn.execute(
-            "INSERT OR IGNORE INTO requests(request_id, reply, created_at, command_hash) "
-            "VALUES (?,?,?,?)",
-            (request_id, dumps(reply), time.time(), command_hash),
+            "INSERT OR IGNORE INTO requests(request_id, reply, created_at, command_hash, "
+            "workflow_id) VALUES (?,?,?,?,?)",
+            (
+                request_id,
+                dumps(reply),
+                time.time(),
+                command_hash,
+                workflow_id if isinstance(workflow_id, str) else None,
+            ),
         )
 
     async def put_request(
@@ -307,7 +498,7 @@ class SQLiteStore(GroupWriter):
             ).fetchone()
             return (json.loads(row[0]), row[1]) if row else None
 
-        return await self.read(fn)
+        return await self.query(fn)
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
         """The stored reply to ``request_id``, or None."""
@@ -331,10 +522,7 @@ class SQLiteStore(GroupWriter):
             definition=definition,
         )
 
-    _COLUMNS = (
-        "i.id, i.workflow_type, i.definition_hash, i.status, i.current_step, i.error, i.state, "
-        "i.progress, i.created_at, i.updated_at"
-    )
+    _COLUMNS = _COLUMNS
 
     async def load_instance(self, workflow_id: str) -> InstanceRecord | None:
         """One instance with its definition snapshot, or None."""
@@ -347,7 +535,32 @@ class SQLiteStore(GroupWriter):
             ).fetchone()
             return self._record(row, row[10]) if row else None
 
-        return await self.read(fn)
+        return await self.query(fn)
+
+    async def list_page(
+        self,
+        *,
+        status: Iterable[str] | str | None = None,
+        workflow_type: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[InstanceRecord], str | None]:
+        """One page of instances, newest first (``created_at`` descending, then id), filtered by
+        status (one or several), type and creation time (``created_after < created_at <
+        created_before``); with the cursor that continues it, or None after the last page.
+
+        ``cursor`` is one a page returned (with the same filters); each page costs what it
+        returns, however long the history."""
+        if not isinstance(limit, int) or not 1 <= limit <= LIST_LIMIT_MAX:
+            raise ValueError(f"The limit must be between 1 and {LIST_LIMIT_MAX}; got {limit!r}.")
+        after = None if cursor is None else decode_cursor(cursor)
+        query = _ListQuery.of(status, workflow_type, created_after, created_before)
+        rows = await self.query(lambda conn: query.rows(conn, after, limit + 1))
+        records = [self._record(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return records, encode_cursor(records[-1]) if more else None
 
     async def list_instances(
         self,
@@ -357,33 +570,30 @@ class SQLiteStore(GroupWriter):
         limit: int = 100,
         offset: int = 0,
     ) -> list[InstanceRecord]:
-        """Instances, newest first, optionally filtered by status and type."""
-        statuses = [status] if isinstance(status, str) else list(status or [])
+        """Instances, newest first, optionally filtered by status and type (the SQL of
+        ``list_page``, any limit)."""
+        query = _ListQuery.of(status, workflow_type, None, None)
+        rows = await self.query(lambda conn: query.rows(conn, None, limit + offset))
+        return [self._record(r) for r in rows[offset : offset + limit]]
 
-        def fn(conn: sqlite3.Connection) -> list[InstanceRecord]:
-            where: list[str] = []
-            args: list[Any] = []
-            if statuses:
-                where.append(f"i.status IN ({','.join('?' * len(statuses))})")
-                args.extend(WorkflowStatus(s).value for s in statuses)
-            if workflow_type:
-                where.append("i.workflow_type = ?")
-                args.append(workflow_type)
-            sql = f"SELECT {self._COLUMNS} FROM instances i"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            sql += " ORDER BY i.created_at DESC, i.id LIMIT ? OFFSET ?"
-            return [self._record(r) for r in conn.execute(sql, (*args, limit, offset))]
+    async def count_by_status(self, statuses: Iterable[str] | None = None) -> dict[str, int]:
+        """How many instances have each status (only ``statuses``, when given: each of those
+        counts only its own entries of the status index)."""
+        wanted = None if statuses is None else [WorkflowStatus(s).value for s in statuses]
 
-        return await self.read(fn)
-
-    async def count_by_status(self) -> dict[str, int]:
         def fn(conn: sqlite3.Connection) -> dict[str, int]:
-            return dict(
-                conn.execute("SELECT status, count(*) FROM instances GROUP BY status").fetchall()
-            )
+            if wanted is None:  # one pass over the status index (covering: no row is read)
+                sql = "SELECT status, count(*) FROM instances GROUP BY status"
+                return dict(conn.execute(sql).fetchall())
+            counts = {
+                s: conn.execute("SELECT count(*) FROM instances WHERE status = ?", (s,)).fetchone()[
+                    0
+                ]
+                for s in wanted
+            }
+            return {s: c for s, c in counts.items() if c}
 
-        return await self.read(fn)
+        return await self.query(fn)
 
     async def journal(self, workflow_id: str) -> list[JournalEntry]:
         """Every step and compensation attempt of one instance, in order."""
@@ -396,7 +606,7 @@ class SQLiteStore(GroupWriter):
             )
             return [JournalEntry(*r) for r in rows]
 
-        return await self.read(fn)
+        return await self.query(fn)
 
     async def commanded_outputs(self, workflow_id: str) -> dict[str, dict[str, Any]]:
         """The output values each completed forward step of one instance commanded, by step and
@@ -410,7 +620,39 @@ class SQLiteStore(GroupWriter):
             )
             return {step: json.loads(text) for step, text in rows}
 
-        return await self.read(fn)
+        return await self.query(fn)
+
+    # -- recovery ----------------------------------------------------------------------------------
+    async def mark_interrupted_attempts(self, *, at: float, error: str) -> int:
+        """Record every attempt still ``started`` of a resumable instance as ``interrupted`` (ended
+        ``at``, with ``error``), in one write, and return how many. Run it before any workflow
+        runs: it is what a restart finds of the attempts the agent died in."""
+
+        def fn(conn: sqlite3.Connection) -> int:
+            return conn.execute(_MARK_INTERRUPTED, (at, error)).rowcount
+
+        return await self.write(fn)
+
+    async def resumable_page(
+        self, *, after_n: int = 0, limit: int = 256
+    ) -> list[tuple[int, InstanceRecord]]:
+        """The next ``limit`` resumable instances (ACTIVE, COMPENSATING) after the one numbered
+        ``after_n``, in creation order, each with its definition snapshot and its number (the
+        cursor for the next page)."""
+        if not 1 <= limit <= RESUMABLE_PAGE_MAX:
+            raise ValueError(f"The limit must be between 1 and {RESUMABLE_PAGE_MAX}; got {limit}.")
+
+        def fn(conn: sqlite3.Connection) -> list[tuple[int, InstanceRecord]]:
+            rows = conn.execute(_RESUMABLE_PAGE, (after_n, limit))
+            return [(r[0], self._record(r[1:], r[11])) for r in rows]
+
+        return await self.query(fn)
+
+    async def commit_many(self, transitions: Sequence[Transition]) -> None:
+        """Commit transitions of several workflows (one each) in one write."""
+        if transitions:
+            batch = list(transitions)
+            await self.write(lambda conn: self._apply_many(conn, batch))
 
     # -- outbox ------------------------------------------------------------------------------------
     async def outbox_pending(self, limit: int = 100, after_seq: int = 0) -> list[OutboxItem]:
@@ -425,7 +667,7 @@ class SQLiteStore(GroupWriter):
             )
             return [OutboxItem(r[0], r[1], r[2], whole_event(*r)) for r in rows]
 
-        return await self.read(fn)
+        return await self.query(fn)
 
     @staticmethod
     def _raise_last_seq(conn: sqlite3.Connection, seq: int) -> None:
@@ -494,62 +736,102 @@ class SQLiteStore(GroupWriter):
         max_age: float | None = None,
         max_finished: int | None = None,
         now: float | None = None,
+        slice_rows: int = 200,
     ) -> list[str]:
         """Delete finished instances older than ``max_age`` seconds or beyond the newest
-        ``max_finished``, with their journal and published events. Returns their ids."""
-        now = time.time() if now is None else now
+        ``max_finished``, with their journal, events and request-id replies, oldest first; then
+        definitions no instance uses and replies older than ``max_age`` (30 days without it).
+        Returns their ids.
 
-        def fn(conn: sqlite3.Connection) -> list[str]:
-            marks = ",".join("?" * len(FINISHED))
-            doomed: set[str] = set()
-            if max_age is not None:
-                doomed.update(
-                    r[0]
-                    for r in conn.execute(
-                        f"SELECT id FROM instances WHERE status IN ({marks}) AND finished_at < ?",
-                        (*FINISHED, now - max_age),
-                    )
-                )
-            if max_finished is not None:
-                doomed.update(
-                    r[0]
-                    for r in conn.execute(
-                        f"SELECT id FROM instances WHERE status IN ({marks}) "
-                        "ORDER BY finished_at DESC, id LIMIT -1 OFFSET ?",
-                        (*FINISHED, max_finished),
-                    )
-                )
-            ids = sorted(doomed)
-            if ids:
-                top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0]
-                if top is not None:
-                    self._raise_last_seq(conn, top)
-            for chunk in range(0, len(ids), 500):
-                part = ids[chunk : chunk + 500]
-                m = ",".join("?" * len(part))
-                conn.executemany(
-                    f"DELETE FROM journal WHERE k BETWEEN ?1 * {JOURNAL_SPAN} "
-                    f"AND ?1 * {JOURNAL_SPAN} + {JOURNAL_SPAN - 1}",
-                    conn.execute(f"SELECT n FROM instances WHERE id IN ({m})", part).fetchall(),
-                )
-                conn.execute(f"DELETE FROM instances WHERE id IN ({m})", part)
+        It works in slices, each its own small write of at most ``slice_rows`` instances (and
+        ``prune_slice_seconds``), so workflow commits go in between."""
+        if slice_rows < 1:
+            raise ValueError(f"slice_rows must be at least 1; got {slice_rows}.")
+        now = time.time() if now is None else now
+        bound = await self.query(lambda conn: _prune_bound(conn, max_age, max_finished, now))
+        pruned: list[str] = []
+        after = _BEFORE_ALL
+        while bound is not None:
+            ids, last = await self._prune_slice(bound, after, slice_rows)
+            if last is None:
+                break
+            pruned.extend(ids)
+            after = last
+        await self.write(lambda conn: conn.execute(_DROP_UNUSED_DEFINITIONS).rowcount)
+        cutoff = now - (max_age or 30 * 86400)
+        while (
+            await self.write(lambda conn: conn.execute(_DROP_OLD_REQUESTS, (cutoff, slice_rows)))
+        ).rowcount >= slice_rows:
+            pass
+        return pruned
+
+    async def prune_slice(
+        self,
+        *,
+        max_age: float | None = None,
+        max_finished: int | None = None,
+        now: float | None = None,
+        slice_rows: int = 200,
+    ) -> list[str]:
+        """One slice of ``prune``: the oldest (at most ``slice_rows``) of the instances it would
+        delete, deleted in one write; [] when there are none."""
+        now = time.time() if now is None else now
+        bound = await self.query(lambda conn: _prune_bound(conn, max_age, max_finished, now))
+        if bound is None:
+            return []
+        return (await self._prune_slice(bound, _BEFORE_ALL, slice_rows))[0]
+
+    async def _prune_slice(
+        self, bound: tuple[float, int], after: tuple[float, int], slice_rows: int
+    ) -> tuple[list[str], tuple[float, int] | None]:
+        """Delete finished instances keyed (finished_at, n) between ``after`` and ``bound``, the
+        oldest first, at most ``slice_rows`` of them and for about ``prune_slice_seconds``; the
+        ids deleted and the key of the last (None when there was none)."""
+
+        def fn(conn: sqlite3.Connection) -> tuple[list[str], tuple[float, int] | None]:
+            rows = conn.execute(_DOOMED, (*after, *bound, slice_rows)).fetchall()
+            if not rows:
+                return [], None
+            top = conn.execute("SELECT max(seq) FROM outbox").fetchone()[0]
+            if top is not None:
+                self._raise_last_seq(conn, top)
+            deadline = time.monotonic() + self.prune_slice_seconds
+            done: list[tuple[int, str, float]] = []
+            for start in range(0, len(rows), 50):
+                part = rows[start : start + 50]
+                ns = [(n,) for n, _, _ in part]
+                ids = [(wid,) for _, wid, _ in part]
+                conn.executemany(_DELETE_JOURNAL, ns)
                 # their events (published or, with no broker, never to be) and request-id replies
-                conn.execute(f"DELETE FROM outbox WHERE workflow_id IN ({m})", part)
-                conn.execute(
-                    f"DELETE FROM requests WHERE json_extract(reply, '$.workflow_id') IN ({m})",
-                    part,
-                )
-                for wid in part:
-                    self._keys.pop(wid, None)
-            conn.execute(
-                "DELETE FROM definitions WHERE hash NOT IN (SELECT DISTINCT definition_hash FROM instances)"
-            )
-            conn.execute(
-                "DELETE FROM requests WHERE created_at < ?", (now - (max_age or 30 * 86400),)
-            )
-            return ids
+                conn.executemany("DELETE FROM outbox WHERE workflow_id = ?", ids)
+                conn.executemany("DELETE FROM requests WHERE workflow_id = ?", ids)
+                conn.executemany("DELETE FROM instances WHERE n = ?", ns)
+                done.extend(part)
+                if time.monotonic() > deadline:
+                    break
+            for _, wid, _ in done:
+                self._keys.pop(wid, None)
+            n, _, finished_at = done[-1]
+            return [wid for _, wid, _ in done], (finished_at, n)
 
         return await self.write(fn)
+
+    async def reclaim(self, *, max_pages: int = 2000, max_slices: int | None = None) -> int:
+        """Give the database's free pages (what prunes left) back to the file system: an
+        incremental vacuum of at most ``max_pages`` pages per write, until none is left (or
+        ``max_slices`` writes), then a checkpoint that folds the WAL in and truncates it.
+        Returns the pages freed (0 on a database made without incremental auto-vacuum)."""
+        if max_pages < 1:
+            raise ValueError(f"max_pages must be at least 1; got {max_pages}.")
+        freed = slices = 0
+        while max_slices is None or slices < max_slices:
+            got = await self.write(lambda conn: _vacuum_slice(conn, max_pages))
+            slices += 1
+            freed += got
+            if got < max_pages:
+                break  # the free list is empty
+        await self.checkpoint()
+        return freed
 
     async def checkpoint(self) -> None:
         """Fold the WAL back into the database file (after a prune, say)."""

@@ -4,7 +4,10 @@ Every write is a function run on the writer thread. The thread takes everything 
 one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (each request in its own savepoint, so one bad request does
 not sink the others) and hands the results back to the event loop with one
 ``call_soon_threadsafe``. Concurrent workflows therefore share fsyncs instead of queuing on them.
-Reads run on the same thread between batches (WAL: they never block the writer).
+Reads that must run where the writes do (``read``) run on the same thread between batches; the
+others (``query``: operator lists and shows, recovery pages) run on a second connection on a
+thread of their own, each in a fresh read transaction, so they never wait behind a write batch
+and a write never waits behind them (WAL).
 
 The domain SQL (what a transition, a prune or a read writes and reads) is the store's, in
 ``agent._store``; the writer only knows that plain transition commits may be written together.
@@ -86,6 +89,9 @@ class GroupWriter:
         self._lock_fd: int | None = None
         self._outbox_event: asyncio.Event | None = None
         self._outbox_listeners: list[Callable[[], None]] = []
+        #: The reader thread's queue, while it runs (a file store that may write has one).
+        self._reader_queue: queue.SimpleQueue[Any] | None = None
+        self._reader: threading.Thread | None = None
         self.commits = 0  # transactions committed (for benchmarks and tests)
         self.batched = 0  # write requests committed
         self._fresh()
@@ -124,10 +130,16 @@ class GroupWriter:
             self._thread = None
             self._release_lock()
             raise
+        if not self.readonly and self.path != ":memory:":
+            self._start_reader()
 
     async def close(self) -> None:
         if self._thread is None:
             return
+        if self._reader is not None and self._reader_queue is not None:
+            self._reader_queue.put(_STOP)  # first: the writer's connection closes last
+            await asyncio.to_thread(self._reader.join)
+            self._reader = self._reader_queue = None
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
@@ -177,6 +189,56 @@ class GroupWriter:
         finally:
             os.close(fd)
         return False
+
+    # -- the reader thread -------------------------------------------------------------------------
+    def _start_reader(self) -> None:
+        self._reader_queue = queue.SimpleQueue()
+        self._reader = threading.Thread(
+            target=self._read_loop,
+            args=(self._reader_queue,),
+            name=f"edgesaga-reader:{Path(self.path).name}",
+            daemon=True,
+        )
+        self._reader.start()
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        """A second connection to the (already migrated) file, for reads only."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        conn.execute("PRAGMA query_only = 1")
+        return conn
+
+    def _read_loop(self, requests: queue.SimpleQueue[Any]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn: sqlite3.Connection | None = self._connect_reader()
+        except sqlite3.Error as exc:
+            log.warning("%s: no reader connection (%s); reads go to the writer", self.path, exc)
+            conn = None
+        while (req := requests.get()) is not _STOP:
+            if conn is None:
+                self._queue.put(req)  # the writer thread answers it instead
+                continue
+            ok, value = self._query_once(conn, req.fn)
+            loop.call_soon_threadsafe(_set_result if ok else _set_exception, req.future, value)
+        if conn is not None:
+            conn.close()
+
+    def _query_once(
+        self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]
+    ) -> tuple[bool, Any]:
+        """``fn(conn)`` in a read transaction of its own: it sees every transaction committed
+        before it began, and holds no snapshot once it returns."""
+        try:
+            conn.execute("BEGIN")
+            try:
+                return True, fn(conn)
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
+        except Exception as exc:
+            return False, _wrap(exc, self.path)
 
     # -- what the domain supplies ------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -376,6 +438,20 @@ class GroupWriter:
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on the store thread outside a write transaction."""
         return await self._call(fn, write=False)
+
+    async def query(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the reader connection, in a read transaction of its own: it never
+        waits for a write batch, and a write never waits for it. It sees every write awaited
+        before it was called. A store without a second connection (in memory, read-only) runs it
+        on the store thread, as ``read`` does."""
+        requests = self._reader_queue
+        if requests is None:
+            return await self.read(fn)
+        if self._loop is None:
+            raise StoreError("The store is not open; use `async with SQLiteStore(path) as store:`.")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        requests.put(_Request(fn, fut, False))
+        return await fut
 
     # -- outbox and disk-full news ---------------------------------------------------------------
     async def wait_outbox(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a plain wait with a bound
