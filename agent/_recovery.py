@@ -1,64 +1,179 @@
-"""Recovery after a restart: every workflow left running is rebuilt from the store, an attempt
-the agent died in is recorded as interrupted, and the workflows go on."""
+"""Recovery after a restart, in two parts so that its cost before READY does not grow with the
+number of workflows left running.
+
+1. Before READY, :func:`mark_interrupted_attempts`: one pass over the store records every attempt
+   the agent died in as interrupted (one or a few commits, whatever their number).
+2. After READY, :class:`Feeder`: the unfinished workflows are read a page at a time in the order
+   they were created, each rebuilt from its record (read once), the interrupted rule applied, and
+   handed to the runner; the next page is read only once the runner's queue has room, so memory
+   stays flat however many there are. There is no limit: every one is resumed.
+
+:func:`recover` does both and drives every workflow to its end (``edgesaga recover``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from agent import _saga as saga
 from agent._messages import alert
-from agent._status import RESUMABLE
+from agent._records import InstanceRecord
 from agent._store import SQLiteStore, iso
 
 if TYPE_CHECKING:  # the engine imports this module; it needs the engine's types only
     from agent._engine import Workflow, WorkflowBuilder
+    from agent._runner import Runner
 
 log = logging.getLogger("edgesaga.workflow")
+
+#: Unfinished workflows read, rebuilt and handed over at a time; the runner's queue is kept below
+#: it before the next page is read.
+PAGE_SIZE = 256
+
+
+async def mark_interrupted_attempts(store: SQLiteStore) -> int:
+    """Record every attempt still 'started' of an unfinished workflow as interrupted: the agent
+    died while it ran. One pass over the store, before anything runs. Returns how many."""
+    return await store.mark_interrupted_attempts(at=time.time(), error=saga.INTERRUPTED)
+
+
+async def _alert_unbuildable(store: SQLiteStore, rec: InstanceRecord, exc: Exception) -> None:
+    # One instance that cannot be rebuilt (its step module was removed, say) must not keep the
+    # others from resuming: it stays as it is, and a person is told.
+    message = (
+        f"Workflow {rec.id} ({rec.workflow_type}) cannot be resumed: {exc} It stays "
+        f"{rec.status.value}; restore the code it was started with and restart the agent."
+    )
+    log.error(message)
+    payload = alert(
+        "recovery_failed",
+        message,
+        at=iso(time.time()),
+        workflow_id=rec.id,
+        workflow_type=rec.workflow_type,
+    )
+    await store.add_alert(dict(payload), workflow_id=rec.id)
+
+
+async def _rebuild_page(
+    builder: WorkflowBuilder, store: SQLiteStore, records: list[InstanceRecord]
+) -> list[Workflow]:
+    """The page's workflows, rebuilt from their records with the interrupted rule applied.
+
+    A workflow this builder already has in memory is not rebuilt: the one in memory is
+    authoritative (a command that arrived during the feed made or loaded it), and one that is
+    running is left to whoever drives it. The rebuilt ones are registered before the first
+    await, so a command arriving from here on gets these objects."""
+    workflows: list[Workflow] = []
+    rebuilt: list[Workflow] = []
+    failed: list[tuple[InstanceRecord, Exception]] = []
+    for rec in records:
+        live = builder._live.get(rec.id)
+        if live is not None and live.store is store:
+            if not live.is_running and not live.status.is_terminal:
+                workflows.append(live)
+            continue
+        try:
+            wf = builder._from_record(rec, store)
+        except Exception as exc:
+            failed.append((rec, exc))
+            continue
+        builder._live[rec.id] = wf
+        workflows.append(wf)
+        rebuilt.append(wf)
+    for rec, error in failed:
+        await _alert_unbuildable(store, rec, error)
+    # The journal rows were ended by mark_interrupted_attempts; what the state machine makes of
+    # each cut attempt (run it again, or give up and roll back) commits here, the page's commits
+    # grouped by the writer.
+    await asyncio.gather(*(wf.mark_interrupted(journal_ended=True) for wf in rebuilt))
+    return workflows
+
+
+async def pages(
+    builder: WorkflowBuilder,
+    store: SQLiteStore,
+    *,
+    page_size: int = PAGE_SIZE,
+    room: Callable[[int], Awaitable[bool]] | None = None,
+) -> AsyncIterator[list[Workflow]]:
+    """Every unfinished workflow, rebuilt, a page at a time in creation order.
+
+    ``room(page_size)``, when given, is awaited before each page is read; False ends the feed (the
+    runner stopped taking work; what is left stays in the store for the next start)."""
+    after = 0
+    while True:
+        if room is not None and not await room(page_size):
+            return
+        page = await store.resumable_page(after_n=after, limit=page_size)
+        if not page:
+            return
+        after = page[-1][0]
+        yield await _rebuild_page(builder, store, [rec for _, rec in page])
+
+
+class Feeder:
+    """After READY: hands every unfinished workflow to ``runner`` in creation order, a page at a
+    time, reading the next page only when the runner's queue has room for it.
+
+    ``backlog`` (the number of unfinished workflows counted at start-up) goes down as pages are
+    handed over, for the status text; ``first_page`` is set once the first page is handed over
+    (or there was none), so maintenance starts after recovery is under way.
+    """
+
+    def __init__(
+        self,
+        builder: WorkflowBuilder,
+        store: SQLiteStore,
+        runner: Runner,
+        *,
+        backlog: int = 0,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self.builder = builder
+        self.store = store
+        self.runner = runner
+        self.backlog = backlog
+        self.page_size = page_size
+        self.resumed = 0
+        self.first_page = asyncio.Event()
+
+    async def run(self) -> int:
+        """Feed until every unfinished workflow is handed over; returns how many were."""
+        try:
+            async for workflows in pages(
+                self.builder, self.store, page_size=self.page_size, room=self.runner.wait_for_room
+            ):
+                for wf in workflows:
+                    if self.runner.submit(wf):
+                        self.resumed += 1
+                self.backlog = max(0, self.backlog - self.page_size)
+                self.first_page.set()
+        finally:
+            self.backlog = 0
+            self.first_page.set()
+        log.info("recovery: %d workflow(s) resumed", self.resumed)
+        return self.resumed
 
 
 async def recover(
     builder: WorkflowBuilder, store: SQLiteStore, *, run: bool = True
 ) -> list[Workflow]:
-    """Resume every ``ACTIVE`` and ``COMPENSATING`` instance.
+    """Resume every ``ACTIVE`` and ``COMPENSATING`` instance, oldest first.
 
-    An attempt cut short by the agent dying is recorded as interrupted first. With ``run=True``
-    (the default) the workflows are driven to a terminal status concurrently before this
-    returns; with ``run=False`` they are returned for the caller to drive.
+    Attempts cut short by the agent dying are recorded as interrupted first. With ``run=True``
+    (the default) each page of workflows is driven to a terminal status concurrently before the
+    next is read, and all are returned once done; with ``run=False`` they are returned for the
+    caller to drive (every one in memory at once: the agent uses :class:`Feeder` instead).
     """
-    records = await store.list_instances(status=[s.value for s in RESUMABLE], limit=1_000_000)
-    workflows = []
-    for rec in sorted(records, key=lambda r: (r.created_at, r.id)):
-        live = builder._live.get(rec.id)
-        if live is not None and live.store is store and live.is_running:
-            continue
-        try:
-            full = await store.load_instance(rec.id)  # with its definition snapshot
-            if full is None:
-                continue
-            wf = builder._from_record(full, store)
-        except Exception as exc:
-            # One instance that cannot be rebuilt (its step module was removed, say) must not
-            # keep the others from resuming: it stays as it is, and a person is told.
-            message = (
-                f"Workflow {rec.id} ({rec.workflow_type}) cannot be resumed: {exc} It stays "
-                f"{rec.status.value}; restore the code it was started with and restart the agent."
-            )
-            log.error(message)
-            payload = alert(
-                "recovery_failed",
-                message,
-                at=iso(time.time()),
-                workflow_id=rec.id,
-                workflow_type=rec.workflow_type,
-            )
-            await store.add_alert(dict(payload), workflow_id=rec.id)
-            continue
-        builder._live[rec.id] = wf
-        await wf.mark_interrupted()
-        workflows.append(wf)
-    if run:
-        await asyncio.gather(*(wf.run() for wf in workflows))
+    await mark_interrupted_attempts(store)
+    workflows: list[Workflow] = []
+    async for page in pages(builder, store):
+        if run:
+            await asyncio.gather(*(wf.run() for wf in page))
+        workflows.extend(page)
     return workflows
-
