@@ -1,7 +1,10 @@
 """``edgesaga run``: the long-running agent.
 
 Order at start: open the store (an exclusive lock: one agent per database) → outputs to their safe
-values → recover → control socket → READY=1 → MQTT in the background (the agent works offline).
+values → interrupted attempts marked (one pass, ``_recovery.mark_interrupted_attempts``) → control
+socket → READY=1 → the unfinished workflows fed to the runner a page at a time
+(``_recovery.Feeder``) and MQTT, both in the background (the agent works offline) → the first
+retention prune, once the feed is under way.
 On SIGTERM/SIGINT: STOPPING=1, stop taking work, give running steps ``grace_period`` seconds to
 reach a checkpoint (a step still running then is left for recovery, counted as interrupted),
 outputs safe, ``offline`` published, store closed, exit 0.
@@ -22,11 +25,12 @@ from agent._control import Control
 from agent._engine import WorkflowBuilder
 from agent._errors import DiskFull
 from agent._messages import Alert, alert, error_reply
+from agent._recovery import Feeder, mark_interrupted_attempts
 from agent._runner import Runner
 from agent._sdnotify import Notifier, watchdog_loop
 from agent._socket import ControlServer
 from agent._startup import resume_gc
-from agent._status import WorkflowStatus
+from agent._status import RESUMABLE, WorkflowStatus
 from agent._store import SQLiteStore, iso
 from agent._validate import load_definitions
 from workflows import DIRECTORY as BUNDLED  # the service hands it down to the loader
@@ -35,6 +39,12 @@ log = logging.getLogger("edgesaga.agent")
 
 #: Seconds between two disk-full alerts while the disk stays full (the first goes out at once).
 DISK_ALERT_INTERVAL = 600.0
+#: Rows a retention slice deletes in one transaction: a commit or a watchdog ping waits at most
+#: one slice behind it.
+PRUNE_SLICE_ROWS = 200
+#: After a prune of at least this many workflows the freed pages go back to the file system
+#: (``SQLiteStore.reclaim``); after a smaller one the WAL is only folded back.
+RECLAIM_AFTER = 1000
 
 
 class Agent:
@@ -57,6 +67,7 @@ class Agent:
         self._disk_alerted: float | None = None  # time.monotonic() of the last disk-full alert
         self._disk_alert_task: asyncio.Task[None] | None = None
         self._paused = 0  # PAUSED workflows at the last count (the status text says it)
+        self.feeder: Feeder | None = None  # recovery's feed to the runner, after READY
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -107,14 +118,19 @@ class Agent:
                 device_id=cfg.device_id,
                 mqtt_connected=lambda: None if self.link is None else bool(self.link.connected),
             )
-            recovered = await self.builder.recover(self.store, run=False)
-            for wf in recovered:
-                self.runner.submit(wf)
+            # Before READY only what does not grow with the number of unfinished workflows: one
+            # pass marks the cut attempts, one count; the feed itself starts after READY.
+            interrupted = await mark_interrupted_attempts(self.store)
+            counts = await self.store.count_by_status()
+            unfinished = sum(counts.get(s.value, 0) for s in RESUMABLE)
+            self.feeder = Feeder(self.builder, self.store, self.runner, backlog=unfinished)
             log.info(
-                "agent %s: %d workflow type(s) loaded, %d workflow(s) recovered",
+                "agent %s: %d workflow type(s) loaded, %d workflow(s) recovered "
+                "(%d interrupted attempt(s)); they resume once the agent is ready, oldest first",
                 cfg.device_id,
                 len(self.builder.workflow_types),
-                len(recovered),
+                unfinished,
+                interrupted,
             )
             server = ControlServer(
                 path=cfg.socket_path,
@@ -158,6 +174,8 @@ class Agent:
             self.notifier.ready(self._status_text())
             log.info("agent %s ready", cfg.device_id)
             resume_gc(collect=True)  # off since exec when started by the `edgesaga` command
+            if self.feeder is not None:
+                tasks.append(tg.create_task(self._feed(self.feeder), name="recovery"))
             # The MQTT link is built after READY: the agent works offline, so connecting never was
             # part of being ready, and its module (with paho) is a large part of start-up. Nothing
             # runs between READY and here (no await), so no task sees the agent without its link.
@@ -245,7 +263,9 @@ class Agent:
             mqtt = ", mqtt up" if self.link.connected else ", mqtt down"
         else:  # at READY the link is not built yet: it is down
             mqtt = ", mqtt down" if self.config.mqtt.enabled else ""
-        return f"running {self.runner.running}, queued {self.runner.queued}, paused {paused}{mqtt}"
+        # queued: waiting in the runner, and still in the store for recovery to hand over
+        queued = self.runner.queued + (self.feeder.backlog if self.feeder is not None else 0)
+        return f"running {self.runner.running}, queued {queued}, paused {paused}{mqtt}"
 
     async def _status_loop(self) -> None:
         last = ""
@@ -258,9 +278,19 @@ class Agent:
                 last = text
             await asyncio.sleep(2.0)
 
+    async def _feed(self, feeder: Feeder) -> None:
+        try:
+            await feeder.run()
+        except Exception:
+            # What was not handed over stays ACTIVE in the store: the next start resumes it.
+            log.exception("recovery: feeding the unfinished workflows failed; restart the agent")
+
     async def _retention_loop(self) -> None:
         r = self.config.retention
         assert self.store is not None
+        if self.feeder is not None:
+            # Not before recovery is under way: the first prune never delays the first workflows.
+            await self.feeder.first_page.wait()
         while True:
             try:
                 await self.prune()
@@ -272,15 +302,21 @@ class Agent:
         """Prune finished workflows beyond the retention limits and clear their state topics."""
         r = self.config.retention
         assert self.store is not None
+        # In slices of PRUNE_SLICE_ROWS, each its own short transaction: workflow commits and the
+        # watchdog's ping go between them.
         ids = await self.store.prune(
             max_age=r.max_age_days * 86400 if r.max_age_days else None,
             max_finished=r.max_finished,
+            slice_rows=PRUNE_SLICE_ROWS,
         )
         if ids:
             log.info("retention: pruned %d finished workflow(s)", len(ids))
+            if len(ids) >= RECLAIM_AFTER:
+                await self.store.reclaim()  # the freed pages back to the disk, in slices too
+            else:
+                await self.store.checkpoint()
             if self.link is not None:
                 await self.link.clear_state(ids)
-            await self.store.checkpoint()
         return ids
 
     # -- test hooks ---------------------------------------------------------------------------------
@@ -292,4 +328,3 @@ class Agent:
         seconds = float(req.get("seconds", 1.0))
         asyncio.get_running_loop().call_soon(time.sleep, seconds)  # deliberately blocking
         return {"ok": True}
-
