@@ -270,8 +270,8 @@ def test_a_mark_round_trips_through_its_dict() -> None:
 # --- until ------------------------------------------------------------------------------------
 
 
-def _berlin(*args: int) -> float:
-    return datetime(*args, tzinfo=BERLIN).timestamp()  # type: ignore[misc]
+def _berlin(year: int, month: int, day: int, hour: int, minute: int, second: int = 0) -> float:
+    return datetime(year, month, day, hour, minute, second, tzinfo=BERLIN).timestamp()
 
 
 def _reading(wall: float, synchronized: bool = True) -> ClockReading:
@@ -290,7 +290,9 @@ def test_until_a_time_of_day_is_the_next_one_in_the_zone() -> None:
 
 def test_until_across_the_spring_forward_night_is_an_hour_shorter_in_real_time() -> None:
     before = _reading(_berlin(2026, 3, 28, 7, 0))
-    assert until(before, "06:30", BERLIN) - before.wall == 22.5 * 3600
+    deadline = until(before, "06:30", BERLIN)
+    assert isinstance(deadline, float)
+    assert deadline - before.wall == 22.5 * 3600
     # 02:30 does not exist that night: read with the offset before the change, it is 03:30 CEST
     gap = until(_reading(_berlin(2026, 3, 29, 1, 0)), "02:30", BERLIN)
     assert gap == _berlin(2026, 3, 29, 3, 30)
