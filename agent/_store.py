@@ -111,26 +111,30 @@ _COLUMNS = (
 LIST_LIMIT_MAX = 1000
 RESUMABLE_PAGE_MAX = 10_000
 
-# Recovery: the statuses are literals, as the partial indexes they use are declared.
+# Recovery: the statuses are literals, as the partial index of resumable instances is declared
+# (named: the planner would rather take the status index and sort all it finds by n).
 _MARK_INTERRUPTED = (
     "UPDATE journal SET outcome = 'interrupted', ended_at = ?1, error = ?2 WHERE outcome = "
     f"'started' AND n IN (SELECT n FROM instances WHERE status IN {RESUMABLE_SQL})"
 )
 _RESUMABLE_PAGE = (
-    f"SELECT i.n, {_COLUMNS}, d.body FROM instances i JOIN definitions d "
+    f"SELECT i.n, {_COLUMNS}, d.body FROM instances i INDEXED BY instances_resumable "
+    "JOIN definitions d "
     f"ON d.hash = i.definition_hash WHERE i.status IN {RESUMABLE_SQL} AND i.n > ? "
     "ORDER BY i.n LIMIT ?"
 )
 
 # Retention walks the finished instances by (finished_at, n) on the partial index of finished
-# ones: the newest kept one's key, then slices of the older ones.
+# ones: the newest kept one's key, then slices of the older ones. (``+status``: the status is
+# checked on each row the walk finds, never looked up in a status index, whose order is not the
+# walk's.)
 _FINISHED_SQL = "(" + ",".join(f"'{s}'" for s in FINISHED) + ")"
 _OLDEST_KEPT = (
-    "SELECT finished_at, n FROM instances WHERE finished_at IS NOT NULL AND status IN "
+    "SELECT finished_at, n FROM instances WHERE finished_at IS NOT NULL AND +status IN "
     f"{_FINISHED_SQL} ORDER BY finished_at DESC, n DESC LIMIT 1 OFFSET ?"
 )
 _DOOMED = (
-    "SELECT n, id, finished_at FROM instances WHERE finished_at IS NOT NULL AND status IN "
+    "SELECT n, id, finished_at FROM instances WHERE finished_at IS NOT NULL AND +status IN "
     f"{_FINISHED_SQL} AND finished_at >= ?1 AND (finished_at, n) > (?1, ?2) "
     "AND finished_at <= ?3 AND (finished_at, n) < (?3, ?4) ORDER BY finished_at, n LIMIT ?5"
 )
@@ -267,7 +271,10 @@ def _vacuum_slice(conn: sqlite3.Connection, max_pages: int) -> int:
     before: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
     if not before:
         return 0
-    conn.execute(f"PRAGMA incremental_vacuum({int(max_pages)})").fetchall()
+    # Each step of the pragma frees one page, and the sqlite3 module steps a pragma that returns
+    # no rows only once: so one execution per page.
+    for _ in range(min(before, max_pages)):
+        conn.execute("PRAGMA incremental_vacuum")
     after: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
     return before - after
 
