@@ -326,6 +326,16 @@ def decide(mark: TimerMark, reading: ClockReading) -> Decision:
     return Late(-left) if passed_while_down else Due()
 
 
+def waits_on_sync(mark: TimerMark, reading: ClockReading) -> bool:
+    """Whether the clock's sync would change this timer's decision: an ``until:`` timer on an
+    unsynchronized clock, or a rebooted one armed on a synchronized clock whose wall deadline
+    takes over at the sync. The agent's status counts these; the timer service decides them
+    again when the sync file appears."""
+    if reading.synchronized:
+        return False
+    return mark.needs_sync or (mark.rebooted and mark.synchronized)
+
+
 def checkpoint(mark: TimerMark, reading: ClockReading) -> TimerMark:
     """The mark with the time it has left at ``reading``: store it now and then, so that after a
     power cut the timer waits no longer than needed (and never less: time only passes after it)."""

@@ -40,6 +40,7 @@ from agent._clock import (
     read_clock,
     rebase,
     until,
+    waits_on_sync,
 )
 
 W0 = 1_800_000_000.0  # 2027-01-15, a wall clock that is right
@@ -179,6 +180,32 @@ def test_the_clock_table_of_design_section_11(
             assert _wait(got) == pytest.approx(expected.seconds)
         elif isinstance(expected, Late):
             assert _late(got) == pytest.approx(expected.by)
+
+
+@pytest.mark.parametrize(
+    ("boot", "synced_at_arming", "waits"),
+    [
+        ("same", True, False),
+        ("same", False, False),
+        ("reboot", True, True),
+        ("reboot", False, False),
+    ],
+)
+def test_a_timer_waits_on_the_sync_only_when_the_sync_can_change_its_decision(
+    boot: str, synced_at_arming: bool, waits: bool
+) -> None:
+    clock, mark = _scenario(boot, synced_at_arming, False, 100.0)
+    assert waits_on_sync(mark, read_clock(clock)) is waits
+    clock.set(synchronized=True)
+    assert waits_on_sync(mark, read_clock(clock)) is False
+
+
+def test_an_until_timer_waits_on_the_sync_whatever_the_boot() -> None:
+    reading = _reading(_berlin(2026, 12, 1, 6, 0))
+    mark = arm_until(reading, "06:30", BERLIN)
+    assert isinstance(mark, TimerMark)
+    assert waits_on_sync(mark, reading._replace(synchronized=False)) is True
+    assert waits_on_sync(mark, reading) is False
 
 
 @pytest.mark.parametrize(("down", "expected"), [(2000.0, "late"), (100.0, "wait")])
@@ -366,6 +393,7 @@ class _World:
 
     def __init__(self, synced: bool, wall_error: float, boottime: float) -> None:
         self.true = W0
+        self.started = W0  # the true time at which the agent last started (or armed the timer)
         wall = W0 if synced else W0 + wall_error
         self.clock = FakeClock(wall=wall, boottime=boottime, synchronized=synced)
 
@@ -387,11 +415,13 @@ class _World:
         elif action == "restart":
             self.true += value
             self.clock.advance(value)
+            self.started = self.true
             return rebase(stored, self.reading())
         else:
             self.true += value
             wall = {"reboot": None, "reboot_1970": 0.0, "reboot_synced": self.true}[action]
             self.clock.reboot(wall=wall, synchronized=action == "reboot_synced")
+            self.started = self.true
             return rebase(stored, self.reading())
         return stored
 
@@ -405,7 +435,7 @@ class _World:
     needs_sync=st.booleans(),
     actions=_ACTIONS,
 )
-def test_a_timer_never_fires_before_its_time_has_really_passed(
+def test_a_timer_never_fires_before_its_time_has_really_passed_and_is_late_only_after_an_outage(
     seconds: float,
     synced: bool,
     wall_error: float,
@@ -421,6 +451,8 @@ def test_a_timer_never_fires_before_its_time_has_really_passed(
         if isinstance(decision, Due | Late):
             elapsed = world.true - W0
             assert elapsed >= seconds - 1e-3, (action, decision, elapsed, seconds)
+        if isinstance(decision, Late):  # late only for a deadline that passed while it was down
+            assert W0 + seconds < world.started + 1e-3, (action, decision, world.started)
         if isinstance(decision, Wait):
             assert decision.seconds > 0
             assert math.isfinite(decision.seconds)
