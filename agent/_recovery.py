@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from agent import _saga as saga
 from agent._messages import alert
 from agent._records import InstanceRecord
+from agent._status import RESUMABLE
 from agent._store import SQLiteStore, iso
 
 if TYPE_CHECKING:  # the engine imports this module; it needs the engine's types only
@@ -59,19 +60,58 @@ async def _alert_unbuildable(store: SQLiteStore, rec: InstanceRecord, exc: Excep
     await store.add_alert(dict(payload), workflow_id=rec.id)
 
 
+async def _changed(store: SQLiteStore, page: list[tuple[int, InstanceRecord]]) -> set[str]:
+    """The ids of the page's instances written since the page was read (a command finished
+    with one in between), or gone: their records are stale."""
+    read = {n: rec.updated_at for n, rec in page}
+    marks = ",".join("?" * len(read))
+    now = await store.query(
+        lambda conn: dict(
+            conn.execute(f"SELECT n, updated_at FROM instances WHERE n IN ({marks})", list(read))
+        )
+    )
+    return {rec.id for n, rec in page if now.get(n) != rec.updated_at}
+
+
+async def _reload(
+    builder: WorkflowBuilder, store: SQLiteStore, workflow_id: str
+) -> Workflow | None:
+    """A workflow whose page record went stale, read again: the live object if a command holds
+    it and leaves it idle, else rebuilt if it is still unfinished (a rare second read)."""
+    live = builder._live.get(workflow_id)
+    if live is None:
+        rec = await store.load_instance(workflow_id)
+        if rec is None or rec.status not in RESUMABLE:
+            return None
+        live = builder._live.get(workflow_id)  # a command may have loaded it meanwhile
+        if live is None:
+            try:
+                live = builder._from_record(rec, store)
+            except Exception as exc:
+                await _alert_unbuildable(store, rec, exc)
+                return None
+            builder._live[workflow_id] = live
+            return live  # its cut attempt, if any, the engine marks when it first drives it
+    if live.is_running or live.status.is_terminal:
+        return None
+    return live
+
+
 async def _rebuild_page(
-    builder: WorkflowBuilder, store: SQLiteStore, records: list[InstanceRecord]
+    builder: WorkflowBuilder, store: SQLiteStore, page: list[tuple[int, InstanceRecord]]
 ) -> list[Workflow]:
     """The page's workflows, rebuilt from their records with the interrupted rule applied.
 
     A workflow this builder already has in memory is not rebuilt: the one in memory is
     authoritative (a command that arrived during the feed made or loaded it), and one that is
-    running is left to whoever drives it. The rebuilt ones are registered before the first
-    await, so a command arriving from here on gets these objects."""
+    running or finished is left to whoever holds it. The rebuilt ones are registered before the
+    first await, so a command arriving from here on gets these objects; one whose row was written
+    between the page's read and then (a command finished with it) is dropped, not run from its
+    stale record."""
     workflows: list[Workflow] = []
     rebuilt: list[Workflow] = []
     failed: list[tuple[InstanceRecord, Exception]] = []
-    for rec in records:
+    for _, rec in page:
         live = builder._live.get(rec.id)
         if live is not None and live.store is store:
             if not live.is_running and not live.status.is_terminal:
@@ -85,8 +125,18 @@ async def _rebuild_page(
         builder._live[rec.id] = wf
         workflows.append(wf)
         rebuilt.append(wf)
+    stale = await _changed(store, page) if rebuilt else set()
+    for wf in [w for w in rebuilt if w.id in stale]:
+        rebuilt.remove(wf)
+        workflows.remove(wf)
+        if builder._live.get(wf.id) is wf:
+            del builder._live[wf.id]
+        again = await _reload(builder, store, wf.id)
+        if again is not None:
+            workflows.append(again)
     for rec, error in failed:
-        await _alert_unbuildable(store, rec, error)
+        if rec.id not in stale:
+            await _alert_unbuildable(store, rec, error)
     # The journal rows were ended by mark_interrupted_attempts; what the state machine makes of
     # each cut attempt (run it again, or give up and roll back) commits here, the page's commits
     # grouped by the writer.
@@ -113,7 +163,7 @@ async def pages(
         if not page:
             return
         after = page[-1][0]
-        yield await _rebuild_page(builder, store, [rec for _, rec in page])
+        yield await _rebuild_page(builder, store, page)
 
 
 class Feeder:

@@ -246,6 +246,37 @@ async def test_recover_drives_every_page_to_its_end_for_the_cli(
     assert sum(o == "interrupted" for j in journals.values() for _, _, o in j) == len(cut)
 
 
+async def test_a_workflow_a_command_finished_while_its_page_was_read_is_not_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page's records are read once; a command that finishes with one of them between that read
+    and the feed (a cancel, here by another builder on the same store) wins: the stale record is
+    not run."""
+    defs = _definitions(tmp_path)
+    monkeypatch.syspath_prepend(str(defs))
+    ledger = tmp_path / "ledger"
+    db = tmp_path / "db"
+    cut = await _fill(db, defs, {"ledger": str(ledger)}, count=10)
+    assert wid(3) in cut
+    async with SQLiteStore(db) as store:
+        read_page = store.resumable_page
+        raced: list[str] = []
+
+        async def page_then_cancel(**kwargs: Any) -> Any:
+            page = await read_page(**kwargs)
+            if page and not raced:
+                for i in (1, 3):  # one not begun, one with a cut attempt
+                    raced.append(wid(i))
+                    await WorkflowBuilder(definitions=[defs]).cancel(wid(i), store)
+            return page
+
+        monkeypatch.setattr(store, "resumable_page", page_then_cancel)
+        recovered = await WorkflowBuilder(definitions=[defs]).recover(store)
+    assert [wf.id for wf in recovered] == [wid(i) for i in (2, *range(4, 11))]
+    assert _statuses(db) == {"COMPLETED": 8, "CANCELLED": 2}
+    assert {w for w, _, _ in _ledger(ledger)} == {wid(i) for i in (2, *range(4, 11))}
+
+
 def test_the_agent_is_ready_before_recovery_and_a_kill_during_the_feed_loses_nothing(
     tmp_path: Path,
 ) -> None:
