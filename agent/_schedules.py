@@ -38,7 +38,7 @@ the slot can make it see the slot a little late. Anything older is a missed slot
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _REFERENCE = datetime(2000, 1, 1, tzinfo=UTC)  # where a cron expression is first tried at load
-_MAX_FOLD_STEPS = 1000  # cronsim results skipped in a repeated hour before giving up (never hit)
+_MAX_FOLD_STEPS = 1000  # cronsim results skipped in a repeated hour (60 at most: one per minute)
 
 
 def _schedule_name(info: ValidationInfo) -> str:
