@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import sqlite3
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,17 @@ steps:
 """
 
 
-def _definitions(directory: Path) -> Path:
-    defs = directory / "defs"
-    defs.mkdir()
-    (defs / "ledger_steps.py").write_text(_STEPS)
-    (defs / "ledgered.yaml").write_text(_DEFINITION)
-    return defs
+@pytest.fixture
+def defs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The Ledgered definition and its steps module, importable in this process (and, beside the
+    definition, in an agent's)."""
+    directory = tmp_path / "defs"
+    directory.mkdir()
+    (directory / "ledger_steps.py").write_text(_STEPS)
+    (directory / "ledgered.yaml").write_text(_DEFINITION)
+    monkeypatch.syspath_prepend(str(directory))
+    monkeypatch.delitem(sys.modules, "ledger_steps", raising=False)
+    return directory
 
 
 def wid(i: int) -> str:
@@ -151,11 +157,9 @@ def _ledger(path: Path) -> list[tuple[str, str, int]]:
 
 
 async def test_thousands_resume_oldest_first_each_once_with_a_bounded_number_in_memory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, defs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     count, page, concurrent = 3000, 64, 8
-    defs = _definitions(tmp_path)
-    monkeypatch.syspath_prepend(str(defs))
     ledger = tmp_path / "ledger"
     db = tmp_path / "db"
     cut = await _fill(db, defs, {"ledger": str(ledger)}, count=count)
@@ -224,13 +228,9 @@ def feeder_late_id(entries: list[tuple[str, str, int]], made: list[str]) -> str:
     return others.pop()
 
 
-async def test_recover_drives_every_page_to_its_end_for_the_cli(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_recover_drives_every_page_to_its_end_for_the_cli(tmp_path: Path, defs: Path) -> None:
     """``edgesaga recover`` (``builder.recover(store)``): more workflows than a page, every one
     driven to its end before it returns, the cut attempts counted once."""
-    defs = _definitions(tmp_path)
-    monkeypatch.syspath_prepend(str(defs))
     ledger = tmp_path / "ledger"
     db = tmp_path / "db"
     cut = await _fill(db, defs, {"ledger": str(ledger)}, count=600)
@@ -247,13 +247,11 @@ async def test_recover_drives_every_page_to_its_end_for_the_cli(
 
 
 async def test_a_workflow_a_command_finished_while_its_page_was_read_is_not_run_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, defs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A page's records are read once; a command that finishes with one of them between that read
     and the feed (a cancel, here by another builder on the same store) wins: the stale record is
     not run."""
-    defs = _definitions(tmp_path)
-    monkeypatch.syspath_prepend(str(defs))
     ledger = tmp_path / "ledger"
     db = tmp_path / "db"
     cut = await _fill(db, defs, {"ledger": str(ledger)}, count=10)
@@ -278,10 +276,9 @@ async def test_a_workflow_a_command_finished_while_its_page_was_read_is_not_run_
 
 
 def test_the_agent_is_ready_before_recovery_and_a_kill_during_the_feed_loses_nothing(
-    tmp_path: Path,
+    tmp_path: Path, defs: Path
 ) -> None:
     count = 1500
-    defs = _definitions(tmp_path)
     ledger = tmp_path / "ledger"
     gate = tmp_path / "gate"
     config = write_config(
