@@ -129,6 +129,8 @@ async def _rebuild_page(
     for wf in [w for w in rebuilt if w.id in stale]:
         rebuilt.remove(wf)
         workflows.remove(wf)
+        if wf.is_running or wf.status.is_terminal:
+            continue  # a command took this object during the check: it drives it, or it is done
         if builder._live.get(wf.id) is wf:
             del builder._live[wf.id]
         again = await _reload(builder, store, wf.id)
@@ -140,7 +142,16 @@ async def _rebuild_page(
     # The journal rows were ended by mark_interrupted_attempts; what the state machine makes of
     # each cut attempt (run it again, or give up and roll back) commits here, the page's commits
     # grouped by the writer.
-    await asyncio.gather(*(wf.mark_interrupted(journal_ended=True) for wf in rebuilt))
+    marked = await asyncio.gather(
+        *(wf.mark_interrupted(journal_ended=True) for wf in rebuilt), return_exceptions=True
+    )
+    for wf, outcome in zip(rebuilt, marked, strict=True):
+        if isinstance(outcome, Exception):
+            # It stays as it is in the store: the next start tries it again.
+            log.error(
+                "workflow %s: its interrupted attempt could not be recorded: %s", wf.id, outcome
+            )
+            workflows.remove(wf)
     return workflows
 
 

@@ -279,6 +279,11 @@ def test_the_agent_is_ready_before_recovery_and_a_kill_during_the_feed_loses_not
     tmp_path: Path, defs: Path
 ) -> None:
     count = 1500
+    # A workflow whose fill-time cut attempt is cut again by the kill has two interruptions: its
+    # step must still be allowed to run again.
+    (defs / "ledgered.yaml").write_text(
+        _DEFINITION.replace("max_interrupts: 2", "max_interrupts: 3")
+    )
     ledger = tmp_path / "ledger"
     gate = tmp_path / "gate"
     config = write_config(
