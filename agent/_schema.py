@@ -125,8 +125,8 @@ _MIGRATIONS: dict[int, str] = {
     # created_at, alone or after status / type and status; recovery walks the resumable instances
     # in creation order (a partial index: written only when a workflow starts or stops being
     # resumable); retention walks the finished ones by finished_at (partial: a running workflow's
-    # commit never touches it) and deletes a pruned workflow's events and replies by its id.
-    # Unfinished attempts (partial: in-flight attempts only) are what a restart marks interrupted.
+    # commit never touches it) and deletes a pruned workflow's events by its number (an index
+    # appended at its end, as events are made) and its replies by its id.
     5: f"""
     CREATE INDEX instances_created ON instances(created_at);
     CREATE INDEX instances_status_created ON instances(status, created_at);
@@ -134,8 +134,10 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX instances_resumable ON instances(n) WHERE status IN {RESUMABLE_SQL};
     CREATE INDEX instances_finished ON instances(finished_at) WHERE finished_at IS NOT NULL;
     CREATE INDEX instances_definition ON instances(definition_hash);
-    CREATE INDEX journal_started ON journal(n) WHERE outcome = 'started';
-    CREATE INDEX outbox_workflow ON outbox(workflow_id);
+    ALTER TABLE outbox ADD COLUMN n INTEGER;
+    UPDATE outbox SET n = (SELECT i.n FROM instances i WHERE i.id = outbox.workflow_id)
+        WHERE workflow_id IS NOT NULL;
+    CREATE INDEX outbox_instance ON outbox(n) WHERE n IS NOT NULL;
     ALTER TABLE requests ADD COLUMN workflow_id TEXT;
     UPDATE requests SET workflow_id = json_extract(reply, '$.workflow_id');
     CREATE INDEX requests_workflow ON requests(workflow_id) WHERE workflow_id IS NOT NULL;

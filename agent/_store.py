@@ -102,7 +102,9 @@ _JOURNAL_OF = (
     "instances i JOIN journal j "
     f"ON j.k BETWEEN i.n * {JOURNAL_SPAN} AND i.n * {JOURNAL_SPAN} + {JOURNAL_SPAN - 1}"
 )
-_INSERT_EVENT = "INSERT INTO outbox(seq, kind, workflow_id, payload) VALUES (?,?,?,?)"
+#: An event row keeps its instance's number (n) beside its id: the index a prune deletes a
+#: workflow's events by is then ordered as the events are made (small, appended at its end).
+_INSERT_EVENT = "INSERT INTO outbox(seq, kind, workflow_id, payload, n) VALUES (?,?,?,?,?)"
 _COLUMNS = (
     "i.id, i.workflow_type, i.definition_hash, i.status, i.current_step, i.error, i.state, "
     "i.progress, i.created_at, i.updated_at"
@@ -111,11 +113,14 @@ _COLUMNS = (
 LIST_LIMIT_MAX = 1000
 RESUMABLE_PAGE_MAX = 10_000
 
-# Recovery: the statuses are literals, as the partial index of resumable instances is declared
-# (named: the planner would rather take the status index and sort all it finds by n).
+# Recovery walks the partial index of resumable instances (named: the planner would rather take
+# the status index and sort all it finds by n; its statuses are literals, as the index is
+# declared), and each one's journal rows by their key range.
 _MARK_INTERRUPTED = (
-    "UPDATE journal SET outcome = 'interrupted', ended_at = ?1, error = ?2 WHERE outcome = "
-    f"'started' AND n IN (SELECT n FROM instances WHERE status IN {RESUMABLE_SQL})"
+    "UPDATE journal SET outcome = 'interrupted', ended_at = ?1, error = ?2 WHERE k IN "
+    "(SELECT j.k FROM instances i INDEXED BY instances_resumable "
+    f"JOIN journal j ON j.k BETWEEN i.n * {JOURNAL_SPAN} AND i.n * {JOURNAL_SPAN} + "
+    f"{JOURNAL_SPAN - 1} WHERE i.status IN {RESUMABLE_SQL} AND +j.outcome = 'started')"
 )
 _RESUMABLE_PAGE = (
     f"SELECT i.n, {_COLUMNS}, d.body FROM instances i INDEXED BY instances_resumable "
@@ -334,11 +339,18 @@ class SQLiteStore(GroupWriter):
 
     # -- writes ------------------------------------------------------------------------------------
     def _key(self, conn: sqlite3.Connection, workflow_id: str) -> int:
+        n = self._find_key(conn, workflow_id)
+        if n is None:
+            raise StoreError(f"Workflow {workflow_id} is not in the database (pruned?).")
+        return n
+
+    def _find_key(self, conn: sqlite3.Connection, workflow_id: str) -> int | None:
+        """The number (``instances.n``) of a workflow, or None when it is not in the database."""
         n = self._keys.get(workflow_id)
         if n is None:
             row = conn.execute("SELECT n FROM instances WHERE id=?", (workflow_id,)).fetchone()
             if row is None:
-                raise StoreError(f"Workflow {workflow_id} is not in the database (pruned?).")
+                return None
             if len(self._keys) > 10_000:
                 self._keys.clear()
             n = self._keys[workflow_id] = row[0]
@@ -361,7 +373,7 @@ class SQLiteStore(GroupWriter):
             status = tr.status.value
             statuses.append((status, tr.at if status in FINISHED else None, n))
             self._journal_rows(n, tr, starts, ends)
-            self._event_rows(tr.workflow_id, tr.events, events)
+            self._event_rows(tr.workflow_id, n, tr.events, events)
         cur = conn.executemany(_UPDATE_INSTANCE, updates)
         if cur.rowcount != len(updates):
             ids = ", ".join(tr.workflow_id for tr in transitions)
@@ -375,7 +387,7 @@ class SQLiteStore(GroupWriter):
         ends: list[tuple[Any, ...]] = []
         events: list[tuple[Any, ...]] = []
         self._journal_rows(n, tr, starts, ends)
-        self._event_rows(tr.workflow_id, tr.events, events)
+        self._event_rows(tr.workflow_id, n, tr.events, events)
         self._write_rows(conn, starts, ends, events)
 
     @staticmethod
@@ -391,6 +403,7 @@ class SQLiteStore(GroupWriter):
     def _event_rows(
         self,
         workflow_id: str | None,
+        n: int | None,
         events: Iterable[tuple[str, dict[str, Any]]],
         rows: list[tuple[Any, ...]],
     ) -> None:
@@ -399,7 +412,7 @@ class SQLiteStore(GroupWriter):
             seq = self._next_seq
             self._next_seq += 1
             payload["seq"] = seq
-            rows.append((seq, kind, workflow_id, stored_event(kind, payload)))
+            rows.append((seq, kind, workflow_id, stored_event(kind, payload), n))
 
     @staticmethod
     def _write_rows(
@@ -422,7 +435,8 @@ class SQLiteStore(GroupWriter):
         events: Iterable[tuple[str, dict[str, Any]]],
     ) -> None:
         rows: list[tuple[Any, ...]] = []
-        self._event_rows(workflow_id, events, rows)
+        n = None if workflow_id is None else self._find_key(conn, workflow_id)
+        self._event_rows(workflow_id, n, events, rows)
         conn.executemany(_INSERT_EVENT, rows)
 
     def _create(self, conn: sqlite3.Connection, new: NewInstance) -> bool:
@@ -810,7 +824,7 @@ class SQLiteStore(GroupWriter):
                 ids = [(wid,) for _, wid, _ in part]
                 conn.executemany(_DELETE_JOURNAL, ns)
                 # their events (published or, with no broker, never to be) and request-id replies
-                conn.executemany("DELETE FROM outbox WHERE workflow_id = ?", ids)
+                conn.executemany("DELETE FROM outbox WHERE n = ?", ns)
                 conn.executemany("DELETE FROM requests WHERE workflow_id = ?", ids)
                 conn.executemany("DELETE FROM instances WHERE n = ?", ns)
                 done.extend(part)

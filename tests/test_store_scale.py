@@ -77,6 +77,10 @@ def _version_4_database(db: Path) -> None:
         "created_at, updated_at, finished_at) VALUES (1, 'wf-old', 'Old', 'h', 'COMPLETED', '{}', "
         "'{}', 1.0, 2.0, 2.0)"
     )
+    conn.executemany(
+        "INSERT INTO outbox(seq, kind, workflow_id, payload) VALUES (?, ?, ?, '{}')",
+        [(1, "event", "wf-old"), (2, "alert", None), (3, "alert", "wf-gone")],
+    )
     conn.execute(
         "INSERT INTO requests(request_id, reply, created_at) VALUES "
         """('r-old', '{"ok":true,"workflow_id":"wf-old"}', strftime('%s', 'now')), """
@@ -92,7 +96,8 @@ async def test_a_small_version_4_database_is_migrated_and_converted(db: Path) ->
         pragmas = await store.pragmas()
         assert (pragmas["user_version"], pragmas["auto_vacuum"]) == (5, 2)
         assert pragmas["page_size"] == 1024
-    # the replies know their workflow, so a prune finds them by it
+    # the replies know their workflow, and the events its number, so a prune finds them by it
+    assert rows(db, "SELECT seq, n FROM outbox ORDER BY seq") == [(1, 1), (2, None), (3, None)]
     assert rows(db, "SELECT request_id, workflow_id FROM requests ORDER BY 1") == [
         ("r-none", None),
         ("r-old", "wf-old"),
@@ -101,6 +106,7 @@ async def test_a_small_version_4_database_is_migrated_and_converted(db: Path) ->
         assert await store.prune(max_finished=0) == ["wf-old"]
         assert await store.get_request("r-old") is None
         assert await store.get_request("r-none") == {"ok": True}
+        assert [item.seq for item in await store.outbox_pending()] == [2, 3]
 
 
 async def test_a_large_old_database_is_left_as_it_is_and_says_so(
@@ -136,14 +142,17 @@ async def _finished(store: SQLiteStore, count: int, *, first: int = 0) -> list[s
 async def test_prune_keeps_the_newest_finished_across_slices(db: Path, store: SQLiteStore) -> None:
     ids = await _finished(store, 30)
     await store.create_instance(new("live", at=1.0))  # older than all of them, and running
+    await store.add_alert({"alert": "of a pruned one"}, workflow_id=ids[0])
+    await store.add_alert({"alert": "of none"})
     before = store.commits
     assert await store.prune(max_finished=7, slice_rows=4, now=5000.0) == ids[:23]  # oldest first
     assert store.commits - before >= 23 // 4 + 1  # one write per slice at least
     assert [r.id for r in await store.list_instances()] == [*reversed(ids[23:]), "live"]
     assert rows(db, "SELECT count(*) FROM requests") == [(7,)]
-    assert rows(db, "SELECT DISTINCT workflow_id FROM outbox ORDER BY 1") == sorted(
-        [("live",), *((wid,) for wid in ids[23:])]
-    )
+    assert rows(db, "SELECT DISTINCT workflow_id FROM outbox ORDER BY 1") == [
+        (None,),
+        *sorted([("live",), *((wid,) for wid in ids[23:])]),
+    ]
     # Either limit dooms: the count one (keep 6) only done-0023, the age one (finished before
     # now - max_age = 1025.6) done-0023 to done-0025.
     assert await store.prune(max_age=4000, max_finished=6, now=5025.6) == ids[23:26]
@@ -252,8 +261,8 @@ def _clone(db: Path, count: int) -> None:
             (top, count, template),
         )
         conn.execute(
-            f"{series}INSERT INTO outbox(kind, workflow_id, payload) SELECT kind, "
-            "'clone-' || (?1 + v), payload FROM c, outbox o JOIN instances i "
+            f"{series}INSERT INTO outbox(kind, workflow_id, payload, n) SELECT kind, "
+            "'clone-' || (?1 + v), payload, ?1 + v FROM c, outbox o JOIN instances i "
             "ON i.id = o.workflow_id WHERE i.n = ?3 ORDER BY v, o.seq",
             (top, count, template),
         )
