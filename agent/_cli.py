@@ -415,18 +415,44 @@ async def cmd_start(args: argparse.Namespace) -> int:
     return 0 if wf.status is WorkflowStatus.COMPLETED else 3
 
 
+#: Rows per page of ``edgesaga list`` (and of the list command) unless --limit says otherwise.
+LIST_LIMIT = 50
+
+
 async def cmd_list(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {"limit": args.limit}
-    if args.status:
-        fields["status"] = args.status
-    if args.type:
-        fields["workflow_type"] = args.type
-    rows = (await _ask(args, "list", **fields))["workflows"]
+    options = {"status": "status", "type": "workflow_type", "since": "since", "until": "until"}
+    for option, name in {**options, "cursor": "cursor"}.items():
+        if getattr(args, option):
+            fields[name] = getattr(args, option)
+    reply = await _ask(args, "list", **fields)
+    rows = reply["workflows"]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print_list(rows)
+    if reply.get("next_cursor"):
+        # On stderr: stdout stays the rows alone (a table, or the JSON array scripts read).
+        sys.stdout.flush()
+        print(f"more: {_next_page(args, reply['next_cursor'])}", file=sys.stderr)
     return 0
+
+
+def _next_page(args: argparse.Namespace, cursor: str) -> str:
+    """The command line of the next page: this one's options, with the reply's cursor."""
+    import shlex
+
+    words = ["edgesaga", "list"]
+    for status in args.status or []:
+        words += ["--status", status]
+    for option in ("type", "since", "until", "db", "config", "socket"):
+        if getattr(args, option, None):
+            words += [f"--{option}", getattr(args, option)]
+    if args.limit != LIST_LIMIT:
+        words += ["--limit", str(args.limit)]
+    if args.json:
+        words.append("--json")
+    return shlex.join([*words, "--cursor", cursor])
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
@@ -637,11 +663,37 @@ def _parser() -> argparse.ArgumentParser:
     with_defs(sp)
     sp.set_defaults(func=cmd_start)
 
-    sp = sub.add_parser("list", help="list workflows, newest first")
-    sp.add_argument("--status", action="append", choices=[s.value for s in WorkflowStatus])
+    sp = sub.add_parser(
+        "list",
+        help="list workflows, newest first, a page at a time",
+        description=(
+            "List workflows, newest first. When there are more than --limit, the command line of "
+            "the next page is printed last on stderr (more: edgesaga list ... --cursor C)."
+        ),
+    )
+    sp.add_argument(
+        "--status",
+        action="append",
+        choices=[s.value for s in WorkflowStatus],
+        help="only this status (repeatable)",
+    )
     sp.add_argument("--type", help="only this workflow type")
-    sp.add_argument("--limit", type=int, default=50)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument(
+        "--since",
+        metavar="TIME",
+        help="created after TIME, ISO 8601 with a zone: 2026-12-01T10:00Z",
+    )
+    sp.add_argument("--until", metavar="TIME", help="created before TIME (same form)")
+    sp.add_argument(
+        "--limit",
+        type=int,
+        default=LIST_LIMIT,
+        help=f"rows per page, 1 to 1000 (default {LIST_LIMIT})",
+    )
+    sp.add_argument(
+        "--cursor", help="the page after this cursor (the last line of the page before)"
+    )
+    sp.add_argument("--json", action="store_true", help="the rows as a JSON array")
     with_db(sp)
     sp.set_defaults(func=cmd_list)
 

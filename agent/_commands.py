@@ -8,9 +8,18 @@ Input is hostile: :func:`parse_command` turns any payload into a command or a
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from agent._errors import AgentError
 from agent._messages import error_reply
@@ -73,14 +82,65 @@ class GetCommand(_Command):
     journal: bool = True
 
 
+def _zoned_time(text: str) -> str:
+    """An ISO 8601 time with its zone, the form a reply's times take (``2026-12-01T10:00:00Z``):
+    a time without one would mean another instant on a device in another zone."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{_shown(text)!r} is not an ISO 8601 time such as 2026-12-01T10:00:00Z"
+        ) from None
+    if at.tzinfo is None:
+        raise ValueError(f"{_shown(text)!r} has no zone; add one, as in 2026-12-01T10:00:00Z")
+    return text
+
+
+def _epoch(text: str | None) -> float | None:
+    return None if text is None else datetime.fromisoformat(text).timestamp()
+
+
+#: A time of ``list``'s ``since`` and ``until``.
+ZonedTime = Annotated[
+    str, StringConstraints(min_length=1, max_length=40), AfterValidator(_zoned_time)
+]
+#: A ``next_cursor`` a list reply gave (URL-safe base64).
+Cursor = Annotated[
+    str, StringConstraints(min_length=1, max_length=400, pattern=r"^[A-Za-z0-9_-]+$")
+]
+
+
 class ListCommand(_Command):
-    """Workflows, newest first, filtered by status and type."""
+    """Workflows, newest first, filtered by status, type and creation time, a page at a time:
+    a reply's ``next_cursor`` (null after the last page) asks for the page after it."""
 
     command: Literal["list"] = "list"
     # Not strict: over JSON a status is its string value ("ACTIVE"), which a strict enum refuses.
-    status: list[Annotated[WorkflowStatus, Field(strict=False)]] | None = None
+    status: list[Annotated[WorkflowStatus, Field(strict=False)]] | None = Field(None, max_length=20)
     workflow_type: Annotated[str, StringConstraints(max_length=200)] | None = None
+    #: Created after ``since`` and before ``until`` (both excluded).
+    since: ZonedTime | None = None
+    until: ZonedTime | None = None
     limit: int = Field(50, ge=1, le=1000)
+    cursor: Cursor | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> ListCommand:
+        since, until = self.window()
+        if since is not None and until is not None and since >= until:
+            raise ValueError("since must be before until")
+        return self
+
+    def window(self) -> tuple[float | None, float | None]:
+        """``since`` and ``until`` as epoch seconds (None where not given)."""
+        return _epoch(self.since), _epoch(self.until)
+
+    def bad_cursor(self) -> str:
+        """The sentence of a cursor the store cannot continue from."""
+        return (
+            f"Invalid list command: cursor {_shown(self.cursor or '', 40)!r} is not one this "
+            "agent gave; ask again without a cursor to start from the newest."
+        )
 
 
 class _LocalCommand(_Command):

@@ -243,12 +243,19 @@ class Control:
             case c.GetCommand():
                 return await self.get(command.workflow_id, rid, journal=command.journal)
             case c.ListCommand():
-                records = await self.store.list_instances(
-                    status=[s.value for s in command.status] if command.status else None,
-                    workflow_type=command.workflow_type,
-                    limit=command.limit,
-                )
-                return ok_reply(rid, workflows=[r.summary() for r in records])
+                since, until = command.window()
+                try:
+                    records, more = await self.store.list_page(
+                        status=[s.value for s in command.status] if command.status else None,
+                        workflow_type=command.workflow_type,
+                        created_after=since,
+                        created_before=until,
+                        limit=command.limit,
+                        cursor=command.cursor,
+                    )
+                except ValueError:  # the limit is the model's: only a cursor can be refused
+                    raise c.CommandError("invalid_command", command.bad_cursor()) from None
+                return ok_reply(rid, workflows=[r.summary() for r in records], next_cursor=more)
             case c.PinsCommand() | c.SetInputCommand():
                 return self._pins(command)
             case c.StatusCommand():
