@@ -136,10 +136,13 @@ class GroupWriter:
     async def close(self) -> None:
         if self._thread is None:
             return
-        if self._reader is not None and self._reader_queue is not None:
-            self._reader_queue.put(_STOP)  # first: the writer's connection closes last
-            await asyncio.to_thread(self._reader.join)
+        reader, requests = self._reader, self._reader_queue
+        if reader is not None and requests is not None:
+            # Reads asked for from now on go to the writer thread; the reader answers those it
+            # has, then stops (first: the writer's connection closes last).
             self._reader = self._reader_queue = None
+            requests.put(_STOP)
+            await asyncio.to_thread(reader.join)
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
