@@ -14,7 +14,8 @@ connection with ``journal_mode=OFF`` and ``synchronous=OFF``, in one transaction
 SELECT`` over a recursive counter copies the templates' rows up to N: ``instances`` (new ``n``, a
 random-looking UUID id, times shifted so creation order is time order, one second apart, ending
 now), ``journal`` (key ``k = n * 2^32 + seq``), ``requests`` (request id, the reply's
-``workflow_id`` and any ``workflow_id`` column) and ``outbox`` (the events of the newest
+``workflow_id`` and any ``workflow_id`` column) and ``outbox`` (its ``workflow_id`` and any ``n``
+column; the events of the newest
 workflows, up to the default outbox cap of 100,000 rows: a device whose broker has been away).
 The columns are read from the schema, so the copy follows migrations. The file is switched back
 to WAL at the end.
@@ -164,7 +165,8 @@ def build(path: Path, size: int, *, finished: bool) -> float:
     }
     _copy(conn, size, "requests", req, f"json_extract(t.reply, '$.workflow_id') = {owner}")
     per = conn.execute("SELECT count(*) FROM outbox").fetchone()[0] / TEMPLATES or 1
-    box = {"seq": "NULL", "workflow_id": "uid(m)"}  # NULL: numbered on, in creation order
+    # seq NULL: numbered on, in creation order; n is a column from schema 5 on
+    box = {"seq": "NULL", "workflow_id": "uid(m)", "n": "m"}
     newest = f"m > :n - {int(OUTBOX_CAP / per)} AND t.workflow_id = {owner}"
     _copy(conn, size, "outbox", box, newest)
     conn.execute("COMMIT")
