@@ -45,6 +45,9 @@ PRUNE_SLICE_ROWS = 200
 #: After a prune of at least this many workflows the freed pages go back to the file system
 #: (``SQLiteStore.reclaim``); after a smaller one the WAL is only folded back.
 RECLAIM_AFTER = 1000
+#: Pages one reclaim slice gives back (1 KiB each): on a busy disk 2,000 took up to a second, which
+#: the watchdog's ping would wait behind.
+RECLAIM_SLICE_PAGES = 500
 
 
 class Agent:
@@ -312,7 +315,8 @@ class Agent:
         if ids:
             log.info("retention: pruned %d finished workflow(s)", len(ids))
             if len(ids) >= RECLAIM_AFTER:
-                await self.store.reclaim()  # the freed pages back to the disk, in slices too
+                # the freed pages back to the disk, in slices too
+                await self.store.reclaim(max_pages=RECLAIM_SLICE_PAGES)
             else:
                 await self.store.checkpoint()
             if self.link is not None:
