@@ -24,9 +24,10 @@ to WAL at the end.
 
 a) *prune* N finished -> 1,000 with ``store.prune(max_finished=1000)`` (then ``store.reclaim()``
    when the store has it, and a WAL checkpoint), while four loops run no-op sagas through the same
-   store: the total time, the time per pruned workflow, and the latency of every commit of those
-   workflows that waited during the prune (max, p99); the database file after it, beside a fresh
-   database of 1,000 finished workflows built the same way;
+   store: the total time (and the reclaim's part), the time per pruned workflow, and the latency
+   of every commit of those workflows that waited during it (max, p99; and the max while the
+   reclaim ran); the database file after it, beside a fresh database of 1,000 finished
+   workflows built the same way;
 b) *READY* of a real ``edgesaga run`` (``NOTIFY_SOCKET`` owned by this script) and its ``VmRSS``
    at READY, with N unfinished workflows (``--unfinished-sizes``) and with an empty database; then
    the time until all N are COMPLETED (the database polled read-only), and checks that none is
@@ -213,6 +214,7 @@ async def prune(path: Path) -> dict[str, float]:
         await asyncio.sleep(0.5)  # the loops are running
         t0 = time.perf_counter()
         ids = await store.prune(max_finished=KEEP)
+        t_pruned = time.perf_counter()
         reclaim = getattr(store, "reclaim", None)  # the space back, where the store can
         if reclaim is not None:
             await reclaim()
@@ -220,16 +222,22 @@ async def prune(path: Path) -> dict[str, float]:
         stop.set()
         await asyncio.gather(*loops)
         await store.checkpoint()
-    # every commit that was waiting at some point of the prune
-    waits = sorted(end - begin for begin, end in spans if end > t0 and begin < t1)
-    p99 = waits[min(len(waits) - 1, int(len(waits) * 0.99))] if waits else 0.0
+
+    def waits(a: float, b: float) -> list[float]:
+        """How long each commit took that was waiting at some point between a and b."""
+        return sorted(end - begin for begin, end in spans if end > a and begin < b)
+
+    every, in_reclaim = waits(t0, t1), waits(t_pruned, t1)
+    p99 = every[min(len(every) - 1, int(len(every) * 0.99))] if every else 0.0
     return {
         "pruned": len(ids),
         "seconds": t1 - t0,
+        "reclaim_s": t1 - t_pruned,
         "per_wf": (t1 - t0) / len(ids) if ids else float("nan"),
-        "pause_max": waits[-1] if waits else 0.0,
+        "pause_max": every[-1] if every else 0.0,
         "pause_p99": p99,
-        "commits": len(waits),
+        "pause_reclaim": in_reclaim[-1] if in_reclaim else 0.0,
+        "commits": len(every),
         "db_bytes": db_bytes(path),
     }
 
@@ -482,6 +490,8 @@ ROWS_FINISHED = (
     ("prune: per pruned workflow", "prune_per_wf", "us", 1e6),
     ("prune: longest commit wait", "prune_pause_max", "ms", 1e3),
     ("prune: p99 commit wait", "prune_pause_p99", "ms", 1e3),
+    ("  of which reclaim: time", "prune_reclaim_s", "s", 1),
+    ("  longest commit wait in it", "prune_pause_reclaim", "ms", 1e3),
     ("db file after prune", "prune_db_bytes", "MB", 1 / 2**20),
     ("list (first page), median", "list_ms", "ms", 1),
     ("show, median", "show_ms", "ms", 1),
