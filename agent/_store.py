@@ -712,7 +712,8 @@ class SQLiteStore(GroupWriter):
         await self.write(fn)
 
     async def outbox_count(self) -> int:
-        return await self.read(
+        """How many items the outbox holds (counted on the reader: up to its cap of rows)."""
+        return await self.query(
             lambda conn: conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
         )
 
