@@ -269,19 +269,21 @@ def _prune_bound(
     return max(bounds) if bounds else None
 
 
-def _vacuum_slice(conn: sqlite3.Connection, max_pages: int) -> int:
-    """One incremental vacuum of at most ``max_pages`` pages; the pages it freed."""
+def _vacuum_slice(conn: sqlite3.Connection, max_pages: int, seconds: float) -> tuple[int, int]:
+    """One incremental vacuum of at most ``max_pages`` pages, for about ``seconds``: the pages it
+    freed and the free pages left (0 and 0 on a database without incremental auto-vacuum)."""
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != AUTO_VACUUM_INCREMENTAL:
-        return 0
+        return 0, 0
     before: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    if not before:
-        return 0
+    deadline = time.monotonic() + seconds
     # Each step of the pragma frees one page, and the sqlite3 module steps a pragma that returns
     # no rows only once: so one execution per page.
-    for _ in range(min(before, max_pages)):
+    for done in range(1, min(before, max_pages) + 1):
         conn.execute("PRAGMA incremental_vacuum")
+        if done % 50 == 0 and time.monotonic() > deadline:
+            break
     after: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    return before - after
+    return before - after, after
 
 
 class SQLiteStore(GroupWriter):
@@ -294,6 +296,8 @@ class SQLiteStore(GroupWriter):
 
     #: About how long one write of a prune deletes for (then the rest waits for the next one).
     prune_slice_seconds = 0.02
+    #: About how long one write of ``reclaim`` moves pages for.
+    reclaim_slice_seconds = 0.02
 
     # -- what the writer asks of its domain ------------------------------------------------------
     def _fresh(self) -> None:
@@ -842,16 +846,18 @@ class SQLiteStore(GroupWriter):
         """Give the database's free pages (what prunes left) back to the file system: an
         incremental vacuum of at most ``max_pages`` pages per write, until none is left (or
         ``max_slices`` writes), then a checkpoint that folds the WAL in and truncates it.
-        Returns the pages freed (0 on a database made without incremental auto-vacuum)."""
+        Each write also stops after about ``reclaim_slice_seconds``. Returns the pages freed (0
+        on a database made without incremental auto-vacuum)."""
         if max_pages < 1:
             raise ValueError(f"max_pages must be at least 1; got {max_pages}.")
         freed = slices = 0
+        seconds = self.reclaim_slice_seconds
         while max_slices is None or slices < max_slices:
-            got = await self.write(lambda conn: _vacuum_slice(conn, max_pages))
+            got, left = await self.write(lambda conn: _vacuum_slice(conn, max_pages, seconds))
             slices += 1
             freed += got
-            if got < max_pages:
-                break  # the free list is empty
+            if not left or not got:
+                break  # the free list is empty (or cannot be given back)
         await self.checkpoint()
         return freed
 

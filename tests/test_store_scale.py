@@ -301,15 +301,18 @@ async def test_after_a_large_prune_the_file_is_near_a_fresh_one_of_what_is_left(
 
 
 async def test_reclaim_goes_in_bounded_slices(store: SQLiteStore, db: Path) -> None:
-    await _finished(store, 200)
+    await _finished(store, 400)
     await store.prune(max_finished=0)
     free = rows(db, "PRAGMA freelist_count")[0][0]
-    assert free > 20
+    assert free > 120  # a few writes of 50 after the first two
     before = store.commits
     assert await store.reclaim(max_pages=10, max_slices=2) == 20
     assert store.commits - before == 2
     assert rows(db, "PRAGMA freelist_count") == [(free - 20,)]
-    assert await store.reclaim(max_pages=10) == free - 20
+    store.reclaim_slice_seconds = -1.0  # every write is over time after its first 50 pages
+    before = store.commits
+    assert await store.reclaim(max_pages=2000) == free - 20
+    assert store.commits - before == -(-(free - 20) // 50)  # 50 pages a write
     assert rows(db, "PRAGMA freelist_count") == [(0,)]
 
 
