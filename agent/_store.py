@@ -786,9 +786,12 @@ class SQLiteStore(GroupWriter):
         await self.write(lambda conn: conn.execute(_DROP_UNUSED_DEFINITIONS).rowcount)
         cutoff = now - (max_age or 30 * 86400)
         while (
-            await self.write(lambda conn: conn.execute(_DROP_OLD_REQUESTS, (cutoff, slice_rows)))
-        ).rowcount >= slice_rows:
-            pass
+            await self.write(
+                lambda conn: conn.execute(_DROP_OLD_REQUESTS, (cutoff, slice_rows)).rowcount
+            )
+            >= slice_rows
+        ):
+            pass  # a full slice of old replies went: there may be more
         return pruned
 
     async def prune_slice(
