@@ -257,7 +257,7 @@ class Agent:
     async def _count_paused(self) -> None:
         """How many workflows are PAUSED (waiting for input), for the status text."""
         assert self.store is not None
-        counts = await self.store.count_by_status()
+        counts = await self.store.count_by_status([WorkflowStatus.PAUSED.value])  # by index
         self._paused = counts.get(WorkflowStatus.PAUSED.value, 0)
 
     def _status_text(self) -> str:

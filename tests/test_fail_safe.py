@@ -92,7 +92,13 @@ def _restart_and_finish(config: Path, log_name: str) -> None:
     once the float switch closes, I1 resumes at Wait_For_Level and I2 runs from its start."""
     with failsafe_agent(config, log_name=log_name) as agent:
         assert outputs(agent.history()) == NEVER_ON
-        log = agent.log_text()
+        # Recovery records I1's cut attempt just after READY (the feed runs after it): wait for it.
+        log = poll(
+            agent.log_text,
+            lambda t: "workflow I1 step_failed step=Wait_For_Level attempt=1" in t,
+            within=10,
+            what="recovery to record I1's cut attempt",
+        )
         safe_at = log.index("outputs set to their safe values")
         assert safe_at < log.index("workflow I1 step_failed step=Wait_For_Level attempt=1")
         assert safe_at < log.index("workflow(s) recovered")
