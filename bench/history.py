@@ -2,7 +2,7 @@
 same run.
 
     python bench/history.py [--sizes 1000,10000,100000,1000000] [--unfinished-sizes 1000,10000,100000]
-                            [--quick] [--seconds S] [--dir DIR]
+                            [--prune-up-to N] [--quick] [--seconds S] [--dir DIR]
 
 **How the databases are built** (fast, from real rows): one no-op payment saga
 (``bench/noop_payment.yaml``) is run through the real engine on a scratch store and what it wrote
@@ -401,18 +401,20 @@ def operator_reads(directory: Path, db: Path) -> dict[str, float]:
 # the run
 
 
-def finished_history(base: Path, size: int, seconds: float) -> dict[str, float]:
-    """c), d), a) on one database of ``size`` finished workflows."""
+def finished_history(base: Path, size: int, seconds: float, *, prunes: bool) -> dict[str, float]:
+    """c), d), and a) when ``prunes``, on one database of ``size`` finished workflows."""
     work = base / f"finished-{size}"
     work.mkdir()
     db = work / "history.db"
     out: dict[str, float] = {"build_s": build(db, size, finished=True), "db_built": db_bytes(db)}
     pruned = work / "prune.db"  # the throughput runs add workflows: prune the history as built
-    shutil.copyfile(db, pruned)
+    if prunes:
+        shutil.copyfile(db, pruned)
     out |= operator_reads(work, db)
     for n, key in ((1, "seq_wf_s"), (32, "par_wf_s")):
         out[key] = asyncio.run(saga_run(work, WORKFLOW, n, seconds, "history"))["workflows_s"]
-    out |= {f"prune_{k}": v for k, v in asyncio.run(prune(pruned)).items()}
+    if prunes:
+        out |= {f"prune_{k}": v for k, v in asyncio.run(prune(pruned)).items()}
     shutil.rmtree(work, ignore_errors=True)
     return out
 
@@ -448,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES))
     ap.add_argument("--unfinished-sizes", type=_sizes, default=list(DEFAULT_UNFINISHED))
+    ap.add_argument(
+        "--prune-up-to",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prune only the histories of at most N workflows (default: every size)",
+    )
     ap.add_argument("--quick", action="store_true", help="1k and 10k only")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput run")
     ap.add_argument("--dir", default=None, help="directory on the disk to measure")
@@ -463,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hist: dict[int, dict[str, float]] = {}
         for size in sizes:
-            hist[size] = finished_history(base, size, args.seconds)
+            prunes = args.prune_up_to is None or size <= args.prune_up_to
+            hist[size] = finished_history(base, size, args.seconds, prunes=prunes)
             print(f"# finished {size}: {json.dumps(hist[size])}", flush=True)
         rec: dict[int, dict[str, float]] = {0: unfinished_history(base, 0)}
         for size in unfinished:
