@@ -1,0 +1,467 @@
+"""Properties of control flow through the real engine and a real SQLite file, driven by hypothesis.
+
+Each example is a generated workflow: a random sequence of STANDARD, DECISION (routes to later
+steps or END), PARALLEL (2 to 3 branches of 1 to 3 steps) and HUMAN_INPUT steps; steps that fail k times
+against a random ``max_attempts``; and random crash points: the process "dies" right after its
+n-th commit (the store refuses everything after it and the in-memory workflow is dropped), and a
+new builder on a new store recovers from the file, as after a power cut. The cheap in-process
+crash; the SIGKILLs are tests/test_flow_crash.py's.
+
+Whatever happens, from what the steps recorded (tests/flows/crashflow/prop_steps.py) and what was
+committed (the journal and the outbox's events):
+
+- a compensated step is one that completed (or whose attempt was cut short: it may have taken
+  effect), never one that did not run;
+- no step is compensated twice;
+- compensations run in the reverse order of the completions;
+- a rollback that ends FAILED_ROLLED_BACK undid every completed compensable step;
+- driving always stops in a terminal status or PAUSED, and the outcome is the one the routes
+  and failures call for (a small model of the path, below).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import (
+    InstanceRecord,
+    JournalEntry,
+    OutboxItem,
+    SQLiteStore,
+    WorkflowBuilder,
+    WorkflowStatus,
+)
+from agent._definition import build_definition
+from tests.flows.crashflow import prop_steps
+
+S = WorkflowStatus
+END = "END"
+STEPS = "tests.flows.crashflow.prop_steps"
+TYPE = "PropFlow"
+WID = "prop-1"
+MAX_LIVES = 4  # crash points per example, at most (each one a restart)
+
+
+# ------------------------------------------------------------------------------------------------
+# Generated workflows
+
+
+@dataclass
+class Leaf:
+    """A STANDARD step (outer or in a branch)."""
+
+    name: str
+    compensable: bool
+    max_attempts: int
+    fails: int  # times it raises before it succeeds
+
+    @property
+    def gives_up(self) -> bool:
+        return self.fails >= self.max_attempts
+
+    def yaml(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "function": f"{STEPS}.step",
+            "retry": {"max_attempts": self.max_attempts, "initial_delay": 0},
+        }
+        if self.compensable:
+            out["compensate_function"] = f"{STEPS}.undo"
+        return out
+
+
+@dataclass
+class Outer:
+    """A step of the outer path."""
+
+    kind: str  # STANDARD | DECISION | PARALLEL | HUMAN_INPUT
+    name: str
+    leaf: Leaf | None = None  # STANDARD
+    routes: dict[str, str] = field(default_factory=dict)  # DECISION
+    default: str | None = None  # DECISION
+    returns: str | None = None  # DECISION: the key its function returns
+    branches: list[list[Leaf]] = field(default_factory=list)  # PARALLEL
+    next: str | None = None  # STANDARD / PARALLEL / HUMAN_INPUT
+
+    def yaml(self) -> dict[str, Any]:
+        if self.kind == "STANDARD":
+            assert self.leaf is not None
+            out = self.leaf.yaml()
+        elif self.kind == "DECISION":
+            out = {
+                "name": self.name,
+                "type": "DECISION",
+                "function": f"{STEPS}.decide",
+                "routes": dict(self.routes),
+            }
+            if self.default is not None:
+                out["default"] = self.default
+        elif self.kind == "PARALLEL":
+            out = {
+                "name": self.name,
+                "type": "PARALLEL",
+                "branches": [[leaf.yaml() for leaf in branch] for branch in self.branches],
+            }
+        else:
+            out = {
+                "name": self.name,
+                "type": "HUMAN_INPUT",
+                "input_model": "tests.flows.crashflow.models.PropApproval",
+            }
+        if self.next is not None:
+            out["next"] = self.next
+        return out
+
+    def leaves(self) -> list[Leaf]:
+        if self.leaf is not None:
+            return [self.leaf]
+        return [leaf for branch in self.branches for leaf in branch]
+
+
+@dataclass
+class Case:
+    steps: list[Outer]
+    saga: bool
+    crashes: list[int]  # commits each life makes before it dies
+
+    def raw(self) -> dict[str, Any]:
+        return {
+            "workflow_type": TYPE,
+            "workflow_version": "1",
+            "initial_state_model": "tests.flows.crashflow.models.PropState",
+            "saga_mode": self.saga,
+            "steps": [s.yaml() for s in self.steps],
+        }
+
+    def leaves(self) -> dict[str, Leaf]:
+        return {leaf.name: leaf for s in self.steps for leaf in s.leaves()}
+
+    def compensable(self) -> set[str]:
+        return {n for n, leaf in self.leaves().items() if leaf.compensable}
+
+
+@st.composite
+def leaves(draw: st.DrawFn, name: str) -> Leaf:
+    max_attempts = draw(st.integers(1, 3))
+    return Leaf(
+        name=name,
+        compensable=draw(st.booleans()),
+        max_attempts=max_attempts,
+        fails=draw(st.sampled_from([0, 0, 0, 1, 2, 3])),
+    )
+
+
+def _later(names: list[str], i: int) -> list[str]:
+    return [*names[i + 1 :], END]
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    n = draw(st.integers(1, 6))
+    names = [f"S{i}" for i in range(n)]
+    steps: list[Outer] = []
+    for i, name in enumerate(names):
+        kinds = ["STANDARD", "STANDARD", "PARALLEL", "HUMAN_INPUT"]
+        if i + 1 < n:
+            kinds += ["DECISION", "DECISION"]
+        kind = draw(st.sampled_from(kinds))
+        step = Outer(kind=kind, name=name)
+        if kind == "STANDARD":
+            step.leaf = draw(leaves(name))
+        elif kind == "PARALLEL":
+            count = draw(st.integers(2, 3))
+            step.branches = [
+                [draw(leaves(f"{name}b{b}s{k}")) for k in range(draw(st.integers(1, 3)))]
+                for b in range(count)
+            ]
+        elif kind == "DECISION":
+            # Route k0 goes to the next step, so every step stays reachable in list order.
+            step.routes = {"k0": names[i + 1], "k1": draw(st.sampled_from(_later(names, i)))}
+            if draw(st.booleans()):
+                step.routes["k2"] = draw(st.sampled_from(_later(names, i)))
+            if draw(st.booleans()):
+                step.default = draw(st.sampled_from(_later(names, i)))
+            step.returns = draw(st.sampled_from([*step.routes, "unknown", None]))
+        if kind != "DECISION" and draw(st.integers(0, 4)) == 0:
+            step.next = draw(st.sampled_from(_later(names, i)))
+        steps.append(step)
+    if _unreachable(steps):
+        for step in steps:
+            step.next = None  # a jump that leaves a step unreachable: validation refuses it
+    saga = draw(st.booleans())
+    crashes = draw(st.lists(st.integers(1, 25), max_size=MAX_LIVES - 1))
+    return Case(steps=steps, saga=saga, crashes=crashes)
+
+
+def _successors(steps: list[Outer], i: int) -> list[str]:
+    step = steps[i]
+    if step.kind == "DECISION":
+        return [*step.routes.values(), *([step.default] if step.default else [])]
+    if step.next is not None:
+        return [step.next]
+    return [steps[i + 1].name] if i + 1 < len(steps) else [END]
+
+
+def _unreachable(steps: list[Outer]) -> bool:
+    index = {s.name: i for i, s in enumerate(steps)}
+    seen, todo = set(), [steps[0].name]
+    while todo:
+        name = todo.pop()
+        if name == END or name in seen:
+            continue
+        seen.add(name)
+        todo.extend(_successors(steps, index[name]))
+    return len(seen) != len(steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model: which outer steps complete, and how it ends
+
+
+@dataclass
+class Expected:
+    path: list[str]  # outer STANDARD and DECISION steps that complete, in order
+    parallels: list[str]  # PARALLEL steps whose every branch step completes
+    failed: str | None  # the outer step that fails (a PARALLEL for a failing branch step)
+
+    def status(self, saga: bool) -> WorkflowStatus:
+        if self.failed is None:
+            return S.COMPLETED
+        return S.FAILED_ROLLED_BACK if saga else S.FAILED
+
+
+def model(case: Case) -> Expected:
+    index = {s.name: i for i, s in enumerate(case.steps)}
+    path: list[str] = []
+    parallels: list[str] = []
+    at = case.steps[0].name
+    while at != END:
+        i = index[at]
+        step = case.steps[i]
+        if step.kind == "DECISION":
+            target = step.routes.get(step.returns) if step.returns is not None else None
+            target = target or step.default
+            if target is None:
+                return Expected(path, parallels, step.name)
+            path.append(step.name)
+            at = target
+            continue
+        if any(leaf.gives_up for leaf in step.leaves()):
+            return Expected(path, parallels, step.name)
+        if step.kind == "STANDARD":
+            path.append(step.name)
+        elif step.kind == "PARALLEL":
+            parallels.append(step.name)
+        at = _successors(case.steps, i)[0]
+    return Expected(path, parallels, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# A store that dies
+
+
+class Crash(BaseException):
+    """The process dies (not an Exception: nothing in the engine may handle it)."""
+
+
+class MortalStore(SQLiteStore):
+    """A real store on the file that dies right after its ``lifetime``-th commit: that commit is
+    durable, nothing after it is written, and :data:`prop_steps.WORLD` stops recording."""
+
+    def __init__(self, path: Path, lifetime: int | None) -> None:
+        super().__init__(path)
+        self.lifetime = lifetime
+        self.commits = 0
+
+    def _alive(self) -> None:
+        if prop_steps.WORLD["dead"]:
+            raise Crash
+
+    def _committed(self) -> None:
+        self.commits += 1
+        if self.lifetime is not None and self.commits >= self.lifetime:
+            prop_steps.WORLD["dead"] = True
+            raise Crash
+
+    async def create_instance(self, new: Any) -> bool:
+        self._alive()
+        created = await super().create_instance(new)
+        self._committed()
+        return created
+
+    async def commit(self, transition: Any) -> None:
+        self._alive()
+        await super().commit(transition)
+        self._committed()
+
+    async def add_alert(self, payload: dict[str, Any], workflow_id: str | None = None) -> None:
+        self._alive()
+        await super().add_alert(payload, workflow_id)
+        self._committed()
+
+
+@dataclass
+class Outcome:
+    record: InstanceRecord
+    journal: list[JournalEntry]
+    outbox: list[OutboxItem]
+    stops: list[WorkflowStatus]  # the status each life (or resume) stopped in
+    lives: int
+
+
+async def _life(case: Case, db: Path, lifetime: int | None, first: bool) -> list[S]:
+    """One process: create (the first) or recover, then resume what is PAUSED (with the input
+    model's defaults overridden), until it ends or dies."""
+    definition = build_definition(case.raw(), source="<generated>")
+    builder = WorkflowBuilder()
+    builder.add_definition(definition)
+    stops: list[S] = []
+    async with MortalStore(db, lifetime) as store:
+        if first:
+            wf = await builder.create_workflow(TYPE, {}, store=store, workflow_id=WID)
+            await wf.run()
+        else:
+            await builder.recover(store)
+            wf = await builder.load_workflow(WID, store)
+        stops.append(wf.status)
+        for _ in range(len(case.steps) + 1):
+            if wf.status is not S.PAUSED:
+                break
+            wf = await builder.resume(store, WID, {"approved": True})
+            await wf.run()
+            stops.append(wf.status)
+    return stops
+
+
+async def _read(db: Path) -> tuple[InstanceRecord, list[JournalEntry], list[OutboxItem]]:
+    async with SQLiteStore(db, readonly=True) as store:
+        record = await store.load_instance(WID)
+        assert record is not None
+        return record, await store.journal(WID), await store.outbox_pending(limit=100_000)
+
+
+def drive(case: Case, db: Path) -> Outcome:
+    """Run the case to its end through its crashes, one ``asyncio.run`` per life (so whatever
+    the dead process left running goes with its loop)."""
+    prop_steps.reset(
+        {n: leaf.fails for n, leaf in case.leaves().items() if leaf.fails},
+        {s.name: s.returns for s in case.steps if s.kind == "DECISION"},
+    )
+    stops: list[S] = []
+    lives = 0
+    while True:
+        lifetime = case.crashes[lives] if lives < len(case.crashes) else None
+        prop_steps.WORLD["dead"] = False
+        try:
+            stops += asyncio.run(_life(case, db, lifetime, first=lives == 0))
+            break
+        except Crash:
+            lives += 1
+        assert lives <= MAX_LIVES
+    record, journal, outbox = asyncio.run(_read(db))
+    return Outcome(record, journal, outbox, stops, lives)
+
+
+# ------------------------------------------------------------------------------------------------
+# The properties
+
+
+def events(outcome: Outcome, name: str) -> list[str]:
+    return [
+        item.payload["step"]
+        for item in outcome.outbox
+        if item.kind == "event" and item.payload.get("event") == name
+    ]
+
+
+def check(case: Case, outcome: Outcome) -> None:
+    ledger = prop_steps.LEDGER
+    leaves = case.leaves()
+    completed = [s for s in events(outcome, "step_completed") if s in leaves]
+    undone = [s for what, s in ledger if what == "undo"]
+    ran = {s for what, s in ledger if what == "run"}
+    # Attempts cut short (by a crash, or a cancel when a sibling branch failed) may have taken
+    # effect: their own compensation may run, as after a crash (DESIGN §5).
+    cut_short = {
+        e.step
+        for e in outcome.journal
+        if e.phase == "forward" and e.outcome in ("interrupted", "cancelled")
+    }
+
+    # Driving stops in a terminal status or PAUSED, never half-way.
+    for stop in outcome.stops:
+        assert stop.is_terminal or stop is S.PAUSED, (stop, outcome.stops)
+    status = outcome.record.status
+    assert status.is_terminal, status
+
+    # Never twice, never one that did not run, never one that did not complete (unless cut short).
+    assert not [s for s, n in Counter(undone).items() if n > 1], undone
+    assert Counter(events(outcome, "compensation_completed")) == Counter(undone)
+    assert set(undone) <= ran, (undone, ran)
+    assert set(undone) <= set(completed) | cut_short, (undone, completed, cut_short)
+    assert set(undone) <= case.compensable()
+    assert len(completed) == len(set(completed)), completed  # a completed step never runs again
+
+    # Newest completion first (an interrupted step's own compensation may come before them).
+    done_undone = [s for s in undone if s in completed]
+    assert done_undone == [s for s in reversed(completed) if s in set(done_undone)], (
+        undone,
+        completed,
+    )
+
+    # The end the routes and failures call for.
+    expected = model(case)
+    assert status is expected.status(case.saga), (status, expected, outcome.record.error)
+    outer_done = [
+        s
+        for s in events(outcome, "step_completed")
+        if s in {o.name for o in case.steps if o.kind in ("STANDARD", "DECISION")}
+    ]
+    assert outer_done == expected.path, (outer_done, expected)
+    for name in expected.parallels:
+        branch_steps = {leaf.name for leaf in case.steps[int(name[1:])].leaves()}
+        assert branch_steps <= set(completed), (name, completed)
+    if status is S.COMPLETED or not case.saga:
+        assert undone == []
+    if status is S.FAILED_ROLLED_BACK:
+        assert set(undone) >= set(completed) & case.compensable(), (undone, completed)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(cases())
+def test_generated_workflows_recover_and_compensate_exactly_what_completed(case: Case) -> None:
+    with tempfile.TemporaryDirectory(prefix="edgesaga-prop-") as tmp:
+        outcome = drive(case, Path(tmp) / "agent.db")
+        check(case, outcome)
+
+
+def test_the_model_follows_a_route_past_a_failing_step() -> None:
+    """The model the property compares with: a DECISION that skips a failing step completes."""
+    fail = Leaf("S1", compensable=True, max_attempts=1, fails=1)
+    case = Case(
+        steps=[
+            Outer("DECISION", "S0", routes={"k0": "S1", "k1": "S2"}, returns="k1"),
+            Outer("STANDARD", "S1", leaf=fail),
+            Outer("STANDARD", "S2", leaf=Leaf("S2", True, 1, 0)),
+        ],
+        saga=True,
+        crashes=[3],
+    )
+    assert model(case) == Expected(["S0", "S2"], [], None)
+    with tempfile.TemporaryDirectory(prefix="edgesaga-prop-") as tmp:
+        outcome = drive(case, Path(tmp) / "agent.db")
+    check(case, outcome)
+    assert outcome.lives == 1
+    assert ("run", "S1") not in prop_steps.LEDGER
