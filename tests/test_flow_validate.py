@@ -353,4 +353,5 @@ def test_approve_with_is_checked_against_the_board(
         f"{path}:{text.splitlines().index('    approve_with: approve_button  # here') + 1}"
         in message
     )
-    assert "step 'Ask'" in message and "key 'approve_with'" in message
+    assert "step 'Ask'" in message
+    assert "key 'approve_with'" in message
