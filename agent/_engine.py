@@ -1190,6 +1190,8 @@ class WorkflowBuilder:
         wf._apply(pending, started, now)
         if begin is None:
             begin = not definition.spec.resources  # a lease wait comes before the first step
+        if begin and not isinstance(saga.next_action(progress, wf._plan), saga.Run):
+            begin = False  # a HUMAN_INPUT or PARALLEL first step: nothing runs as one attempt
         if begin:
             wf._begin(pending, progress.next_step or "", "forward", now)
             wf._fresh = True

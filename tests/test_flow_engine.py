@@ -405,3 +405,21 @@ async def test_failure_before_the_pivot_rolls_back(tmp_path: Path, store: SQLite
     wf = await WorkflowBuilder([path]).start_workflow("Flow", {}, store=store)
     assert wf.status is S.FAILED_ROLLED_BACK
     assert wf.state.ledger == ["Reserve", "undo:Reserve"]
+
+
+@pytest.mark.parametrize("first", ["HUMAN_INPUT", "PARALLEL"])
+async def test_a_pause_or_parallel_can_be_the_first_step(
+    tmp_path: Path, store: SQLiteStore, first: str
+) -> None:
+    if first == "HUMAN_INPUT":
+        head: dict[str, Any] = {"name": "Ask", "type": "HUMAN_INPUT"}
+    else:
+        head = {"name": "Both", "type": "PARALLEL", "branches": [[st("L1")], [st("R1")]]}
+    path = write(tmp_path, [head, st("After", undo=False)])
+    wf = await WorkflowBuilder([path]).start_workflow("Flow", {}, store=store)
+    if first == "HUMAN_INPUT":
+        assert wf.status is S.PAUSED
+        await wf.resume(None)
+        await wf.run()
+    assert wf.status is S.COMPLETED
+    assert wf.state.ledger[-1] == "After"
