@@ -97,8 +97,8 @@ def refund_if_approved(state: PaymentState, context: StepContext, **kwargs) -> d
     """
     if not getattr(state, "refund_approved", False):
         raise Exception(
-            f"Refund of {state.transaction_id} needs a person's approval (Approve_Refund was not "
-            "approved); refund it by hand, or approve it and retry the workflow."
+            f"Refund of {state.transaction_id} needs a person's approval and Approve_Refund did "
+            "not approve it; a person refunds it by hand"
         )
     print(f"\n🔄 COMPENSATION: Refund approved by {getattr(state, 'approved_by', None)}")
     return refund_payment(state, context, **kwargs)
