@@ -321,9 +321,7 @@ def _print_waiting(workflow_id: str, waiting: dict[str, Any]) -> None:
         how = "required" if name in required else f"default {json.dumps(prop.get('default'))}"
         print(f"                {name} ({kind or 'any'}, {how})")
     if waiting.get("timeout") is not None:
-        print(
-            f"              times out after {waiting['timeout']:g} s ({waiting.get('on_timeout')})"
-        )
+        print(f"              times out after {waiting['timeout']:g} s")
     if waiting.get("approve_with"):
         print(f"              a press of {waiting['approve_with']} approves it with the defaults")
     print(f"              resume with: edgesaga resume {workflow_id} --data '{{...}}'")
@@ -449,7 +447,8 @@ async def cmd_start(args: argparse.Namespace) -> int:
         print(f"started {reply['workflow_type']} {reply['workflow_id']}", file=sys.stderr)
         wf = await _drive(control, here, reply["workflow_id"])
         print(json.dumps({**wf.snapshot(), "state": wf.state.model_dump(mode="json")}, indent=2))
-    return 0 if wf.status is WorkflowStatus.COMPLETED else 3
+    # PAUSED: it waits at a HUMAN_INPUT step for `edgesaga resume` (the snapshot says for what)
+    return 0 if wf.status in (WorkflowStatus.COMPLETED, WorkflowStatus.PAUSED) else 3
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
@@ -675,7 +674,8 @@ def _parser() -> argparse.ArgumentParser:
             "Start a workflow. With a running agent (its control socket answers) the agent runs it: "
             "this prints the agent's reply at once, status ACTIVE; follow it with `edgesaga show ID`. "
             "Without one it runs here to its end, is journaled in the database, prints its final "
-            "snapshot and exits 0 if it COMPLETED, else with exit code 3."
+            "snapshot and exits 0 if it COMPLETED (or PAUSED, waiting for `edgesaga resume`), else with "
+            "exit code 3."
         ),
     )
     sp.add_argument("workflow_type")
