@@ -114,8 +114,9 @@ async def run_approval_demo(store: SQLiteStore) -> tuple[list[bool], list[str]]:
     await wf.run()
     _print_final_state(wf)
     ok = wf.status is WorkflowStatus.FAILED_ROLLED_BACK and refused
+    state: Any = wf.state  # an ApprovalPaymentState (workflows/payment/models.py)
     return (
-        [ok, "refund_payment" in wf.state.compensations_run],
+        [ok, "refund_payment" in state.compensations_run],
         [
             f"PaymentWithApproval (approved, carrier fails): {wf.status.value}, refund approved and made"
         ],
