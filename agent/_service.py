@@ -235,8 +235,8 @@ class Agent:
             }
         )
         missing = [d for d in devices if board is None or d not in board]
-        for device in missing:
-            log.warning("approve_with names %r, which is not a device of this board", device)
+        for device in missing:  # `edgesaga validate --config` reports it; resume still works
+            log.info("approve_with names %r, not a device of this board: no press resumes", device)
         return [
             tg.create_task(self._watch_button(d), name=f"approve-{d}")
             for d in devices
