@@ -554,15 +554,14 @@ class Workflow:
                 change = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
                 self._apply(pending, change, now)
             action = saga.next_action(self._progress, self._plan)
-            if isinstance(action, saga.Stop):
-                return None
-            if isinstance(action, saga.Fork):
-                return action.step
-            if isinstance(action, saga.Pause):
-                self._apply(pending, saga.pause(self._plan, self._progress), now)
-                await self._commit(pending, now)
-                self._builder._arm_pause(self)
-                return None
+            if not isinstance(action, saga.Run):
+                if isinstance(action, saga.Fork):
+                    return action.step
+                if isinstance(action, saga.Pause):
+                    self._apply(pending, saga.pause(self._plan, self._progress), now)
+                    await self._commit(pending, now)
+                    self._builder._arm_pause(self)
+                return None  # Stop
             if action.not_before is not None and action.not_before > now:
                 await self._commit(pending, now)
                 await self._sleep_until(action.not_before)
