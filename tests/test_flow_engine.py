@@ -423,3 +423,29 @@ async def test_a_pause_or_parallel_can_be_the_first_step(
         await wf.run()
     assert wf.status is S.COMPLETED
     assert wf.state.ledger[-1] == "After"
+
+
+async def test_a_paused_workflow_keeps_its_leases_across_a_restart(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
+    path = tmp_path / "leased.yaml"
+    body = {
+        "workflow_type": "Leased",
+        "workflow_version": "1.0.0",
+        "initial_state_model": MODEL,
+        "saga_mode": True,
+        "resources": ["pump"],
+        "steps": [st("Before"), {"name": "Ask", "type": "HUMAN_INPUT"}, st("After", undo=False)],
+    }
+    path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
+    builder = WorkflowBuilder([path])
+    wf = await builder.start_workflow("Leased", {}, store=store)
+    assert wf.status is S.PAUSED
+    assert builder.leases.holder("pump") == wf.id  # no worker slot, but the device stays its own
+    fresh = WorkflowBuilder([path])
+    assert fresh.leases.holder("pump") is None
+    await fresh.rearm_pauses(store)
+    assert fresh.leases.holder("pump") == wf.id
+    again = await fresh.resume(store, wf.id, None)
+    assert await again.run() is S.COMPLETED
+    assert fresh.leases.holder("pump") is None
