@@ -22,6 +22,7 @@ committed (the journal and the outbox's events):
 from __future__ import annotations
 
 import asyncio
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from agent import (
     WorkflowStatus,
 )
 from agent._definition import build_definition
+from agent._records import Transition
 from tests.flows.crashflow import prop_steps
 
 S = WorkflowStatus
@@ -47,7 +49,7 @@ END = "END"
 STEPS = "tests.flows.crashflow.prop_steps"
 TYPE = "PropFlow"
 WID = "prop-1"
-MAX_LIVES = 4  # crash points per example, at most (each one a restart)
+MAX_LIVES = 3  # lives per example: at most 2 crashes, fewer than max_interrupts (3) in one step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,6 +64,7 @@ class Leaf:
     compensable: bool
     max_attempts: int
     fails: int  # times it raises before it succeeds
+    yields: int = 1  # awaits in each execution (0: it ends before its task first yields; SLOW)
 
     @property
     def gives_up(self) -> bool:
@@ -156,6 +159,7 @@ def leaves(draw: st.DrawFn, name: str) -> Leaf:
         compensable=draw(st.booleans()),
         max_attempts=max_attempts,
         fails=draw(st.sampled_from([0, 0, 0, 1, 2, 3])),
+        yields=draw(st.sampled_from([0, 1, 2, 3, prop_steps.SLOW])),
     )
 
 
@@ -197,7 +201,7 @@ def cases(draw: st.DrawFn) -> Case:
         for step in steps:
             step.next = None  # a jump that leaves a step unreachable: validation refuses it
     saga = draw(st.booleans())
-    crashes = draw(st.lists(st.integers(1, 25), max_size=MAX_LIVES - 1))
+    crashes = draw(st.lists(st.integers(1, 15), max_size=MAX_LIVES - 1))
     return Case(steps=steps, saga=saga, crashes=crashes)
 
 
@@ -272,9 +276,14 @@ class Crash(BaseException):
     """The process dies (not an Exception: nothing in the engine may handle it)."""
 
 
+#: The error a step of prop_steps raises, naming the step.
+FAILURE = re.compile(r"RuntimeError: (\S+) fails on purpose")
+
+
 class MortalStore(SQLiteStore):
     """A real store on the file that dies right after its ``lifetime``-th commit: that commit is
-    durable, nothing after it is written, and :data:`prop_steps.WORLD` stops recording."""
+    durable, nothing after it is written, and :data:`prop_steps.WORLD` stops recording. A step's
+    failure is spent once a commit records it (the budget the next life starts from)."""
 
     def __init__(self, path: Path, lifetime: int | None) -> None:
         super().__init__(path)
@@ -285,10 +294,14 @@ class MortalStore(SQLiteStore):
         if prop_steps.WORLD["dead"]:
             raise Crash
 
-    def _committed(self) -> None:
+    def _committed(self, transition: Transition | None = None) -> None:
+        for row in () if transition is None else transition.journal:
+            failure = FAILURE.match(getattr(row, "error", None) or "")
+            if getattr(row, "outcome", None) == "failed" and failure:
+                prop_steps.FAILS_COMMITTED[failure[1]] -= 1  # this failure is spent for good
         self.commits += 1
         if self.lifetime is not None and self.commits >= self.lifetime:
-            prop_steps.WORLD["dead"] = True
+            prop_steps.crashed()
             raise Crash
 
     async def create_instance(self, new: Any) -> bool:
@@ -297,10 +310,10 @@ class MortalStore(SQLiteStore):
         self._committed()
         return created
 
-    async def commit(self, transition: Any) -> None:
+    async def commit(self, transition: Transition) -> None:
         self._alive()
         await super().commit(transition)
-        self._committed()
+        self._committed(transition)
 
     async def add_alert(self, payload: dict[str, Any], workflow_id: str | None = None) -> None:
         self._alive()
@@ -354,6 +367,7 @@ def drive(case: Case, db: Path) -> Outcome:
     prop_steps.reset(
         {n: leaf.fails for n, leaf in case.leaves().items() if leaf.fails},
         {s.name: s.returns for s in case.steps if s.kind == "DECISION"},
+        {n: leaf.yields for n, leaf in case.leaves().items()},
     )
     stops: list[S] = []
     lives = 0
