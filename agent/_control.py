@@ -282,7 +282,11 @@ class Control:
         """A row of ``list``: the record's summary; for a PAUSED one also the step and the names
         of the input fields it waits for."""
         row: dict[str, Any] = dict(rec.summary())
-        waiting = await self.waiting_input(rec)
+        try:
+            waiting = await self.waiting_input(rec)
+        except Exception:  # its stored definition no longer loads: `show` says why; list goes on
+            log.warning("list: cannot say what workflow %s waits for", rec.id, exc_info=True)
+            waiting = None
         if waiting is not None:
             row["waiting_input"] = {"step": waiting.get("step"), "fields": input_fields(waiting)}
         return row
