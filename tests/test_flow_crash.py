@@ -204,6 +204,24 @@ def test_kill_right_after_resume_was_accepted_goes_on_after_restart(tmp_path: Pa
     assert agent.record().state["approved"] is True
 
 
+def test_paused_workflow_cancelled_after_a_restart_compensates_what_completed(
+    tmp_path: Path,
+) -> None:
+    agent = FlowAgent(tmp_path, "FlowPause")
+    pause_and_kill(agent)
+
+    assert agent.finishes("cancel") == {agent.id: "CANCELLED"}
+    assert agent.lines() == [
+        "Prep:start",
+        "Prep:done",
+        HELD,
+        "undo:Prep:start",
+        "undo:Prep:done",
+    ]
+    assert compensations(agent) == [("Prep", 1, "completed")]
+    assert agent.record().status is WorkflowStatus.CANCELLED
+
+
 # -- PARALLEL ------------------------------------------------------------------------------------
 PARALLEL_STEPS = ["Prep", "L1", "L2", "R1", "R2", "After"]
 
@@ -293,6 +311,33 @@ def test_parallel_failing_branch_compensates_both_branches_newest_first(tmp_path
     assert agent.record().status is WorkflowStatus.FAILED_ROLLED_BACK
 
 
+def test_parallel_killed_in_its_rollback_finishes_it_after_a_restart(tmp_path: Path) -> None:
+    agent = FlowAgent(tmp_path, "FlowParallel")
+    agent.after("R1", "L1:done")
+    agent.after("L2", "R1:done")
+    agent.after("R2", "L2:done")
+    agent.fail("R2")
+    agent.hold_undo("R1")
+    agent.kill_at("undo:R1:start")
+    assert agent.record().status is WorkflowStatus.COMPENSATING
+    assert undone(agent.lines()) == ["L2"]
+
+    assert agent.finishes("recover") == {agent.id: "FAILED_ROLLED_BACK"}
+    lines = agent.lines()
+    assert undone(lines) == ["L2", "R1", "L1", "Prep"]
+    assert ran(lines, "undo:R1:start") == 2  # the interrupted compensation, once more
+    assert ran(lines, "undo:L2:start") == 1
+    assert all(ran(lines, f"{s}:start") == 1 for s in ["Prep", "L1", "L2", "R1", "R2"])
+    assert "After:start" not in lines
+    assert compensations(agent) == [
+        ("L2", 1, "completed"),
+        ("R1", 1, "interrupted"),
+        ("R1", 2, "completed"),
+        ("L1", 1, "completed"),
+        ("Prep", 1, "completed"),
+    ]
+
+
 # -- pivot ---------------------------------------------------------------------------------------
 def test_failure_after_the_pivot_fails_with_an_alert_compensates_nothing_and_retries(
     tmp_path: Path,
@@ -329,3 +374,18 @@ def test_failure_after_the_pivot_fails_with_an_alert_compensates_nothing_and_ret
     assert lines[-2:] == ["Ship:start", "Ship:done"]
     assert not undone(lines)
     assert agent.record().status is WorkflowStatus.COMPLETED
+
+
+def test_failure_at_the_pivot_rolls_back_as_usual(tmp_path: Path) -> None:
+    agent = FlowAgent(tmp_path, "FlowPivot")
+    agent.fail("Charge")
+    assert agent.finishes("start") == {agent.id: "FAILED_ROLLED_BACK"}
+    assert agent.lines() == [
+        "Reserve:start",
+        "Reserve:done",
+        "Charge:start",
+        "Charge:fail",
+        "undo:Reserve:start",
+        "undo:Reserve:done",
+    ]
+    assert not [a for a in agent.alerts() if a.get("workflow_id") == agent.id]

@@ -40,6 +40,10 @@ class FlowAgent:
         """``step``'s first execution waits until :meth:`release`."""
         (self.dir / f"hold-{step}").touch()
 
+    def hold_undo(self, step: str) -> None:
+        """``step``'s compensation's first execution waits (until the process is killed)."""
+        (self.dir / f"hold-undo-{step}").touch()
+
     def release(self, step: str) -> None:
         (self.dir / f"hold-{step}").unlink(missing_ok=True)
 

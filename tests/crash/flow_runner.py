@@ -7,6 +7,7 @@ the tests of tests/test_flow_crash.py SIGKILL.
     python tests/crash/flow_runner.py resume  --db PATH --ledger PATH --workflow-id ID --data JSON
                                               [--kill-after-resume]
     python tests/crash/flow_runner.py retry   --db PATH --ledger PATH --workflow-id ID
+    python tests/crash/flow_runner.py cancel  --db PATH --ledger PATH --workflow-id ID
 
 Prints one JSON line when it ends normally: ``{"statuses": {workflow_id: status}}``, or
 ``{"error": {"code": ..., "message": ...}}`` when the agent refused the command. ``--hold``: once
@@ -61,13 +62,17 @@ async def _command(args: argparse.Namespace, builder: WorkflowBuilder, store: SQ
             await asyncio.sleep(60)  # not reached: SIGKILL cannot be caught
         await wf.run()
         return [wf]
+    if args.command == "cancel":
+        wf = await builder.cancel(args.workflow_id, store)
+        await wf.wait()
+        return [wf]
     wf = await builder.retry(args.workflow_id, store)
     return [wf]
 
 
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("command", choices=["start", "recover", "resume", "retry"])
+    parser.add_argument("command", choices=["start", "recover", "resume", "retry", "cancel"])
     parser.add_argument("--db", required=True)
     parser.add_argument("--ledger", required=True)
     parser.add_argument("--type", default=None)

@@ -7,6 +7,7 @@ processes:
 
 - ``hold-<Step>``: the step's first execution waits (awaiting, so it can be cancelled) while the
   file exists; the test kills the process meanwhile, or removes the file to let it go on;
+- ``hold-undo-<Step>``: the same for the step's compensation;
 - ``fail-<Step>``: the step raises while the file exists (removed before a ``retry``, say);
 - ``after-<Step>``: holds a line of the ledger the step waits for before it goes on (orders the
   branches of a PARALLEL step, so the order of completions is known).
@@ -73,6 +74,9 @@ async def step(state: FlowState, context: StepContext) -> None:
 async def undo(state: FlowState, context: StepContext) -> None:
     """The compensation of :func:`step`."""
     note(state, f"undo:{context.step_name}:start")
+    hold = _beside(state, f"hold-undo-{context.step_name}")
+    if context.attempt == 1:
+        await _until(lambda: not hold.exists())
     note(state, f"undo:{context.step_name}:done")
 
 
