@@ -11,19 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.flows.service.harness import agent_process, journal, poll, write_config
+from tests.flows.service.harness import ROOT, agent_process, journal, poll, write_config
 
 pytestmark = pytest.mark.timeout(90)
 
 ORDER = {"order_id": "ORD-7", "customer_id": "CUST-7", "amount": 20.0}
-HARDWARE = {
-    "pin_factory": "mock",
-    "devices": {
-        "approve_button": {"kind": "button", "pin": 16},
-        "lamp": {"kind": "output", "pin": 17, "safe": False},
-    },
-}
+#: The agent's hardware section is the bundled devices file of the example (mock pins).
+HARDWARE = yaml.safe_load((ROOT / "workflows" / "payment" / "devices.yaml").read_text())
 BEFORE_PAUSE = [
     ("Create_Order", "forward", 1, "completed"),
     ("Charge_Payment", "forward", 1, "completed"),
