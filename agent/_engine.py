@@ -612,7 +612,12 @@ class Workflow:
                 await self._wait_branches(tasks)
                 for done in [t for t in tasks if t.done()]:
                     step, fl = tasks.pop(done)
-                    self._record_branch(pending, step, fl, done.result(), time.time())
+                    if done.cancelled():  # stopped before its first line ran: no effect taken
+                        unrun = _invoke.Outcome(False, error=self._branch_stop_reason)
+                        result = _invoke.BranchOutcome(unrun)
+                    else:
+                        result = done.result()
+                    self._record_branch(pending, step, fl, result, time.time())
                     await self._commit(pending, time.time())
         finally:
             for left in tasks:  # only when this driver itself is cancelled (shutdown)

@@ -449,3 +449,47 @@ async def test_a_paused_workflow_keeps_its_leases_across_a_restart(
     again = await fresh.resume(store, wf.id, None)
     assert await again.run() is S.COMPLETED
     assert fresh.leases.holder("pump") is None
+
+
+async def test_cancel_during_a_parallel_stops_the_branches_and_compensates(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
+    path = parallel_flow(
+        tmp_path,
+        [st("L1", "set_event", params={"name": "started"}), st("L2", "wait_long")],
+        [st("R1", "wait_long")],
+    )
+    builder = WorkflowBuilder([path])
+    l2_began = asyncio.Event()
+
+    def watch(_wf: object, event: dict[str, Any]) -> None:
+        if event["event"] == "step_started" and event["step"] == "L2":
+            l2_began.set()
+
+    builder.observers.append(watch)
+    wf = await builder.create_workflow("Flow", {}, store=store)
+    driving = asyncio.ensure_future(wf.run())
+    await asyncio.wait_for(l2_began.wait(), 10)
+    assert {fl.step for fl in wf.progress.running} == {"L2", "R1"}
+    await wf.cancel("stop now")
+    assert await asyncio.wait_for(driving, 10) is S.CANCELLED
+    undone = [x for x in wf.state.ledger if x.startswith("undo:")]
+    # The two stopped mid-flight first (in the order they were stopped), then L1, then Before.
+    assert sorted(undone[:2]) == ["undo:L2", "undo:R1"]
+    assert undone[2:] == ["undo:L1", "undo:Before"]
+    assert wf.error == "stop now"
+
+
+async def test_a_branch_stopped_at_its_await_is_compensated(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
+    # L1 (async) reaches its first await before R1's thread can fail: it is stopped there, and
+    # since it may have taken effect, its own compensation runs before the step before.
+    path = parallel_flow(tmp_path, [st("L1", "wait_long")], [st("R1", "fail")])
+    wf = await WorkflowBuilder([path]).start_workflow("Flow", {}, store=store)
+    assert wf.status is S.FAILED_ROLLED_BACK
+    journal = await store.journal(wf.id)
+    ends = {(e.step, e.phase): e.outcome for e in journal}
+    assert ends[("R1", "forward")] == "failed"
+    assert ends[("L1", "forward")] == "cancelled"
+    assert [x for x in wf.state.ledger if x.startswith("undo:")] == ["undo:L1", "undo:Before"]
