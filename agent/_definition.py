@@ -828,6 +828,19 @@ _FIELD_PARAMS = ("field", "elapsed_field")
 _SECONDS_PARAMS = ("seconds", "timeout")
 
 
+def steps_with_locations(
+    definition: LoadedDefinition,
+) -> list[tuple[LoadedStep, tuple[int | str, ...]]]:
+    """Every step, a PARALLEL's branch steps included (after it), with its YAML location (for
+    :func:`_line_of`): ``("steps", i)`` or ``("steps", i, "branches", b, j)``."""
+    out: list[tuple[LoadedStep, tuple[int | str, ...]]] = []
+    for i, step in enumerate(definition.steps):
+        out.append((step, ("steps", i)))
+        for b, branch in enumerate(step.branches):
+            out.extend((inner, ("steps", i, "branches", b, j)) for j, inner in enumerate(branch))
+    return out
+
+
 def gpio_step_name(func: Callable[..., Any] | None) -> str | None:
     """``set_output`` for ``hardware.steps.set_output`` (and so on), None for any other callable."""
     if func is None or getattr(func, "__module__", None) != "hardware.steps":
@@ -843,11 +856,10 @@ def check_gpio_steps(definition: LoadedDefinition, node: yaml.Node | None = None
     journal, not in the state: any state model will do for the others.) (Device names need the agent config:
     see :mod:`agent._validate`.)"""
     fields = definition.state_model.model_fields
-    for index, step in enumerate(definition.steps):
+    for step, loc in steps_with_locations(definition):
         gpio = gpio_step_name(step.function)
         if gpio is None:
             continue
-        loc: tuple[int | str, ...] = ("steps", index)
         where: dict[str, Any] = {"path": definition.source, "step": step.name}
         params = step.spec.params
         for key in _FIELD_PARAMS:

@@ -851,8 +851,11 @@ class Workflow:
             log.exception("workflow %s: cannot read back what is committed", self.id)
         now = time.time()
         pending = _Pending()
-        fl = committed.inflight
-        if fl is not None:  # its "started" record is committed; its outcome never will be
+        # Their "started" records are committed; their outcomes never will be.
+        for fl in (
+            *(() if committed.inflight is None else (committed.inflight,)),
+            *committed.running,
+        ):
             pending.journal.append(JournalEnd(fl.seq, "failed", now, error))
         alert = self._apply(pending, change, now)
         try:

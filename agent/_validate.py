@@ -20,6 +20,7 @@ from agent._definition import (
     discover,
     gpio_step_name,
     load_definition_and_node,
+    steps_with_locations,
 )
 from agent._errors import DefinitionError
 from hardware._errors import with_article
@@ -246,8 +247,7 @@ def check_against_config(
                     )
                 )
     problems.extend(check_approve_with(definition, devices if hardware is not None else None, node))
-    for index, step in enumerate(definition.steps):
-        loc: tuple[int | str, ...] = ("steps", index)
+    for step, loc in steps_with_locations(definition):
         for key, func in (("function", step.function), ("compensate_function", step.compensate)):
             gpio = gpio_step_name(func)
             if gpio is None or gpio not in _DEVICE_KINDS:

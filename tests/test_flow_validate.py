@@ -355,3 +355,54 @@ def test_approve_with_is_checked_against_the_board(
     )
     assert "step 'Ask'" in message
     assert "key 'approve_with'" in message
+
+
+def test_gpio_params_of_a_branch_step_are_checked(tmp_path: Path) -> None:
+    err, path, line = refused(
+        tmp_path,
+        """  - name: Both
+    type: PARALLEL
+    branches:
+      - - name: Read
+          function: hardware.steps.read_input
+          params:
+            device: level
+            field: no_such_field  # <-- error
+      - [{name: Y, function: $S.do}]
+""",
+    )
+    assert f"{path}:{line}" in str(err)
+    assert err.step == "Read"
+    assert err.key == "field"
+
+
+def test_devices_of_a_branch_step_are_checked_against_the_board(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from agent._definition import load_definition_and_node
+    from agent._validate import check_against_config
+
+    path = tmp_path / "beds.yaml"
+    text = (
+        HEAD
+        + """  - name: Both
+    type: PARALLEL
+    branches:
+      - - name: Open_A
+          function: hardware.steps.set_output
+          params: {device: valve_x, value: true}  # here
+      - [{name: Y, function: tests.flows.core.steps.do}]
+"""
+    )
+    path.write_text(text, encoding="utf-8")
+    definition, node = load_definition_and_node(path)
+    config = SimpleNamespace(
+        hardware=SimpleNamespace(devices={"valve_a": SimpleNamespace(kind="output")})
+    )
+    problems = check_against_config(definition, cast(Any, config), node)
+    assert len(problems) == 1
+    line = next(i + 1 for i, t in enumerate(text.splitlines()) if t.endswith("# here"))
+    assert f"{path}:{line}" in str(problems[0])
+    assert problems[0].step == "Open_A"
+    assert "'valve_x' is not in the agent config" in str(problems[0])
