@@ -286,6 +286,34 @@ def test_parallel_killed_with_one_branch_done_resumes_the_other_only(tmp_path: P
     assert agent.record().status is WorkflowStatus.COMPLETED
 
 
+def test_parallel_killed_while_a_branch_waits_to_retry_retries_it_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    agent = FlowAgent(tmp_path, "FlowParallelRetry")
+    agent.hold("L1")
+    agent.fail_once("R1")
+    # Killed with L1 in flight and R1's first failure committed (its back-off running).
+    agent.kill_when(
+        lambda: "L1:start" in agent.lines() and agent.ended_in_journal("R1", "failed"), "start"
+    )
+    assert agent.record().status is WorkflowStatus.ACTIVE
+
+    assert agent.finishes("recover") == {agent.id: "COMPLETED"}
+    lines = agent.lines()
+    assert ran(lines, "L1:start") == 2  # interrupted, then again
+    assert ran(lines, "R1:start") == 2  # failed (before the kill), then its retry
+    assert ran(lines, "R1:fail") == 1
+    assert lines[-2:] == ["After:start", "After:done"]
+    branch_rows = [(s, a, o) for p, s, a, o in rows(agent.journal()) if s in ("L1", "R1")]
+    assert sorted(branch_rows) == [
+        ("L1", 1, "interrupted"),
+        ("L1", 2, "completed"),
+        ("R1", 1, "failed"),
+        ("R1", 2, "completed"),
+    ]
+    assert not undone(lines)
+
+
 def test_parallel_failing_branch_compensates_both_branches_newest_first(tmp_path: Path) -> None:
     agent = FlowAgent(tmp_path, "FlowParallel")
     # Completions in a known order across the branches: L1, R1, L2; then R2 fails.

@@ -55,6 +55,10 @@ class FlowAgent:
         else:
             path.unlink(missing_ok=True)
 
+    def fail_once(self, step: str) -> None:
+        """``step``'s next execution raises; the ones after it do not."""
+        (self.dir / f"fail-once-{step}").touch()
+
     def after(self, step: str, line: str) -> None:
         """``step`` waits until ``line`` is in the ledger."""
         (self.dir / f"after-{step}").write_text(line + "\n", encoding="utf-8")
@@ -184,15 +188,17 @@ class FlowAgent:
 
     def completed_in_journal(self, step: str) -> bool:
         """Is a forward attempt of ``step`` committed as completed? (readable while it runs)"""
+        return self.ended_in_journal(step, "completed")
+
+    def ended_in_journal(self, step: str, outcome: str) -> bool:
+        """Is a forward attempt of ``step`` committed with ``outcome``? (readable while it runs)"""
         if not self.db.exists():
             return False
         try:
             rows = self.journal()
         except Exception:  # the database is being created
             return False
-        return any(
-            e.step == step and e.phase == "forward" and e.outcome == "completed" for e in rows
-        )
+        return any(e.step == step and e.phase == "forward" and e.outcome == outcome for e in rows)
 
 
 def rows(journal: list[JournalEntry]) -> list[tuple[str, str, int, str]]:

@@ -9,6 +9,7 @@ processes:
   file exists; the test kills the process meanwhile, or removes the file to let it go on;
 - ``hold-undo-<Step>``: the same for the step's compensation;
 - ``fail-<Step>``: the step raises while the file exists (removed before a ``retry``, say);
+- ``fail-once-<Step>``: the step raises once, and removes the file;
 - ``after-<Step>``: holds a line of the ledger the step waits for before it goes on (orders the
   branches of a PARALLEL step, so the order of completions is known).
 """
@@ -59,7 +60,9 @@ async def _steer(state: FlowState, context: StepContext) -> None:
     hold = _beside(state, f"hold-{name}")
     if context.attempt == 1:
         await _until(lambda: not hold.exists())
-    if _beside(state, f"fail-{name}").exists():
+    once = _beside(state, f"fail-once-{name}")
+    if _beside(state, f"fail-{name}").exists() or once.exists():
+        once.unlink(missing_ok=True)
         note(state, f"{name}:fail")
         raise RuntimeError(f"{name} fails on purpose")
 
