@@ -25,6 +25,7 @@ import asyncio
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from agent import (
 )
 from agent._definition import build_definition
 from agent._records import Transition
+from agent._saga import can_cancel
 from tests.flows.crashflow import prop_steps
 
 S = WorkflowStatus
@@ -134,6 +136,8 @@ class Case:
     steps: list[Outer]
     saga: bool
     crashes: list[int]  # commits each life makes before it dies
+    cancel_at: int | None = None  # a cancel is requested after this commit (counted over lives)
+    cancel_paused: bool = False  # a PAUSED workflow is cancelled instead of resumed
 
     def raw(self) -> dict[str, Any]:
         return {
@@ -285,10 +289,13 @@ class MortalStore(SQLiteStore):
     durable, nothing after it is written, and :data:`prop_steps.WORLD` stops recording. A step's
     failure is spent once a commit records it (the budget the next life starts from)."""
 
-    def __init__(self, path: Path, lifetime: int | None) -> None:
+    def __init__(
+        self, path: Path, lifetime: int | None, hook: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(path)
         self.lifetime = lifetime
         self.commits = 0
+        self.hook = hook  # called after each commit that does not end the life
 
     def _alive(self) -> None:
         if prop_steps.WORLD["dead"]:
@@ -303,6 +310,8 @@ class MortalStore(SQLiteStore):
         if self.lifetime is not None and self.commits >= self.lifetime:
             prop_steps.crashed()
             raise Crash
+        if self.hook is not None:
+            self.hook()
 
     async def create_instance(self, new: Any) -> bool:
         self._alive()
@@ -328,16 +337,28 @@ class Outcome:
     outbox: list[OutboxItem]
     stops: list[WorkflowStatus]  # the status each life (or resume) stopped in
     lives: int
+    cancel_requested: bool = False  # a cancel reached the workflow while it could be cancelled
 
 
-async def _life(case: Case, db: Path, lifetime: int | None, first: bool) -> list[S]:
+async def _life(
+    case: Case, db: Path, lifetime: int | None, first: bool, seen: dict[str, int]
+) -> list[S]:
     """One process: create (the first) or recover, then resume what is PAUSED (with the input
-    model's defaults overridden), until it ends or dies."""
+    model's defaults overridden) or cancel it, until it ends or dies. ``seen`` counts the
+    commits of every life and whether a cancel was requested."""
     definition = build_definition(case.raw(), source="<generated>")
     builder = WorkflowBuilder()
     builder.add_definition(definition)
     stops: list[S] = []
-    async with MortalStore(db, lifetime) as store:
+
+    def after_commit() -> None:
+        seen["commits"] += 1
+        live = builder.live(WID)
+        if seen["commits"] == case.cancel_at and live is not None and can_cancel(live.status):
+            live.request_cancel()
+            seen["cancel"] = 1
+
+    async with MortalStore(db, lifetime, after_commit) as store:
         if first:
             wf = await builder.create_workflow(TYPE, {}, store=store, workflow_id=WID)
             await wf.run()
@@ -347,6 +368,12 @@ async def _life(case: Case, db: Path, lifetime: int | None, first: bool) -> list
         stops.append(wf.status)
         for _ in range(len(case.steps) + 1):
             if wf.status is not S.PAUSED:
+                break
+            if case.cancel_paused:
+                seen["cancel"] = 1
+                wf = await builder.cancel(WID, store)
+                await wf.wait()
+                stops.append(wf.status)
                 break
             wf = await builder.resume(store, WID, {"approved": True})
             await wf.run()
@@ -371,17 +398,18 @@ def drive(case: Case, db: Path) -> Outcome:
     )
     stops: list[S] = []
     lives = 0
+    seen = {"commits": 0, "cancel": 0}
     while True:
         lifetime = case.crashes[lives] if lives < len(case.crashes) else None
         prop_steps.WORLD["dead"] = False
         try:
-            stops += asyncio.run(_life(case, db, lifetime, first=lives == 0))
+            stops += asyncio.run(_life(case, db, lifetime, lives == 0, seen))
             break
         except Crash:
             lives += 1
         assert lives <= MAX_LIVES
     record, journal, outbox = asyncio.run(_read(db))
-    return Outcome(record, journal, outbox, stops, lives)
+    return Outcome(record, journal, outbox, stops, lives, bool(seen["cancel"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,6 +425,14 @@ def events(outcome: Outcome, name: str) -> list[str]:
 
 
 def check(case: Case, outcome: Outcome) -> None:
+    """Every property: the invariants, and the model's outcome."""
+    completed = check_invariants(case, outcome)
+    check_model(case, outcome, completed)
+
+
+def check_invariants(case: Case, outcome: Outcome) -> list[str]:
+    """What holds whatever happened (crashes, cancels); returns the completed steps (of the
+    outer path's STANDARD steps and the branches), in completion order."""
     ledger = prop_steps.LEDGER
     leaves = case.leaves()
     completed = [s for s in events(outcome, "step_completed") if s in leaves]
@@ -431,7 +467,16 @@ def check(case: Case, outcome: Outcome) -> None:
         completed,
     )
 
-    # The end the routes and failures call for.
+    if status is S.COMPLETED or not case.saga:
+        assert undone == []
+    if case.saga and status in (S.FAILED_ROLLED_BACK, S.CANCELLED):
+        assert set(undone) >= set(completed) & case.compensable(), (undone, completed)
+    return completed
+
+
+def check_model(case: Case, outcome: Outcome, completed: list[str]) -> None:
+    """The end the routes and failures call for (no cancel came)."""
+    status = outcome.record.status
     expected = model(case)
     assert status is expected.status(case.saga), (status, expected, outcome.record.error)
     outer_done = [
@@ -443,10 +488,6 @@ def check(case: Case, outcome: Outcome) -> None:
     for name in expected.parallels:
         branch_steps = {leaf.name for leaf in case.steps[int(name[1:])].leaves()}
         assert branch_steps <= set(completed), (name, completed)
-    if status is S.COMPLETED or not case.saga:
-        assert undone == []
-    if status is S.FAILED_ROLLED_BACK:
-        assert set(undone) >= set(completed) & case.compensable(), (undone, completed)
 
 
 @settings(
@@ -459,6 +500,36 @@ def test_generated_workflows_recover_and_compensate_exactly_what_completed(case:
     with tempfile.TemporaryDirectory(prefix="edgesaga-prop-") as tmp:
         outcome = drive(case, Path(tmp) / "agent.db")
         check(case, outcome)
+
+
+@st.composite
+def cancelled_cases(draw: st.DrawFn) -> Case:
+    case = draw(cases())
+    case.cancel_at = draw(st.integers(1, 20))
+    case.cancel_paused = draw(st.booleans())
+    return case
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(cancelled_cases())
+def test_generated_workflows_cancelled_at_random_points_undo_only_what_completed(
+    case: Case,
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="edgesaga-prop-") as tmp:
+        outcome = drive(case, Path(tmp) / "agent.db")
+    completed = check_invariants(case, outcome)
+    status = outcome.record.status
+    if outcome.cancel_requested:
+        # A cancel that came in time ends CANCELLED, else the run ended on its own first.
+        assert status in (S.CANCELLED, S.COMPLETED, S.FAILED, S.FAILED_ROLLED_BACK), status
+    else:
+        check_model(case, outcome, completed)
+    if case.cancel_paused and S.PAUSED in outcome.stops:
+        assert status is S.CANCELLED, (status, outcome.stops)
 
 
 def test_the_model_follows_a_route_past_a_failing_step() -> None:
@@ -479,3 +550,29 @@ def test_the_model_follows_a_route_past_a_failing_step() -> None:
     check(case, outcome)
     assert outcome.lives == 1
     assert ("run", "S1") not in prop_steps.LEDGER
+
+
+def test_a_cancel_that_meets_a_failing_branch_still_rolls_back() -> None:
+    """A cancel requested while a PARALLEL runs, seen only after a branch failed for good (the
+    rollback already begun), must not stop the rollback: found by the cancel property."""
+    for cancel_at in (2, 3):  # after the branches' start, after A's completion
+        case = Case(
+            steps=[
+                Outer(
+                    "PARALLEL",
+                    "S0",
+                    branches=[[Leaf("A", True, 1, 0, 0)], [Leaf("B", True, 1, 1, 0)]],
+                )
+            ],
+            saga=True,
+            crashes=[],
+            cancel_at=cancel_at,
+        )
+        with tempfile.TemporaryDirectory(prefix="edgesaga-prop-") as tmp:
+            outcome = drive(case, Path(tmp) / "agent.db")
+        assert outcome.cancel_requested
+        status = outcome.record.status
+        assert status in (S.CANCELLED, S.FAILED_ROLLED_BACK), (cancel_at, outcome.record.error)
+        assert [s for what, s in prop_steps.LEDGER if what == "undo"] == ["A"]
+        assert not [i for i in outcome.outbox if i.kind == "alert"], outcome.record.error
+        check_invariants(case, outcome)
