@@ -22,10 +22,12 @@ committed (the journal and the outbox's events):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import tempfile
+import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ class Leaf:
     max_attempts: int
     fails: int  # times it raises before it succeeds
     yields: int = 1  # awaits in each execution (0: it ends before its task first yields; SLOW)
+    sync: bool = False  # a plain function, run on a worker thread
 
     @property
     def gives_up(self) -> bool:
@@ -75,7 +78,7 @@ class Leaf:
     def yaml(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name,
-            "function": f"{STEPS}.step",
+            "function": f"{STEPS}.step_sync" if self.sync else f"{STEPS}.step",
             "retry": {"max_attempts": self.max_attempts, "initial_delay": 0},
         }
         if self.compensable:
@@ -164,6 +167,7 @@ def leaves(draw: st.DrawFn, name: str) -> Leaf:
         max_attempts=max_attempts,
         fails=draw(st.sampled_from([0, 0, 0, 1, 2, 3])),
         yields=draw(st.sampled_from([0, 1, 2, 3, prop_steps.SLOW])),
+        sync=draw(st.integers(0, 4)) == 0,
     )
 
 
@@ -286,7 +290,7 @@ FAILURE = re.compile(r"RuntimeError: (\S+) fails on purpose")
 
 class MortalStore(SQLiteStore):
     """A real store on the file that dies right after its ``lifetime``-th commit: that commit is
-    durable, nothing after it is written, and :data:`prop_steps.WORLD` stops recording. A step's
+    durable, nothing after it is written, and :class:`prop_steps.World` stops recording. A step's
     failure is spent once a commit records it (the budget the next life starts from)."""
 
     def __init__(
@@ -298,7 +302,7 @@ class MortalStore(SQLiteStore):
         self.hook = hook  # called after each commit that does not end the life
 
     def _alive(self) -> None:
-        if prop_steps.WORLD["dead"]:
+        if prop_steps.World.dead:
             raise Crash
 
     def _committed(self, transition: Transition | None = None) -> None:
@@ -349,7 +353,6 @@ async def _life(
     definition = build_definition(case.raw(), source="<generated>")
     builder = WorkflowBuilder()
     builder.add_definition(definition)
-    stops: list[S] = []
 
     def after_commit() -> None:
         seen["commits"] += 1
@@ -358,6 +361,24 @@ async def _life(
             live.request_cancel()
             seen["cancel"] = 1
 
+    try:
+        return await _lived(case, db, lifetime, first, builder, after_commit, seen)
+    except Crash:
+        await prop_steps.sync_steps_returned()
+        raise
+
+
+async def _lived(
+    case: Case,
+    db: Path,
+    lifetime: int | None,
+    first: bool,
+    builder: WorkflowBuilder,
+    after_commit: Callable[[], None],
+    seen: dict[str, int],
+) -> list[S]:
+    """The body of :func:`_life`: the statuses each drive stopped in."""
+    stops: list[S] = []
     async with MortalStore(db, lifetime, after_commit) as store:
         if first:
             wf = await builder.create_workflow(TYPE, {}, store=store, workflow_id=WID)
@@ -388,9 +409,32 @@ async def _read(db: Path) -> tuple[InstanceRecord, list[JournalEntry], list[Outb
         return record, await store.journal(WID), await store.outbox_pending(limit=100_000)
 
 
+@contextlib.contextmanager
+def _dead_threads_ignored() -> Iterator[None]:
+    """A worker thread of a dead life that hands its result to that life's closed loop raises
+    "Event loop is closed": a real crash takes the thread with it, so that error is not one."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, RuntimeError) and "loop is closed" in str(args.exc_value):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def drive(case: Case, db: Path) -> Outcome:
     """Run the case to its end through its crashes, one ``asyncio.run`` per life (so whatever
     the dead process left running goes with its loop)."""
+    with _dead_threads_ignored():
+        return _drive(case, db)
+
+
+def _drive(case: Case, db: Path) -> Outcome:
     prop_steps.reset(
         {n: leaf.fails for n, leaf in case.leaves().items() if leaf.fails},
         {s.name: s.returns for s in case.steps if s.kind == "DECISION"},
@@ -401,7 +445,8 @@ def drive(case: Case, db: Path) -> Outcome:
     seen = {"commits": 0, "cancel": 0}
     while True:
         lifetime = case.crashes[lives] if lives < len(case.crashes) else None
-        prop_steps.WORLD["dead"] = False
+        if lives:
+            prop_steps.reborn()
         try:
             stops += asyncio.run(_life(case, db, lifetime, lives == 0, seen))
             break
