@@ -579,7 +579,13 @@ class Workflow:
         try:
             while True:
                 now = time.time()
-                if self._cancel.is_set() and not self._progress.cancelled:
+                # (Not once the last branch's outcome ended the PARALLEL: COMPENSATING or
+                # FAILED admits no cancel, and the rollback already runs.)
+                if (
+                    self._cancel.is_set()
+                    and not self._progress.cancelled
+                    and saga.can_cancel(self.status)
+                ):
                     change = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
                     self._branch_stop_reason = self._cancel_reason
                     self._apply(pending, change, now)
