@@ -109,6 +109,9 @@ class Outer:
                 "type": "DECISION",
                 "function": f"{STEPS}.decide",
                 "routes": dict(self.routes),
+                # It returns the same key when tried again: the outcome is the same, and a
+                # DECISION after a pivot must have retries.
+                "retry": {"max_attempts": 2, "initial_delay": 0},
             }
             if self.default is not None:
                 out["default"] = self.default
@@ -141,6 +144,7 @@ class Case:
     crashes: list[int]  # commits each life makes before it dies
     cancel_at: int | None = None  # a cancel is requested after this commit (counted over lives)
     cancel_paused: bool = False  # a PAUSED workflow is cancelled instead of resumed
+    pivot: str | None = None  # the outer STANDARD step that is the pivot
 
     def raw(self) -> dict[str, Any]:
         return {
@@ -148,7 +152,10 @@ class Case:
             "workflow_version": "1",
             "initial_state_model": "tests.flows.crashflow.models.PropState",
             "saga_mode": self.saga,
-            "steps": [s.yaml() for s in self.steps],
+            "steps": [
+                {**s.yaml(), **({"pivot": True} if s.name == self.pivot else {})}
+                for s in self.steps
+            ],
         }
 
     def leaves(self) -> dict[str, Leaf]:
@@ -243,17 +250,24 @@ class Expected:
     path: list[str]  # outer STANDARD and DECISION steps that complete, in order
     parallels: list[str]  # PARALLEL steps whose every branch step completes
     failed: str | None  # the outer step that fails (a PARALLEL for a failing branch step)
+    past_pivot: bool = False  # it failed after the pivot completed: FAILED, nothing undone
+    retried: list[str] = field(default_factory=list)  # steps after the pivot that failed (retry)
 
     def status(self, saga: bool) -> WorkflowStatus:
         if self.failed is None:
             return S.COMPLETED
-        return S.FAILED_ROLLED_BACK if saga else S.FAILED
+        return S.FAILED_ROLLED_BACK if saga and not self.past_pivot else S.FAILED
 
 
 def model(case: Case) -> Expected:
+    """Where the case goes. A step after the pivot that fails is retried (by the operator, once
+    the cause is fixed: see :func:`_retry_past_pivot`) until it completes; a DECISION after it
+    that has no route fails for good."""
     index = {s.name: i for i, s in enumerate(case.steps)}
     path: list[str] = []
     parallels: list[str] = []
+    retried: list[str] = []
+    past = False
     at = case.steps[0].name
     while at != END:
         i = index[at]
@@ -262,18 +276,21 @@ def model(case: Case) -> Expected:
             target = step.routes.get(step.returns) if step.returns is not None else None
             target = target or step.default
             if target is None:
-                return Expected(path, parallels, step.name)
+                return Expected(path, parallels, step.name, past, retried)
             path.append(step.name)
             at = target
             continue
         if any(leaf.gives_up for leaf in step.leaves()):
-            return Expected(path, parallels, step.name)
+            if not past:
+                return Expected(path, parallels, step.name, past, retried)
+            retried.append(step.name)
         if step.kind == "STANDARD":
             path.append(step.name)
+            past = past or step.name == case.pivot
         elif step.kind == "PARALLEL":
             parallels.append(step.name)
         at = _successors(case.steps, i)[0]
-    return Expected(path, parallels, None)
+    return Expected(path, parallels, None, False, retried)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,19 +404,31 @@ async def _lived(
             await builder.recover(store)
             wf = await builder.load_workflow(WID, store)
         stops.append(wf.status)
-        for _ in range(len(case.steps) + 1):
-            if wf.status is not S.PAUSED:
-                break
-            if case.cancel_paused:
+        for _ in range(len(case.steps) + len(case.leaves()) + 1):
+            if wf.status is S.PAUSED and case.cancel_paused:
                 seen["cancel"] = 1
                 wf = await builder.cancel(WID, store)
                 await wf.wait()
-                stops.append(wf.status)
+            elif wf.status is S.PAUSED:
+                wf = await builder.resume(store, WID, {"approved": True})
+                await wf.run()
+            elif _failed_past_pivot(case, wf):
+                # The operator fixes the cause (the step's failures go) and retries it.
+                outer = next(s for s in case.steps if s.name == wf.progress.failed_step)
+                prop_steps.fixed([leaf.name for leaf in outer.leaves()])
+                wf = await builder.retry(WID, store)
+            else:
                 break
-            wf = await builder.resume(store, WID, {"approved": True})
-            await wf.run()
             stops.append(wf.status)
     return stops
+
+
+def _failed_past_pivot(case: Case, wf: Any) -> bool:
+    """FAILED at a step after the pivot that a retry can get past (not a DECISION without a
+    route: asked again, it gives the same answer)."""
+    failed = wf.progress.failed_step
+    retriable = {s.name for s in case.steps if s.kind != "DECISION"}
+    return case.pivot is not None and wf.status is S.FAILED and failed in retriable
 
 
 async def _read(db: Path) -> tuple[InstanceRecord, list[JournalEntry], list[OutboxItem]]:
@@ -545,6 +574,63 @@ def test_generated_workflows_recover_and_compensate_exactly_what_completed(case:
     with tempfile.TemporaryDirectory(prefix="edgesaga-prop-") as tmp:
         outcome = drive(case, Path(tmp) / "agent.db")
         check(case, outcome)
+
+
+def _closure(steps: list[Outer], start: str) -> set[str]:
+    """The steps that can run after ``start`` (not itself)."""
+    index = {s.name: i for i, s in enumerate(steps)}
+    seen: set[str] = set()
+    todo = list(_successors(steps, index[start]))
+    while todo:
+        name = todo.pop()
+        if name == END or name in seen:
+            continue
+        seen.add(name)
+        todo.extend(_successors(steps, index[name]))
+    return seen
+
+
+@st.composite
+def pivoted_cases(draw: st.DrawFn) -> Case:
+    """A case in saga mode with one outer STANDARD step as the pivot, and the steps around it
+    made to fit the pivot rules: undoable before it, retried and not undoable after it."""
+    case = draw(cases().filter(lambda c: any(s.kind == "STANDARD" for s in c.steps)))
+    pivot = draw(st.sampled_from([s.name for s in case.steps if s.kind == "STANDARD"]))
+    case.pivot, case.saga = pivot, True
+    after = _closure(case.steps, pivot)
+    before = {s.name for s in case.steps if pivot in _closure(case.steps, s.name)}
+    for step in case.steps:
+        for leaf in step.leaves():
+            if step.name in before:
+                leaf.compensable = True
+            elif step.name in after:
+                leaf.compensable = False
+                leaf.max_attempts = max(leaf.max_attempts, 2)
+    return case
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(pivoted_cases())
+def test_generated_workflows_with_a_pivot_never_undo_past_it(case: Case) -> None:
+    with tempfile.TemporaryDirectory(prefix="edgesaga-prop-") as tmp:
+        outcome = drive(case, Path(tmp) / "agent.db")
+    check(case, outcome)
+    completed = events(outcome, "step_completed")
+    undone = [s for what, s in prop_steps.LEDGER if what == "undo"]
+    if case.pivot in completed:
+        assert undone == [], (case.pivot, undone)
+    expected = model(case)
+    alerts = [i.payload for i in outcome.outbox if i.kind == "alert"]
+    if expected.retried or expected.past_pivot:
+        # Each failure after the pivot is alerted, naming the pivot.
+        assert alerts, outcome.record.error
+        assert all(case.pivot in a["message"] for a in alerts), alerts
+    else:
+        assert alerts == []
 
 
 @st.composite

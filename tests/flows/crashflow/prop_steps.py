@@ -67,6 +67,14 @@ def reborn() -> None:
         World.dead = False
 
 
+def fixed(steps: list[str]) -> None:
+    """An operator fixed what made ``steps`` fail: they fail no more."""
+    with World.lock:
+        for name in steps:
+            FAILS.pop(name, None)
+            FAILS_COMMITTED.pop(name, None)
+
+
 def _record(life: int, what: str, step: str) -> bool:
     with World.lock:
         if World.dead or World.life != life:
