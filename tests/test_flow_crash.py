@@ -259,6 +259,41 @@ def test_parallel_killed_with_both_branches_in_flight_resumes_both(tmp_path: Pat
     assert not undone(lines)
 
 
+def test_parallel_of_threads_killed_with_both_in_flight_resumes_both(tmp_path: Path) -> None:
+    agent = FlowAgent(tmp_path, "FlowParallelSync")
+    agent.hold("L1")
+    agent.hold("R1")
+    agent.kill_at("L1:start", "R1:start")  # both worker threads inside their step
+
+    assert agent.finishes("recover") == {agent.id: "COMPLETED"}
+    lines = agent.lines()
+    assert {s: ran(lines, f"{s}:start") for s in ("L1", "R1", "After")} == {
+        "L1": 2,
+        "R1": 2,
+        "After": 1,
+    }
+    assert lines[-2:] == ["After:start", "After:done"]
+    interrupted = [(e.step, e.attempt) for e in agent.journal() if e.outcome == "interrupted"]
+    assert sorted(interrupted) == [("L1", 1), ("R1", 1)]
+    assert not undone(lines)
+
+
+def test_parallel_of_threads_with_a_failing_branch_waits_for_the_other_and_undoes_it(
+    tmp_path: Path,
+) -> None:
+    agent = FlowAgent(tmp_path, "FlowParallelSync")
+    # L1 runs on its thread until R1 has failed: a thread cannot be stopped, so its result is
+    # waited for, recorded, and undone with the rollback.
+    agent.after("L1", "R1:fail")
+    agent.fail("R1")
+    assert agent.finishes("start") == {agent.id: "FAILED_ROLLED_BACK"}
+    lines = agent.lines()
+    assert lines.index("L1:done") > lines.index("R1:fail")
+    assert undone(lines) == ["L1"]
+    assert "After:start" not in lines
+    assert ("L1", 1, "completed") in [(s, a, o) for p, s, a, o in rows(agent.journal())]
+
+
 def test_parallel_killed_with_one_branch_done_resumes_the_other_only(tmp_path: Path) -> None:
     agent = FlowAgent(tmp_path, "FlowParallel")
     agent.hold("L2")

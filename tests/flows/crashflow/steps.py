@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,24 @@ async def step(state: FlowState, context: StepContext) -> None:
     note(state, f"{context.step_name}:start")
     await _steer(state, context)
     note(state, f"{context.step_name}:done")
+
+
+def step_sync(state: FlowState, context: StepContext) -> None:
+    """:func:`step` as a plain function (it runs on a worker thread); it honours ``after-``,
+    ``hold-`` and ``fail-`` files."""
+    name = context.step_name
+    note(state, f"{name}:start")
+    after = _beside(state, f"after-{name}")
+    line = after.read_text(encoding="utf-8").strip() if after.exists() else None
+    while line is not None and line not in ledger_lines(state):
+        time.sleep(POLL)
+    hold = _beside(state, f"hold-{name}")
+    while context.attempt == 1 and hold.exists():
+        time.sleep(POLL)
+    if _beside(state, f"fail-{name}").exists():
+        note(state, f"{name}:fail")
+        raise RuntimeError(f"{name} fails on purpose")
+    note(state, f"{name}:done")
 
 
 async def undo(state: FlowState, context: StepContext) -> None:
