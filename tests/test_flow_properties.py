@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,8 @@ from agent._definition import build_definition
 from agent._records import Transition
 from agent._saga import can_cancel
 from tests.flows.crashflow import prop_steps
+
+pytestmark = pytest.mark.slow  # each example commits to a real SQLite file, with fsync
 
 S = WorkflowStatus
 END = "END"
