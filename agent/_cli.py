@@ -290,6 +290,8 @@ def print_workflow(info: dict[str, Any]) -> None:
         print(f"  waiting for {', '.join(info['waiting_for'])} (held by another workflow)")
     if info.get("error"):
         print(f"  error       {info['error']}")
+    if info.get("waiting_input"):
+        _print_waiting(info["workflow_id"], info["waiting_input"])
     print(f"  created     {info['created_at']}   updated {info['updated_at']}")
     journal = info.get("journal") or []
     if journal:
@@ -306,6 +308,25 @@ def print_workflow(info: dict[str, Any]) -> None:
         print(f"    {key}: {json.dumps(value)}")
 
 
+def _print_waiting(workflow_id: str, waiting: dict[str, Any]) -> None:
+    """What a PAUSED workflow waits for, in words (``show``)."""
+    schema = waiting.get("schema") or {}
+    props: dict[str, Any] = schema.get("properties") or {}
+    required = set(schema.get("required") or [])
+    print(f"  waiting     for input at step {waiting.get('step')}:")
+    for name, prop in props.items():
+        kind = prop.get("type") or " or ".join(
+            str(p.get("type")) for p in prop.get("anyOf", []) if p.get("type")
+        )
+        how = "required" if name in required else f"default {json.dumps(prop.get('default'))}"
+        print(f"                {name} ({kind or 'any'}, {how})")
+    if waiting.get("timeout") is not None:
+        print(f"              times out after {waiting['timeout']:g} s")
+    if waiting.get("approve_with"):
+        print(f"              a press of {waiting['approve_with']} approves it with the defaults")
+    print(f"              resume with: edgesaga resume {workflow_id} --data '{{...}}'")
+
+
 def print_list(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("No workflows.")
@@ -316,6 +337,9 @@ def print_list(rows: list[dict[str, Any]]) -> None:
             f"{r['workflow_id']:<36}  {r['workflow_type']:<20} {r['status']:<20} "
             f"{(r.get('current_step') or '-'):<20} {r['updated_at']}"
         )
+        if r.get("waiting_input"):  # PAUSED: the input it waits for
+            fields = ", ".join(r["waiting_input"]["fields"]) or "(no fields: send {})"
+            print(f"{'':<38}waiting for input: {fields}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,9 +359,20 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     from workflows.irrigation import demo as irrigation
     from workflows.payment import demo as payment
 
+    part = getattr(args, "part", None)
     async with SQLiteStore(db) as store:
-        results, summary = await payment.run_demo(store)
-        results.extend(await irrigation.run_demo(store))
+        results: list[bool] = []
+        summary: list[str] = []
+        if part in (None, "payment"):
+            results, summary = await payment.run_demo(store)
+        if part == "payment":  # the refund that waits for a person's approval
+            more, lines = await payment.run_approval_demo(store)
+            results, summary = [*results, *more], [*summary, *lines]
+        if part in (None, "irrigation"):
+            results.extend(await irrigation.run_demo(store))
+        if part == "irrigation":  # a DECISION on the soil sensor and a PARALLEL of two valves
+            more, lines = await irrigation.run_flow_demo(store)
+            results, summary = [*results, *more], [*summary, *lines]
     print("\n" + RULE)
     print(" SUMMARY")
     print(RULE)
@@ -412,7 +447,8 @@ async def cmd_start(args: argparse.Namespace) -> int:
         print(f"started {reply['workflow_type']} {reply['workflow_id']}", file=sys.stderr)
         wf = await _drive(control, here, reply["workflow_id"])
         print(json.dumps({**wf.snapshot(), "state": wf.state.model_dump(mode="json")}, indent=2))
-    return 0 if wf.status is WorkflowStatus.COMPLETED else 3
+    # PAUSED: it waits at a HUMAN_INPUT step for `edgesaga resume` (the snapshot says for what)
+    return 0 if wf.status in (WorkflowStatus.COMPLETED, WorkflowStatus.PAUSED) else 3
 
 
 #: Rows per page of ``edgesaga list`` (and of the list command) unless --limit says otherwise.
@@ -509,11 +545,10 @@ async def cmd_retry(args: argparse.Namespace) -> int:
 
 
 async def cmd_resume(args: argparse.Namespace) -> int:
-    reply = await _ask(
-        args, "resume", workflow_id=args.workflow_id, data=_json_arg(args.data, "--data")
-    )
-    print(json.dumps(reply, indent=2))
-    return 0
+    data = _json_arg(args.data, "--data")
+    wf = await _operate(args, "resume", workflow_id=args.workflow_id, data=data)
+    done = (WorkflowStatus.COMPLETED, WorkflowStatus.PAUSED)  # PAUSED: at its next HUMAN_INPUT
+    return 0 if wf is None or wf.status in done else 3
 
 
 def _pin_setting(text: str) -> tuple[str, bool]:
@@ -624,6 +659,19 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "demo",
         help="run the payment saga (success, then carrier failure) and the irrigation workflow on mock pins",
+        description=(
+            "Without a name: the saga tutorial's payment runs (success, then the carrier failing) "
+            "and the irrigation workflow on mock pins (the float switch closing, then never). "
+            "`demo payment` adds PaymentWithApproval (a refund waiting for a person's approval); "
+            "`demo irrigation` adds SoilIrrigation (a DECISION on the soil sensor: watered, then "
+            "skipped) and TwoBeds (a PARALLEL of two valves)."
+        ),
+    )
+    sp.add_argument(
+        "part",
+        nargs="?",
+        choices=["payment", "irrigation"],
+        help="only this part, with its control-flow examples",
     )
     with_db(sp)
     sp.set_defaults(func=cmd_demo)
@@ -652,7 +700,8 @@ def _parser() -> argparse.ArgumentParser:
             "Start a workflow. With a running agent (its control socket answers) the agent runs it: "
             "this prints the agent's reply at once, status ACTIVE; follow it with `edgesaga show ID`. "
             "Without one it runs here to its end, is journaled in the database, prints its final "
-            "snapshot and exits 0 if it COMPLETED, else with exit code 3."
+            "snapshot and exits 0 if it COMPLETED (or PAUSED, waiting for `edgesaga resume`), else with "
+            "exit code 3."
         ),
     )
     sp.add_argument("workflow_type")
@@ -734,10 +783,23 @@ def _parser() -> argparse.ArgumentParser:
     with_defs(sp)
     sp.set_defaults(func=cmd_retry)
 
-    sp = sub.add_parser("resume", help="resume a PAUSED workflow with input data")
+    sp = sub.add_parser(
+        "resume",
+        help="resume a PAUSED workflow with input data (no agent: here; exit code 3 unless it "
+        "COMPLETED or PAUSED again)",
+        description=(
+            "Resume a workflow PAUSED at a HUMAN_INPUT step: --data is checked against the step's "
+            "input model (see `edgesaga show ID`); input that does not fit is refused naming the "
+            "field, and the workflow stays PAUSED. With a running agent the agent goes on with "
+            "it; without one it runs here to its end (or its next pause)."
+        ),
+    )
     sp.add_argument("workflow_id")
-    sp.add_argument("--data", help="input as JSON, or @file.json")
+    sp.add_argument(
+        "--data", help="input as JSON, or @file.json (default {}: the model's defaults)"
+    )
     with_db(sp)
+    with_defs(sp)
     sp.set_defaults(func=cmd_resume)
 
     sp = sub.add_parser(

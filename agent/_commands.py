@@ -211,6 +211,7 @@ ERROR_CODES = (
     "invalid_command",
     "unknown_workflow_type",
     "invalid_data",
+    "invalid_input",
     "not_found",
     "invalid_transition",
     "request_id_conflict",

@@ -18,9 +18,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent._engine import Workflow, WorkflowBuilder
-from agent._errors import AgentError, DiskFull, InvalidTransition, WorkflowNotFound
+from agent._errors import AgentError, DiskFull, WorkflowNotFound
 from agent._messages import error_reply, ok_reply
+from agent._records import InstanceRecord
 from agent._saga import can_cancel
+from agent._status import WorkflowStatus
 from agent._store import COMMAND_HASH, SQLiteStore
 
 if TYPE_CHECKING:
@@ -42,6 +44,12 @@ class Driver(Protocol):
     def queued(self) -> int: ...
 
     def submit(self, workflow: Workflow) -> bool: ...
+
+
+def input_fields(waiting: dict[str, Any]) -> list[str]:
+    """The field names of the input a paused workflow waits for (from its JSON Schema)."""
+    schema = waiting.get("schema") or {}
+    return list(schema.get("properties") or {})
 
 
 def command_hash(command: Command) -> str:
@@ -231,15 +239,11 @@ class Control:
                 self.runner.submit(wf)
                 return self._ok(rid, wf)
             case c.ResumeCommand():
-                rec = await self.store.load_instance(command.workflow_id)
-                if rec is None:
-                    raise WorkflowNotFound(command.workflow_id)
-                raise InvalidTransition(
-                    rec.id,
-                    rec.status.value,
-                    f"Workflow {rec.id} is {rec.status.value}, not PAUSED; only a workflow waiting "
-                    "for input (a HUMAN_INPUT step) can be resumed.",
-                )
+                # Refused in one sentence (invalid_input naming the field; the workflow stays
+                # PAUSED) unless the data fits the step's input model; then committed ACTIVE.
+                wf = await self.builder.resume(self.store, command.workflow_id, command.data)
+                self.runner.submit(wf)
+                return self._ok(rid, wf)
             case c.GetCommand():
                 return await self.get(command.workflow_id, rid, journal=command.journal)
             case c.ListCommand():
@@ -255,7 +259,7 @@ class Control:
                     )
                 except ValueError:  # the limit is the model's: only a cursor can be refused
                     raise c.CommandError("invalid_command", command.bad_cursor()) from None
-                return ok_reply(rid, workflows=[r.summary() for r in records], next_cursor=more)
+                return ok_reply(rid, workflows=[await self._row(r) for r in records], next_cursor=more)
             case c.PinsCommand() | c.SetInputCommand():
                 return self._pins(command)
             case c.StatusCommand():
@@ -272,6 +276,27 @@ class Control:
         raise c.CommandError(
             "unknown_command", f"Unsupported command {command!r}."
         )  # pragma: no cover
+
+    async def waiting_input(self, rec: InstanceRecord) -> dict[str, Any] | None:
+        """What a PAUSED workflow waits for (``step``, ``schema``: the input model's JSON Schema,
+        ``timeout``, ``approve_with``), or None for any other status."""
+        if rec.status is not WorkflowStatus.PAUSED:
+            return None
+        wf = await self.builder.load_workflow(rec.id, self.store)
+        return self.builder.waiting_input(wf)
+
+    async def _row(self, rec: InstanceRecord) -> dict[str, Any]:
+        """A row of ``list``: the record's summary; for a PAUSED one also the step and the names
+        of the input fields it waits for."""
+        row: dict[str, Any] = dict(rec.summary())
+        try:
+            waiting = await self.waiting_input(rec)
+        except Exception:  # its stored definition no longer loads: `show` says why; list goes on
+            log.warning("list: cannot say what workflow %s waits for", rec.id, exc_info=True)
+            waiting = None
+        if waiting is not None:
+            row["waiting_input"] = {"step": waiting.get("step"), "fields": input_fields(waiting)}
+        return row
 
     async def cancel(self, workflow_id: str, reason: str | None) -> Workflow:
         """Cancel a workflow: a driven one is told, a waiting one is handed to the driver (so the
@@ -357,6 +382,9 @@ class Control:
             compensated_steps=rec.progress.get("compensated", []),
             compensation_failed=rec.progress.get("compensation_failed", []),
         )
+        waiting = await self.waiting_input(rec)
+        if waiting is not None:
+            reply["waiting_input"] = waiting
         live = self.builder.live(workflow_id)
         if live is not None and live.waiting_for:
             reply["waiting_for"] = live.waiting_for

@@ -6,6 +6,7 @@
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +27,9 @@ from hardware._yaml import yaml_problem as yaml_problem
 
 StepType = Literal["STANDARD", "DECISION", "HUMAN_INPUT", "DELAY", "PARALLEL"]
 #: Step types this version can execute; the others are reserved by the schema for later versions.
-SUPPORTED_STEP_TYPES = frozenset({"STANDARD"})
+SUPPORTED_STEP_TYPES = frozenset({"STANDARD", "DECISION", "HUMAN_INPUT", "PARALLEL"})
+#: A ``next``, ``routes`` or ``default`` target that ends the workflow (COMPLETED).
+END = "END"
 
 
 class RetryPolicy(BaseModel):
@@ -34,10 +37,10 @@ class RetryPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_attempts: int = Field(1, ge=1, le=1000)
-    initial_delay: float = Field(0.5, ge=0)
-    multiplier: float = Field(2.0, ge=1)
-    max_delay: float = Field(30.0, ge=0)
+    max_attempts: int = Field(1, ge=1, le=1000, description="Attempts in all (1: no retry).")
+    initial_delay: float = Field(0.5, ge=0, description="Seconds after the first failure.")
+    multiplier: float = Field(2.0, ge=1, description="Each further delay is this times longer.")
+    max_delay: float = Field(30.0, ge=0, description="The longest delay, in seconds.")
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failed attempt (1-based)."""
@@ -50,23 +53,70 @@ DEFAULT_COMPENSATE_RETRY = RetryPolicy(max_attempts=3)
 
 
 class StepDefinition(BaseModel):
-    """One step of a workflow, as written in YAML."""
+    """One step of a workflow, as written in YAML (which keys each ``type`` takes: see
+    :data:`STEP_KEYS`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=200)
-    type: StepType = "STANDARD"
-    function: str = Field(min_length=1)
-    compensate_function: str | None = None
-    automate_next: bool = False
+    name: str = Field(
+        min_length=1, max_length=200, description="Unique across the workflow, branches included."
+    )
+    type: StepType = Field(
+        "STANDARD", description="STANDARD (default), DECISION, HUMAN_INPUT, PARALLEL."
+    )
+    function: str | None = Field(
+        None,
+        min_length=1,
+        description="Dotted path of f(state, context, **params); a DECISION's returns a route key.",
+    )
+    compensate_function: str | None = Field(
+        None, description="Dotted path of the step's undo, run by a saga rollback."
+    )
+    automate_next: bool = Field(
+        False, description="next_step() goes straight on into the next step."
+    )
     # Factories are lambdas, not the builtins dict/list: pydantic inspects a factory's signature,
     # and for a builtin that means tokenizing its text signature (milliseconds at start-up).
-    params: dict[str, Any] = Field(default_factory=lambda: {})
-    retry: RetryPolicy = RetryPolicy()
-    compensate_retry: RetryPolicy = DEFAULT_COMPENSATE_RETRY
-    max_interrupts: int = Field(3, ge=1, le=1000)
-    timeout: float | None = Field(None, gt=0)
-    description: str | None = None
+    params: dict[str, Any] = Field(
+        default_factory=lambda: {}, description="Keyword arguments of function and compensation."
+    )
+    retry: RetryPolicy = Field(RetryPolicy(), description="Attempts of a step that raises.")
+    compensate_retry: RetryPolicy = Field(
+        DEFAULT_COMPENSATE_RETRY, description="Attempts of a compensation that raises."
+    )
+    max_interrupts: int = Field(
+        3, ge=1, le=1000, description="Executions cut short by the agent dying before it gives up."
+    )
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds: of an attempt, or (HUMAN_INPUT) of the wait for input."
+    )
+    description: str | None = Field(None, description="Free text.")
+    next: str | None = Field(
+        None,
+        min_length=1,
+        description="The step that follows (default: the next in the list); END ends.",
+    )
+    routes: dict[str, str] | None = Field(
+        None, description="DECISION: route key -> step name or END."
+    )
+    default: str | None = Field(
+        None, min_length=1, description="DECISION: the target of None or of an unknown route key."
+    )
+    input_model: str | None = Field(
+        None,
+        min_length=1,
+        description="HUMAN_INPUT: dotted path of the pydantic model of the input.",
+    )
+    on_timeout: Literal["fail", "continue"] = Field(
+        "fail", description="HUMAN_INPUT: fail the step, or continue with the model's defaults."
+    )
+    approve_with: str | None = Field(
+        None, min_length=1, description="HUMAN_INPUT: a button/input device whose press resumes it."
+    )
+    branches: list[list["StepDefinition"]] | None = Field(
+        None, description="PARALLEL: lists of STANDARD steps; the lists run concurrently."
+    )
+    pivot: bool = Field(False, description="The point of no return of a saga (see the docs).")
 
 
 class WorkflowDefinition(BaseModel):
@@ -74,13 +124,22 @@ class WorkflowDefinition(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    workflow_type: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
-    workflow_version: str = Field(min_length=1)
-    initial_state_model: str = Field(min_length=1)
-    description: str | None = None
-    saga_mode: bool = False
-    resources: list[str] = Field(default_factory=lambda: [])  # a lambda: see StepDefinition
-    steps: list[StepDefinition] = Field(min_length=1)
+    workflow_type: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="The registry key a start command names.",
+    )
+    workflow_version: str = Field(min_length=1, description="The definition's version, as text.")
+    initial_state_model: str = Field(
+        min_length=1, description="Dotted path of the pydantic model of the state."
+    )
+    description: str | None = Field(None, description="Free text.")
+    saga_mode: bool = Field(False, description="A failure compensates the completed steps.")
+    resources: list[str] = Field(  # a lambda: see StepDefinition
+        default_factory=lambda: [], description="Devices the workflow holds while it runs."
+    )
+    steps: list[StepDefinition] = Field(min_length=1, description="The steps, in order.")
 
     @field_validator("workflow_version", mode="before")
     @classmethod
@@ -90,22 +149,27 @@ class WorkflowDefinition(BaseModel):
 
 
 class LoadedStep(_Frozen):
-    """A step with its functions imported."""
+    """A step with its functions (and a HUMAN_INPUT's input model, a PARALLEL's branches)
+    imported. ``function`` is None for a HUMAN_INPUT and a PARALLEL step."""
 
-    __match_args__ = ("spec", "function", "compensate")
+    __match_args__ = ("spec", "function", "compensate", "input_model", "branches")
     __slots__ = __match_args__
 
     spec: StepDefinition
-    function: Callable[..., Any]
+    function: Callable[..., Any] | None
     compensate: Callable[..., Any] | None
+    input_model: type[BaseModel] | None
+    branches: tuple[tuple["LoadedStep", ...], ...]
 
     def __init__(
         self,
         spec: StepDefinition,
-        function: Callable[..., Any],
+        function: Callable[..., Any] | None,
         compensate: Callable[..., Any] | None,
+        input_model: type[BaseModel] | None = None,
+        branches: tuple[tuple["LoadedStep", ...], ...] = (),
     ) -> None:
-        self._init(spec, function, compensate)
+        self._init(spec, function, compensate, input_model, branches)
 
     @property
     def name(self) -> str:
@@ -148,9 +212,15 @@ class LoadedDefinition(_Frozen):
         return self.spec.workflow_version
 
     def step(self, name: str) -> LoadedStep:
+        """The step ``name``, a branch step of a PARALLEL included."""
         for step in self.steps:
             if step.name == name:
                 return step
+        for step in self.steps:
+            for branch in step.branches:
+                for inner in branch:
+                    if inner.name == name:
+                        return inner
         raise KeyError(name)
 
 
@@ -291,52 +361,393 @@ def _spec_error(
     )
 
 
+_COMMON_KEYS = frozenset({"name", "type", "description"})
+_RUN_KEYS = frozenset({"function", "params", "retry", "max_interrupts", "timeout", "automate_next"})
+#: The keys each step type takes (``name``, ``type`` and ``description`` on every one).
+STEP_KEYS: dict[str, frozenset[str]] = {
+    "STANDARD": _COMMON_KEYS
+    | _RUN_KEYS
+    | {"compensate_function", "compensate_retry", "next", "pivot"},
+    "DECISION": _COMMON_KEYS | _RUN_KEYS | {"routes", "default", "pivot"},
+    "HUMAN_INPUT": _COMMON_KEYS
+    | {"input_model", "timeout", "on_timeout", "approve_with", "next", "max_interrupts"},
+    "PARALLEL": _COMMON_KEYS | {"branches", "next", "automate_next", "max_interrupts"},
+}
+#: What a step in a PARALLEL's branch takes: a STANDARD step's keys less the ones of the path.
+BRANCH_STEP_KEYS = STEP_KEYS["STANDARD"] - {"next", "pivot"}
+
+
+class _Where:
+    """Where a step sits in the file: for the file, line, step and key of an error."""
+
+    __slots__ = ("loc", "node", "source", "step")
+
+    def __init__(
+        self, source: str, node: yaml.Node | None, step: str, loc: tuple[int | str, ...]
+    ) -> None:
+        self.source, self.node, self.step, self.loc = source, node, step, loc
+
+    def error(self, message: str, key: str | None, *sub: int | str) -> DefinitionError:
+        loc = (*self.loc, key, *sub) if key is not None else self.loc
+        return DefinitionError(
+            message, path=self.source, step=self.step, key=key, line=_line_of(self.node, loc)
+        )
+
+
+def _check_keys(step: StepDefinition, where: _Where, in_branch: bool) -> None:
+    """Refuse a key the step's type does not take, and a missing one it needs."""
+    if step.type == "DELAY":
+        raise where.error(
+            "step type DELAY is reserved but not supported by this version of edgesaga yet; "
+            "use STANDARD, DECISION, HUMAN_INPUT or PARALLEL.",
+            "type",
+        )
+    if in_branch and step.type != "STANDARD":
+        raise where.error(
+            f"a PARALLEL's branch holds STANDARD steps only, not a {step.type} step; move it out "
+            "of the branch.",
+            "type",
+        )
+    if in_branch and "pivot" in step.model_fields_set:
+        raise where.error(
+            "a pivot cannot be inside a PARALLEL's branch; make the PARALLEL's neighbour the "
+            "pivot instead.",
+            "pivot",
+        )
+    allowed = BRANCH_STEP_KEYS if in_branch else STEP_KEYS[step.type]
+    for key in sorted(step.model_fields_set - allowed):
+        if in_branch:
+            why = "a step in a PARALLEL's branch runs in list order"
+            raise where.error(f"{why} and takes no {key!r}; remove it.", key)
+        raise where.error(f"a {step.type} step takes no {key!r}; remove it.", key)
+    needs = {"STANDARD": "function", "DECISION": "function", "PARALLEL": "branches"}
+    need = needs.get(step.type)
+    if need is not None and getattr(step, need) is None:
+        raise where.error(f"a {step.type} step needs {need!r}; add it.", None)
+    if step.type == "DECISION" and not step.routes:
+        raise where.error(
+            "a DECISION step needs 'routes' (route key: step name or END); add them.", None
+        )
+    if step.type == "PARALLEL":
+        branches = step.branches or []
+        if len(branches) < 2:
+            raise where.error(
+                "a PARALLEL step needs at least two branches; for one, write its steps in line.",
+                "branches",
+            )
+        for b, branch in enumerate(branches):
+            if not branch:
+                raise where.error(
+                    f"branch {b + 1} of the PARALLEL step is empty; give it a step or remove it.",
+                    "branches",
+                    b,
+                )
+
+
+def _load_step(
+    step: StepDefinition,
+    where: _Where,
+    seen: set[str],
+    in_branch: bool = False,
+) -> LoadedStep:
+    """One step with its function and compensation imported and their signatures checked."""
+    if step.name in seen:
+        raise where.error(
+            "duplicate step name; step names must be unique within a workflow (its PARALLEL "
+            "branches included).",
+            "name",
+        )
+    seen.add(step.name)
+    _check_keys(step, where, in_branch)
+    func = comp = None
+    if step.function is not None:
+        func = _check_callable(
+            step.function,
+            step.params,
+            path=where.source,
+            step=step.name,
+            key="function",
+            line=_line_of(where.node, (*where.loc, "function")),
+        )
+    if step.compensate_function:
+        comp = _check_callable(
+            step.compensate_function,
+            step.params,
+            path=where.source,
+            step=step.name,
+            key="compensate_function",
+            line=_line_of(where.node, (*where.loc, "compensate_function")),
+        )
+    branches: list[tuple[LoadedStep, ...]] = []
+    for b, branch in enumerate(step.branches or []):
+        inner = tuple(
+            _load_step(
+                s,
+                _Where(where.source, where.node, s.name, (*where.loc, "branches", b, j)),
+                seen,
+                True,
+            )
+            for j, s in enumerate(branch)
+        )
+        branches.append(inner)
+    return LoadedStep(spec=step, function=func, compensate=comp, branches=tuple(branches))
+
+
 def _load_steps(
     spec: WorkflowDefinition, source: str, node: yaml.Node | None
 ) -> tuple[LoadedStep, ...]:
     """Every step with its function and compensation imported and their signatures checked."""
     seen: set[str] = set()
-    steps: list[LoadedStep] = []
-    for index, step in enumerate(spec.steps):
-        loc: tuple[int | str, ...] = ("steps", index)
-        if step.name in seen:
-            raise DefinitionError(
-                "duplicate step name; step names must be unique within a workflow.",
-                path=source,
-                step=step.name,
-                key="name",
-                line=_line_of(node, (*loc, "name")),
+    return tuple(
+        _load_step(step, _Where(source, node, step.name, ("steps", index)), seen)
+        for index, step in enumerate(spec.steps)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The path: routes, reachability, cycles, the pivot, input models
+
+
+def _edges(steps: Sequence[LoadedStep]) -> dict[str, list[tuple[str, str | None, str | None]]]:
+    """Each outer step's successors as ``(target, key, route)``: ``key`` is the YAML key that names
+    the target (None: the list order), ``route`` the route key of a DECISION's route."""
+    out: dict[str, list[tuple[str, str | None, str | None]]] = {}
+    for i, step in enumerate(steps):
+        spec = step.spec
+        edges: list[tuple[str, str | None, str | None]] = []
+        if spec.type == "DECISION":
+            edges.extend((t, "routes", k) for k, t in (spec.routes or {}).items())
+            if spec.default is not None:
+                edges.append((spec.default, "default", None))
+        elif spec.next is not None:
+            edges.append((spec.next, "next", None))
+        elif i + 1 < len(steps):
+            edges.append((steps[i + 1].name, None, None))
+        out[step.name] = edges
+    return out
+
+
+def _check_targets(
+    steps: Sequence[LoadedStep], edges: dict[str, list[Any]], where: dict[str, _Where]
+) -> None:
+    outer = [s.name for s in steps]
+    inner = {b.name for s in steps for branch in s.branches for b in branch}
+    for name, targets in edges.items():
+        for target, key, route in targets:
+            if key is None or target == END or target in edges:
+                continue
+            sub = () if route is None else (route,)
+            if target in inner:
+                raise where[name].error(
+                    f"{key} names {target!r}, a step inside a PARALLEL's branch; a route can "
+                    "only go to a step of the outer path (or END).",
+                    key,
+                    *sub,
+                )
+            raise where[name].error(
+                f"{key} names {target!r}, which is no step of this workflow (steps: "
+                f"{', '.join(outer)}); use a step name or END.",
+                key,
+                *sub,
             )
-        seen.add(step.name)
-        if step.type not in SUPPORTED_STEP_TYPES:
-            raise DefinitionError(
-                f"step type {step.type} is reserved but not supported by this version of "
-                "edgesaga; use STANDARD.",
-                path=source,
-                step=step.name,
-                key="type",
-                line=_line_of(node, (*loc, "type")),
+
+
+def _check_cycles(edges: dict[str, list[Any]], where: dict[str, _Where]) -> None:
+    """Refuse a cycle, naming it ("A → B → A"), at the step whose key closes it."""
+    colour: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(name: str) -> None:
+        colour[name] = 1
+        path.append(name)
+        for target, _key, _route in edges[name]:
+            if target == END:
+                continue
+            if colour.get(target) == 1:
+                cycle = [*path[path.index(target) :], target]
+                raise _cycle_error(cycle, edges, where)
+            if target not in colour:
+                visit(target)
+        path.pop()
+        colour[name] = 2
+
+    for name in edges:
+        if name not in colour:
+            visit(name)
+
+
+def _cycle_error(
+    cycle: list[str], edges: dict[str, list[Any]], where: dict[str, _Where]
+) -> DefinitionError:
+    # The list order alone never loops: some key of the cycle names a step back; blame the last.
+    at, key, route = cycle[-2], None, None
+    for a, b in itertools.pairwise(cycle):
+        for target, k, r in edges[a]:
+            if target == b and k is not None:
+                at, key, route = a, k, r
+    sub = () if route is None else (route,)
+    return where[at].error(
+        f"the steps form a cycle {' → '.join(cycle)}; loops are not supported: use retry or a "
+        "schedule.",
+        key,
+        *sub,
+    )
+
+
+def _check_reachable(
+    steps: Sequence[LoadedStep], edges: dict[str, list[Any]], where: dict[str, _Where]
+) -> None:
+    first = steps[0].name
+    seen = {first}
+    todo = [first]
+    while todo:
+        for target, _key, _route in edges[todo.pop()]:
+            if target != END and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    for step in steps:
+        if step.name not in seen:
+            raise where[step.name].error(
+                f"step is unreachable: no next, routes or default leads to it from the first "
+                f"step {first!r}; route to it or remove it.",
+                "name",
             )
-        func = _check_callable(
-            step.function,
-            step.params,
-            path=source,
-            step=step.name,
-            key="function",
-            line=_line_of(node, (*loc, "function")),
+
+
+def _closure(start: str, edges: dict[str, list[Any]]) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target, _key, _route in edges[todo.pop()]:
+            if target != END and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def _check_pivot(
+    steps: Sequence[LoadedStep], edges: dict[str, list[Any]], where: dict[str, _Where]
+) -> None:
+    """Every step that can run before the pivot can be undone; every one after must succeed."""
+    pivots = [s for s in steps if s.spec.pivot]
+    if not pivots:
+        return
+    if len(pivots) > 1:
+        raise where[pivots[1].name].error(
+            f"only one step can be the pivot, and {pivots[0].name!r} already is; remove one.",
+            "pivot",
         )
-        comp = None
-        if step.compensate_function:
-            comp = _check_callable(
-                step.compensate_function,
-                step.params,
-                path=source,
-                step=step.name,
-                key="compensate_function",
-                line=_line_of(node, (*loc, "compensate_function")),
+    pivot = pivots[0].name
+    after = _closure(pivot, edges)
+    before = {s.name for s in steps if pivot in _closure(s.name, edges)}
+    for step in steps:
+        if step.name == pivot or (
+            step.spec.type in ("DECISION", "HUMAN_INPUT") and step.name in before
+        ):
+            continue
+        for inner, w in _with_branches(step, where):
+            if step.name in before and inner.compensate is None:
+                raise w.error(
+                    f"step runs before the pivot {pivot!r} but has no compensate_function; every "
+                    "step before the pivot must be undoable, so add one.",
+                    "compensate_function",
+                )
+            if step.name in after and inner.spec.type != "HUMAN_INPUT":
+                if inner.compensate is not None:
+                    raise w.error(
+                        f"step runs after the pivot {pivot!r}, which is never rolled back, so it "
+                        "takes no compensate_function; remove it.",
+                        "compensate_function",
+                    )
+                if inner.spec.retry.max_attempts <= 1:
+                    raise w.error(
+                        f"step runs after the pivot {pivot!r} and must eventually succeed; give "
+                        "it retry.max_attempts greater than 1.",
+                        "retry",
+                    )
+
+
+def _with_branches(step: LoadedStep, where: dict[str, _Where]) -> list[tuple[LoadedStep, _Where]]:
+    if step.spec.type != "PARALLEL":
+        return [(step, where[step.name])]
+    return [(inner, where[inner.name]) for branch in step.branches for inner in branch]
+
+
+def _compatible(given: Any, wanted: Any) -> bool:
+    """May a value of the input model's field type go into a state field of type ``wanted``?"""
+    if given == wanted or wanted is Any or wanted is object:
+        return True
+    if isinstance(given, type) and isinstance(wanted, type):
+        try:
+            return issubclass(given, wanted)
+        except TypeError:
+            return False
+    options = getattr(wanted, "__args__", None)
+    if options and type(wanted).__name__ in ("UnionType", "_UnionGenericAlias"):
+        given_options = (
+            getattr(given, "__args__", None)
+            if type(given).__name__
+            in (
+                "UnionType",
+                "_UnionGenericAlias",
             )
-        steps.append(LoadedStep(spec=step, function=func, compensate=comp))
-    return tuple(steps)
+            else (given,)
+        )
+        return all(any(_compatible(g, w) for w in options) for g in given_options or ())
+    return False
+
+
+def _load_input_model(step: LoadedStep, state_model: type[BaseModel], w: _Where) -> LoadedStep:
+    dotted = step.spec.input_model
+    if dotted is None:
+        return step
+    try:
+        model = import_dotted(dotted)
+    except Exception as exc:
+        raise w.error(f"cannot import the input model {dotted!r}: {exc}.", "input_model") from exc
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise w.error(f"{dotted!r} is not a pydantic BaseModel subclass.", "input_model")
+    fields = state_model.model_fields
+    for name, field in model.model_fields.items():
+        if name not in fields:
+            raise w.error(
+                f"the input model's field {name!r} is not a field of the state model "
+                f"{state_model.__name__}; add it to the state model or rename it.",
+                "input_model",
+            )
+        if not _compatible(field.annotation, fields[name].annotation):
+            raise w.error(
+                f"the input model's field {name!r} is {_type_text(field.annotation)}, but the "
+                f"state model's is {_type_text(fields[name].annotation)}; make them the same.",
+                "input_model",
+            )
+    return LoadedStep(step.spec, step.function, step.compensate, model, step.branches)
+
+
+def _type_text(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _check_flow(
+    steps: tuple[LoadedStep, ...],
+    state_model: type[BaseModel],
+    source: str,
+    node: yaml.Node | None,
+) -> tuple[LoadedStep, ...]:
+    """The path checks (targets, cycles, reachability, the pivot) and the input models; returns
+    the steps with their input models imported. A plain list of STANDARD steps costs a loop."""
+    where: dict[str, _Where] = {}
+    for i, step in enumerate(steps):
+        where[step.name] = _Where(source, node, step.name, ("steps", i))
+        for b, branch in enumerate(step.branches):
+            for j, inner in enumerate(branch):
+                where[inner.name] = _Where(source, node, inner.name, ("steps", i, "branches", b, j))
+    edges = _edges(steps)
+    _check_targets(steps, edges, where)
+    _check_cycles(edges, where)
+    _check_reachable(steps, edges, where)
+    _check_pivot(steps, edges, where)
+    return tuple(_load_input_model(s, state_model, where[s.name]) for s in steps)
 
 
 def _load_state_model(
@@ -376,7 +787,9 @@ def build_definition(raw: Any, *, source: str, node: yaml.Node | None = None) ->
         raise _spec_error(exc, raw, source, node) from None
     steps = _load_steps(spec, source, node)
     model = _load_state_model(spec, source, node)
-    snapshot = canonical_json(spec.model_dump(mode="json"))
+    steps = _check_flow(steps, model, source, node)
+    # Only what differs from the defaults: compact, and a step keeps only the keys its type takes.
+    snapshot = canonical_json(spec.model_dump(mode="json", exclude_defaults=True))
     digest = hashlib.sha256(snapshot.encode()).hexdigest()
     return LoadedDefinition(
         spec=spec,
@@ -415,6 +828,19 @@ _FIELD_PARAMS = ("field", "elapsed_field")
 _SECONDS_PARAMS = ("seconds", "timeout")
 
 
+def steps_with_locations(
+    definition: LoadedDefinition,
+) -> list[tuple[LoadedStep, tuple[int | str, ...]]]:
+    """Every step, a PARALLEL's branch steps included (after it), with its YAML location (for
+    :func:`_line_of`): ``("steps", i)`` or ``("steps", i, "branches", b, j)``."""
+    out: list[tuple[LoadedStep, tuple[int | str, ...]]] = []
+    for i, step in enumerate(definition.steps):
+        out.append((step, ("steps", i)))
+        for b, branch in enumerate(step.branches):
+            out.extend((inner, ("steps", i, "branches", b, j)) for j, inner in enumerate(branch))
+    return out
+
+
 def gpio_step_name(func: Callable[..., Any] | None) -> str | None:
     """``set_output`` for ``hardware.steps.set_output`` (and so on), None for any other callable."""
     if func is None or getattr(func, "__module__", None) != "hardware.steps":
@@ -430,11 +856,10 @@ def check_gpio_steps(definition: LoadedDefinition, node: yaml.Node | None = None
     journal, not in the state: any state model will do for the others.) (Device names need the agent config:
     see :mod:`agent._validate`.)"""
     fields = definition.state_model.model_fields
-    for index, step in enumerate(definition.steps):
+    for step, loc in steps_with_locations(definition):
         gpio = gpio_step_name(step.function)
         if gpio is None:
             continue
-        loc: tuple[int | str, ...] = ("steps", index)
         where: dict[str, Any] = {"path": definition.source, "step": step.name}
         params = step.spec.params
         for key in _FIELD_PARAMS:

@@ -12,9 +12,9 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -31,6 +31,7 @@ from agent._errors import (
     DefinitionError,
     DiskFull,
     InvalidData,
+    InvalidInput,
     InvalidTransition,
     UnknownWorkflowType,
     WorkflowNotActive,
@@ -55,6 +56,9 @@ from agent._store import (
 from agent._threads import DaemonPool
 
 log = logging.getLogger("edgesaga.workflow")
+
+#: What ``resume`` admits, in the words of its refusal.
+RESUME_RULE = "only a PAUSED workflow (waiting for input at a HUMAN_INPUT step) can be resumed"
 
 
 _random_pool = bytearray()
@@ -81,28 +85,34 @@ def new_workflow_id() -> str:
 DEFAULT_MAX_STATE_BYTES = 1024 * 1024
 
 
+def _step_plan(s: LoadedStep) -> saga.StepPlan:
+    spec = s.spec
+    return saga.StepPlan(
+        name=spec.name,
+        compensable=s.compensate is not None,
+        max_attempts=spec.retry.max_attempts,
+        compensate_max_attempts=spec.compensate_retry.max_attempts,
+        max_interrupts=spec.max_interrupts,
+        automate_next=spec.automate_next,
+        retry_delays=tuple(spec.retry.delay(n) for n in range(1, min(spec.retry.max_attempts, 64))),
+        compensate_retry_delays=tuple(
+            spec.compensate_retry.delay(n)
+            for n in range(1, min(spec.compensate_retry.max_attempts, 64))
+        ),
+        kind="STANDARD" if spec.type == "DELAY" else spec.type,
+        next=spec.next,
+        routes=tuple((spec.routes or {}).items()),
+        default=spec.default,
+        branches=tuple(tuple(b.name for b in branch) for branch in s.branches),
+        pivot=spec.pivot,
+        on_timeout=spec.on_timeout,
+    )
+
+
 def _plan(definition: LoadedDefinition) -> saga.Plan:
-    steps = []
-    for s in definition.steps:
-        spec = s.spec
-        steps.append(
-            saga.StepPlan(
-                name=spec.name,
-                compensable=s.compensate is not None,
-                max_attempts=spec.retry.max_attempts,
-                compensate_max_attempts=spec.compensate_retry.max_attempts,
-                max_interrupts=spec.max_interrupts,
-                automate_next=spec.automate_next,
-                retry_delays=tuple(
-                    spec.retry.delay(n) for n in range(1, min(spec.retry.max_attempts, 64))
-                ),
-                compensate_retry_delays=tuple(
-                    spec.compensate_retry.delay(n)
-                    for n in range(1, min(spec.compensate_retry.max_attempts, 64))
-                ),
-            )
-        )
-    return saga.Plan(tuple(steps))
+    steps = tuple(_step_plan(s) for s in definition.steps)
+    inner = tuple(_step_plan(b) for s in definition.steps for br in s.branches for b in br)
+    return saga.Plan(steps, inner)
 
 
 class _Pending:
@@ -156,6 +166,8 @@ class Workflow:
         self._step_outputs: dict[str, Any] = {}
         self._fresh = False  # the in-flight attempt was begun at creation and has not run yet
         self._cancel_reason = "cancelled on request"
+        #: Why a PARALLEL's running branch steps were stopped (their attempts' error).
+        self._branch_stop_reason = "stopped: another branch of the PARALLEL step failed"
         self._finished = asyncio.Event()
         if progress.status.is_terminal:
             self._finished.set()
@@ -208,10 +220,146 @@ class Workflow:
             self._progress = self._progress._replace(saga=True)
 
     def snapshot(self) -> Snapshot:
-        """The workflow as it is now (the core of the retained state and of a list row)."""
-        return snapshot_of(
+        """The workflow as it is now (the core of the retained state and of a list row); a
+        PAUSED one adds ``waiting_input`` (see :attr:`waiting_input`)."""
+        snap = snapshot_of(
             self.id, self.workflow_type, self.status.value, self.current_step, self.error
         )
+        if self._progress.status is WorkflowStatus.PAUSED:
+            cast(dict[str, Any], snap)["waiting_input"] = self.waiting_input
+        return snap
+
+    @property
+    def waiting_input(self) -> dict[str, Any] | None:
+        """For a PAUSED workflow, what it waits for: ``{"step", "schema" (the input model's JSON
+        Schema, None without one), "timeout" (s or None), "approve_with" (a device or None)}``."""
+        p = self._progress
+        if p.status is not WorkflowStatus.PAUSED or p.next_step is None:
+            return None
+        step = self.definition.step(p.next_step)
+        model = step.input_model
+        return {
+            "step": step.name,
+            "schema": None if model is None else model.model_json_schema(),
+            "timeout": step.spec.timeout,
+            "approve_with": step.spec.approve_with,
+        }
+
+    async def resume(self, data: dict[str, Any] | None = None) -> Workflow:
+        """Give the PAUSED workflow its input: ``data`` is checked against the step's
+        ``input_model`` (missing keys take the model's defaults), merged into the state and
+        committed with status ACTIVE in one transition. Raises :class:`InvalidInput` (the
+        workflow stays PAUSED) or :class:`InvalidTransition` (it is not PAUSED). The caller
+        drives it on (``run()``, or submits it to its runner)."""
+        if self.status is not WorkflowStatus.PAUSED:
+            raise self._refused(RESUME_RULE)
+        async with self._lock:
+            if self.status is not WorkflowStatus.PAUSED:
+                raise self._refused(RESUME_RULE)
+            step = self.definition.step(self._progress.next_step or "")
+            state = self._with_input(step, data)
+            self._builder._disarm_pause(self.id)
+            self.state = state
+            now = time.time()
+            pending = _Pending()
+            self._apply(pending, saga.resume(self._plan, self._progress), now)
+            await self._commit(pending, now)
+            if self.status.is_terminal:
+                self._on_terminal()
+        return self
+
+    def _with_input(self, step: LoadedStep, data: dict[str, Any] | None) -> BaseModel:
+        """The state with ``data`` (checked against the step's input model) merged in."""
+        model = step.input_model
+        data = data or {}
+        stays = "The workflow stays PAUSED."
+        if model is None:
+            if data:
+                raise InvalidInput(
+                    f"Step {step.name!r} takes no input (it has no input_model); resume it with "
+                    f"no data. {stays}",
+                    workflow_id=self.id,
+                )
+            return self.state
+        unknown = unknown_fields(model, data)
+        if unknown:
+            raise InvalidInput(
+                f"Field {unknown[0]!r} is not a field of {model.__name__} (fields: "
+                f"{', '.join(model.model_fields)}). {stays}",
+                workflow_id=self.id,
+                field=unknown[0],
+            )
+        try:
+            values = model.model_validate(data).model_dump()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "(data)"
+            raise InvalidInput(
+                f"Field {where!r}: {first['msg']}. {stays}", workflow_id=self.id, field=where
+            ) from None
+        merged = {**self.state.model_dump(), **values}
+        try:
+            state = type(self.state).model_validate(merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise InvalidInput(
+                f"Field {where!r} does not fit the state: {first['msg']}. {stays}",
+                workflow_id=self.id,
+                field=where,
+            ) from None
+        size = oversize(state.model_dump_json(), self._builder.max_state_bytes)
+        if size is not None:
+            raise InvalidInput(
+                f"The state with this input is {size_text(size)} of JSON, over max_state_bytes. "
+                f"{stays}",
+                workflow_id=self.id,
+            )
+        return state
+
+    async def expire_pause(self) -> bool:
+        """The PAUSED step's timeout passed: apply its ``on_timeout`` (``continue``: the input
+        model's defaults; ``fail``: the step fails, saga rules apply). False when it is no longer
+        PAUSED (input came first)."""
+        async with self._lock:
+            p = self._progress
+            if p.status is not WorkflowStatus.PAUSED or p.next_step is None:
+                return False
+            step = self.definition.step(p.next_step)
+            rule = step.spec.on_timeout
+            if rule == "continue":
+                try:
+                    self.state = self._with_input(step, None)
+                except InvalidInput as exc:  # a required field: no defaults to go on with
+                    log.warning("workflow %s: %s; the step fails instead", self.id, exc)
+                    rule = "fail"
+            error = (
+                f"no input came for step {step.name!r} within its timeout of "
+                f"{step.spec.timeout:g} s"
+                if step.spec.timeout
+                else None
+            )
+            self._builder._disarm_pause(self.id)
+            change = saga.pause_timed_out(self._plan, p, rule, error=error)
+            now = time.time()
+            pending = _Pending()
+            self._apply(pending, change, now)
+            await self._commit(pending, now)
+            if self.status.is_terminal:
+                self._on_terminal()
+        return True
+
+    async def _cancel_paused(self) -> None:
+        """A cancel of a PAUSED workflow (no driver holds it): saga mode compensates its
+        completed steps (the caller drives the rollback), else it ends CANCELLED now."""
+        now = time.time()
+        pending = _Pending()
+        change = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
+        self._builder._disarm_pause(self.id)
+        self._apply(pending, change, now)
+        await self._commit(pending, now)
+        if self.status.is_terminal:
+            self._on_terminal()
 
     async def wait(self) -> WorkflowStatus:
         """Wait until the workflow reaches a terminal status."""
@@ -237,6 +385,8 @@ class Workflow:
         """Drive the workflow until it is no longer ``ACTIVE`` (or ``COMPENSATING``)."""
         async with self._lock:
             self._stop.clear()
+            if self._progress.status is WorkflowStatus.PAUSED and self._cancel.is_set():
+                await self._cancel_paused()
             while self.status in RESUMABLE and not self._stop.is_set():
                 await self._drive(single=False)
         return self.status
@@ -305,40 +455,59 @@ class Workflow:
 
     async def mark_interrupted(self, *, journal_ended: bool = False) -> None:
         """Record the attempt the store has as started and not ended (the agent died while it
-        ran) as interrupted.
+        ran) as interrupted: the outer attempt and every PARALLEL branch attempt.
 
-        ``journal_ended``: its journal row is ended already (recovery's one pass over the store
-        before READY, ``SQLiteStore.mark_interrupted_attempts``); only the state machine's rule
-        is applied and committed, with no second write of that row."""
-        fl = self._progress.inflight
-        if fl is None:
-            return
+        ``journal_ended``: their journal rows are ended already (recovery's one pass over the
+        store before READY, ``SQLiteStore.mark_interrupted_attempts``); only the state machine's
+        rule is applied and committed, with no second write of those rows."""
         now = time.time()
         pending = _Pending()
-        if not journal_ended:
-            pending.journal.append(JournalEnd(fl.seq, "interrupted", now, saga.INTERRUPTED))
-        self._apply(pending, saga.interrupted(self._plan, self._progress), now)
-        log.warning(
-            "workflow %s: %s step %s attempt %d was interrupted",
-            self.id,
-            fl.phase,
-            fl.step,
-            fl.attempt,
-        )
-        await self._commit(pending, now)
+        cut = False
+        for branch in self._progress.running:  # a PARALLEL's branch attempts, each on its own
+            if not journal_ended:
+                pending.journal.append(JournalEnd(branch.seq, "interrupted", now, saga.INTERRUPTED))
+            change = saga.branch_interrupted(self._plan, self._progress, branch.step)
+            self._apply(pending, change, now)
+            cut = True
+            log.warning(
+                "workflow %s: branch step %s attempt %d was interrupted",
+                self.id,
+                branch.step,
+                branch.attempt,
+            )
+        fl = self._progress.inflight
+        if fl is not None:
+            if not journal_ended:
+                pending.journal.append(JournalEnd(fl.seq, "interrupted", now, saga.INTERRUPTED))
+            self._apply(pending, saga.interrupted(self._plan, self._progress), now)
+            cut = True
+            log.warning(
+                "workflow %s: %s step %s attempt %d was interrupted",
+                self.id,
+                fl.phase,
+                fl.step,
+                fl.attempt,
+            )
+        if cut:
+            await self._commit(pending, now)
 
     async def _drive(self, *, single: bool) -> dict[str, Any] | None:
         pending = _Pending()
         result: dict[str, Any] | None = None
         leaving = False  # cancelled (shutdown) or the loop closing: let go of the devices
         try:
-            if self._progress.inflight is not None and not self._fresh:
+            if (self._progress.inflight is not None or self._progress.running) and not self._fresh:
                 # Loaded with an attempt the store has as started and not ended (the agent died,
                 # or it was begun with the instance and the object dropped): it was cut short.
                 await self.mark_interrupted()
             if not await self._hold_resources():
                 return None  # stopped (shutdown) before its turn: nothing ran, nothing to commit
             while (attempt := await self._next_attempt(pending)) is not None:
+                if isinstance(attempt, str):  # a PARALLEL step: its branches run side by side
+                    await self._run_parallel(pending, attempt)
+                    if single and not self._plan.get(attempt).automate_next:
+                        break
+                    continue
                 step, before = attempt
                 fl = before.inflight
                 assert fl is not None
@@ -367,10 +536,13 @@ class Workflow:
                 self._let_go()
         return result
 
-    async def _next_attempt(self, pending: _Pending) -> tuple[LoadedStep, saga.Progress] | None:
+    async def _next_attempt(
+        self, pending: _Pending
+    ) -> tuple[LoadedStep, saga.Progress] | str | None:
         """The step to run next and the progress with its attempt begun, its "started" record
-        committed (with what ``pending`` holds); None when nothing runs now: stopped, finished,
-        or waiting for someone. A cancel is applied here, and a retry's backoff waited for."""
+        committed (with what ``pending`` holds); the name of a PARALLEL step that is due; None
+        when nothing runs now: stopped, finished, or waiting for someone (a HUMAN_INPUT step
+        pauses here). A cancel is applied here, and a retry's backoff waited for."""
         while True:
             now = time.time()
             if self._fresh:
@@ -389,9 +561,15 @@ class Workflow:
             if self._cancel.is_set() and saga.can_cancel(self.status):
                 change = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
                 self._apply(pending, change, now)
-            action = saga.next_action(self._progress)
-            if isinstance(action, saga.Stop):
-                return None
+            action = saga.next_action(self._progress, self._plan)
+            if not isinstance(action, saga.Run):
+                if isinstance(action, saga.Fork):
+                    return action.step
+                if isinstance(action, saga.Pause):
+                    self._apply(pending, saga.pause(self._plan, self._progress), now)
+                    await self._commit(pending, now)
+                    self._builder._arm_pause(self)
+                return None  # Stop
             if action.not_before is not None and action.not_before > now:
                 await self._commit(pending, now)
                 await self._sleep_until(action.not_before)
@@ -399,6 +577,125 @@ class Workflow:
             before = self._begin(pending, action.step, action.phase, now)
             await self._commit(pending, now)  # "started, attempt n" before the side effect
             return self.definition.step(action.step), before
+
+    async def _run_parallel(self, pending: _Pending, name: str) -> None:
+        """Drive the PARALLEL step ``name``: its branch steps run as tasks, and this loop applies
+        each outcome to the one progress as it comes (so the workflow's commits stay in order),
+        until the step completes or fails. A failed branch (or a cancel) stops the others: an
+        async step at its next await, a sync one is waited for and its result recorded."""
+        tasks: dict[asyncio.Future[_invoke.BranchOutcome], tuple[LoadedStep, saga.Inflight]] = {}
+        try:
+            while True:
+                now = time.time()
+                # (Not once the last branch's outcome ended the PARALLEL: COMPENSATING or
+                # FAILED admits no cancel, and the rollback already runs.)
+                if (
+                    self._cancel.is_set()
+                    and not self._progress.cancelled
+                    and saga.can_cancel(self.status)
+                ):
+                    change = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
+                    self._branch_stop_reason = self._cancel_reason
+                    self._apply(pending, change, now)
+                p = self._progress
+                if p.status is not WorkflowStatus.ACTIVE or p.next_step != name:
+                    break  # it completed, or failed and the rollback (or FAILED) follows
+                if p.cancelled or p.failed_step is not None:
+                    self._stop_branches(tasks)
+                actions = () if self._stop.is_set() else saga.branch_actions(self._plan, p)
+                ready = [a for a in actions if a.not_before is None or a.not_before <= now]
+                for action in ready:
+                    change = saga.branch_begin(self._plan, self._progress, action.step)
+                    fl = change.progress.running[-1]
+                    pending.journal.append(
+                        JournalStart(fl.seq, fl.step, "forward", fl.attempt, now)
+                    )
+                    self._apply(pending, change, now)
+                if ready or pending.journal or pending.events:
+                    await self._commit(pending, now)  # "started" before the side effects
+                for action in ready:
+                    step = self.definition.step(action.step)
+                    fl = next(f for f in self._progress.running if f.step == action.step)
+                    task = asyncio.ensure_future(_invoke.execute_branch(self, step, fl))
+                    tasks[task] = (step, fl)
+                if not tasks:
+                    if not actions:
+                        break  # stopped (shutdown), or nothing left that can run
+                    await self._sleep_until(min(a.not_before or now for a in actions))
+                    continue
+                await self._wait_branches(tasks)
+                for done in [t for t in tasks if t.done()]:
+                    step, fl = tasks.pop(done)
+                    if done.cancelled():  # stopped before its first line ran: no effect taken
+                        unrun = _invoke.Outcome(False, error=self._branch_stop_reason)
+                        result = _invoke.BranchOutcome(unrun)
+                    else:
+                        result = done.result()
+                    self._record_branch(pending, step, fl, result, time.time())
+                    await self._commit(pending, time.time())
+        finally:
+            for left in tasks:  # only when this driver itself is cancelled (shutdown)
+                left.cancel()
+
+    async def _wait_branches(self, tasks: Iterable[asyncio.Future[Any]]) -> None:
+        """Until a branch attempt ends, or a cancel comes."""
+        watch: set[asyncio.Future[Any]] = set(tasks)
+        cancelled = None
+        if not self._progress.cancelled:  # a cancel already applied must not wake this again
+            cancelled = asyncio.ensure_future(self._cancel.wait())
+            watch.add(cancelled)
+        try:
+            await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if cancelled is not None:
+                cancelled.cancel()
+
+    def _stop_branches(
+        self, tasks: dict[asyncio.Future[_invoke.BranchOutcome], tuple[LoadedStep, saga.Inflight]]
+    ) -> None:
+        """Stop the running async branch steps (a sync step on a thread cannot be stopped: its
+        result is waited for and recorded)."""
+        for task, (step, _fl) in tasks.items():
+            if (
+                not task.done()
+                and step.function is not None
+                and _invoke.step_is_async(step.function)
+            ):
+                task.cancel()
+
+    def _record_branch(
+        self,
+        pending: _Pending,
+        step: LoadedStep,
+        fl: saga.Inflight,
+        branch: _invoke.BranchOutcome,
+        now: float,
+    ) -> None:
+        """Feed a branch attempt's outcome to the state machine; a result merges into the state
+        as it is now (completion order)."""
+        outcome = branch.outcome
+        if outcome.ok:
+            outcome = _invoke.merge_branch(self, step, branch.result)
+        if outcome.ok:
+            assert outcome.state is not None
+            self.state = outcome.state
+            outputs = dumps(branch.outputs) if branch.outputs else None
+            pending.journal.append(JournalEnd(fl.seq, "completed", now, None, outputs))
+            self._apply(pending, saga.branch_succeeded(self._plan, self._progress, fl.step), now)
+            return
+        error = outcome.error or "failed"
+        if outcome.cancelled:
+            pending.journal.append(JournalEnd(fl.seq, "cancelled", now, error))
+            self._apply(
+                pending, saga.branch_cancelled(self._plan, self._progress, fl.step, error), now
+            )
+        else:
+            pending.journal.append(JournalEnd(fl.seq, "failed", now, error))
+            change = saga.branch_failed(self._plan, self._progress, fl.step, error, now=now)
+            self._apply(pending, change, now)
+        log.warning(
+            "workflow %s branch step %s attempt %d failed: %s", self.id, fl.step, fl.attempt, error
+        )
 
     async def _prepare_outputs(self, fl: saga.Inflight) -> None:
         """A forward attempt reports what it commands in a fresh dict; a compensation gets what
@@ -427,6 +724,9 @@ class Workflow:
             # What the step commanded is committed with its result: its compensation reads it.
             done = JournalEnd(fl.seq, "completed", now, None, dumps(outputs) if outputs else None)
             pending.journal.append(done)
+            if fl.phase == "forward" and self._plan.special.get(fl.step) == "DECISION":
+                self._apply(pending, saga.decided(self._plan, before, outcome.route), now)
+                return
             self._apply(pending, saga.succeeded(self._plan, before), now)
             return
         error = outcome.error or "failed"
@@ -565,8 +865,11 @@ class Workflow:
             log.exception("workflow %s: cannot read back what is committed", self.id)
         now = time.time()
         pending = _Pending()
-        fl = committed.inflight
-        if fl is not None:  # its "started" record is committed; its outcome never will be
+        # Their "started" records are committed; their outcomes never will be.
+        for fl in (
+            *(() if committed.inflight is None else (committed.inflight,)),
+            *committed.running,
+        ):
             pending.journal.append(JournalEnd(fl.seq, "failed", now, error))
         alert = self._apply(pending, change, now)
         try:
@@ -639,7 +942,15 @@ class Workflow:
 
     def _alert(self, pending: _Pending, at: float, alert: saga.Alert) -> dict[str, Any]:
         step, error = alert.step, alert.error
-        if alert.kind == "compensation_failed":
+        if alert.kind == "failed_after_pivot":
+            message = (
+                f"Step {step!r} of workflow {self.id} ({self.workflow_type}) failed after the "
+                f"pivot {self._plan.pivot!r} completed: {error}. Nothing was rolled back (the "
+                f"pivot is the point of no return) and it is FAILED; fix the cause, then "
+                f"`edgesaga retry {self.id}` resumes from the failed step."
+            )
+            log.error(message)
+        elif alert.kind == "compensation_failed":
             message = (
                 f"Compensation of step {step!r} of workflow {self.id} ({self.workflow_type}) "
                 f"failed after its retries: {error}. The rollback went on with the others; undo "
@@ -768,6 +1079,14 @@ class WorkflowBuilder:
         # runs, so a caller that drops one and loads it again gets this object, which knows the
         # attempt has not run (rebuilt from the store, it would look cut short by a crash).
         self._begun: dict[str, Workflow] = {}
+        #: Called with a workflow id when a PAUSED step's timeout passes (the agent expires and
+        #: submits it to its runner); None: the builder applies ``expire_pause`` and drives the
+        #: workflow itself.
+        self.on_pause_timeout: Callable[[str], Any] | None = None
+        # PAUSED workflows this builder knows: id -> (paused at, approve_with device or None).
+        self._paused: dict[str, tuple[float, str | None]] = {}
+        self._pause_timers: dict[str, asyncio.TimerHandle] = {}
+        self._expiring: set[asyncio.Task[Any]] = set()
         for path in discover(definitions):
             self.add_definition(load_definition(path))
 
@@ -892,6 +1211,8 @@ class WorkflowBuilder:
         wf._apply(pending, started, now)
         if begin is None:
             begin = not definition.spec.resources  # a lease wait comes before the first step
+        if begin and not isinstance(saga.next_action(progress, wf._plan), saga.Run):
+            begin = False  # a HUMAN_INPUT or PARALLEL first step: nothing runs as one attempt
         if begin:
             wf._begin(pending, progress.next_step or "", "forward", now)
             wf._fresh = True
@@ -941,6 +1262,10 @@ class WorkflowBuilder:
         rec = await store.load_instance(workflow_id)
         if rec is None:
             raise WorkflowNotFound(workflow_id)
+        # Recovery's feeder may have built it while the store was read: one object per workflow.
+        live = self._live.get(workflow_id)
+        if live is not None and live.store is store:
+            return live
         wf = self._from_record(rec, store)
         self._live[workflow_id] = wf
         return wf
@@ -964,6 +1289,92 @@ class WorkflowBuilder:
             progress=saga.Progress.from_json(rec.progress),
             created_at=rec.created_at,
         )
+
+    # -- HUMAN_INPUT ---------------------------------------------------------------------------
+    async def resume(
+        self, store: SQLiteStore, workflow_id: str, data: dict[str, Any] | None = None
+    ) -> Workflow:
+        """Resume a PAUSED workflow with ``data`` (see :meth:`Workflow.resume`); the returned
+        workflow is ACTIVE and ready to be driven (``run()``, or a runner's ``submit``). Raises
+        :class:`WorkflowNotFound`, :class:`InvalidTransition` or :class:`InvalidInput`."""
+        wf = await self.load_workflow(workflow_id, store)
+        return await wf.resume(data)
+
+    async def expire_pause(self, store: SQLiteStore, workflow_id: str) -> Workflow | None:
+        """Apply a PAUSED workflow's ``on_timeout`` (see :meth:`Workflow.expire_pause`); returns
+        the workflow when it is to be driven on (ACTIVE or COMPENSATING), else None."""
+        wf = await self.load_workflow(workflow_id, store)
+        if not await wf.expire_pause():
+            return None
+        return wf if wf.status in RESUMABLE else None
+
+    def waiting_input(self, workflow: Workflow) -> dict[str, Any] | None:
+        """What a PAUSED workflow waits for (see :attr:`Workflow.waiting_input`)."""
+        return workflow.waiting_input
+
+    def paused_waiting_on(self, device: str) -> list[str]:
+        """The PAUSED workflows whose step has ``approve_with: device``, oldest pause first."""
+        found = [(at, wid) for wid, (at, dev) in self._paused.items() if dev == device]
+        return [wid for _, wid in sorted(found)]
+
+    async def rearm_pauses(self, store: SQLiteStore) -> list[Workflow]:
+        """At start: note every PAUSED workflow (for :meth:`paused_waiting_on`), re-take the
+        device leases it held, and re-arm each step timeout for its FULL timeout (the timer is
+        in-process; the time it already waited before the restart is not counted)."""
+        records = await store.list_instances(status=[WorkflowStatus.PAUSED.value], limit=1_000_000)
+        out = []
+        for rec in sorted(records, key=lambda r: (r.updated_at, r.id)):
+            try:
+                wf = await self.load_workflow(rec.id, store)
+            except Exception:
+                log.exception("workflow %s: cannot load the PAUSED workflow", rec.id)
+                continue
+            resources = wf.definition.spec.resources
+            if resources and all(self.leases.holder(n) in (None, wf.id) for n in resources):
+                await self.leases.acquire(wf.id, resources)
+            elif resources:
+                log.warning(
+                    "workflow %s is PAUSED but %s is held by another workflow", wf.id, resources
+                )
+            self._arm_pause(wf, at=rec.updated_at)
+            out.append(wf)
+        return out
+
+    def _arm_pause(self, wf: Workflow, *, at: float | None = None) -> None:
+        """Note a PAUSED workflow and arm its step's timeout (a plain loop timer)."""
+        step = wf.definition.step(wf.progress.next_step or "")
+        self._paused[wf.id] = (time.time() if at is None else at, step.spec.approve_with)
+        self._disarm_timer(wf.id)
+        timeout = step.spec.timeout
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            self._pause_timers[wf.id] = loop.call_later(timeout, self._pause_due, wf.id, wf.store)
+
+    def _disarm_pause(self, workflow_id: str) -> None:
+        self._paused.pop(workflow_id, None)
+        self._disarm_timer(workflow_id)
+
+    def _disarm_timer(self, workflow_id: str) -> None:
+        timer = self._pause_timers.pop(workflow_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _pause_due(self, workflow_id: str, store: SQLiteStore) -> None:
+        self._pause_timers.pop(workflow_id, None)
+        if self.on_pause_timeout is not None:
+            self.on_pause_timeout(workflow_id)
+            return
+        task = asyncio.ensure_future(self._expire_and_run(store, workflow_id))
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
+
+    async def _expire_and_run(self, store: SQLiteStore, workflow_id: str) -> None:
+        try:
+            wf = await self.expire_pause(store, workflow_id)
+            if wf is not None:
+                await wf.run()
+        except Exception:
+            log.exception("workflow %s: the pause timeout could not be applied", workflow_id)
 
     async def recover(self, store: SQLiteStore, *, run: bool = True) -> list[Workflow]:
         """Resume every ``ACTIVE`` and ``COMPENSATING`` instance (see :func:`agent._recovery.recover`)."""

@@ -74,6 +74,18 @@ class InvalidData(AgentError, ValueError):
         super().__init__(message)
 
 
+class InvalidInput(AgentError, ValueError):
+    """Raised when the input sent to resume a PAUSED workflow does not fit its step's
+    ``input_model``; the workflow stays PAUSED."""
+
+    code = "invalid_input"
+
+    def __init__(self, message: str, *, workflow_id: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.workflow_id = workflow_id
+        self.field = field
+
+
 class WorkflowNotFound(AgentError, LookupError):
     """Raised when no workflow instance has the given id in the store."""
 

@@ -155,6 +155,7 @@ class Outcome(NamedTuple):
     result: dict[str, Any] | None = None
     error: str | None = None
     cancelled: bool = False
+    route: str | None = None  # what a DECISION returned (None: its default)
 
 
 async def execute(wf: Workflow, step: LoadedStep, fl: saga.Inflight) -> Outcome:
@@ -235,6 +236,17 @@ async def execute(wf: Workflow, step: LoadedStep, fl: saga.Inflight) -> Outcome:
 
 
 def _outcome(wf: Workflow, state: BaseModel, result: Any, step: LoadedStep) -> Outcome:
+    if step.spec.type == "DECISION":  # it takes no compensate_function
+        if result is not None and not isinstance(result, str):
+            wf._restore_state()
+            return Outcome(
+                False,
+                error=(
+                    f"DECISION step {step.name!r} returned {type(result).__name__}; a DECISION "
+                    "returns a route key (str), or None for its default."
+                ),
+            )
+        return Outcome(True, state=state, route=result)
     try:
         new_state = _merge(state, result, step)
         state_json = new_state.model_dump_json()
@@ -280,3 +292,60 @@ def _merge(state: BaseModel, result: Any, step: LoadedStep) -> BaseModel:
         raise InvalidData(
             f"Step {step.name!r} left the state invalid: {where}: {first['msg']}."
         ) from None
+
+
+class BranchOutcome(NamedTuple):
+    """A branch step's attempt: its outcome (``state`` not merged yet) and what it commanded."""
+
+    outcome: Outcome
+    result: Any = None
+    outputs: dict[str, Any] | None = None
+
+
+async def execute_branch(wf: Workflow, step: LoadedStep, fl: saga.Inflight) -> BranchOutcome:
+    """Run the attempt ``fl`` of a PARALLEL's branch step, as a task beside the other branches'.
+
+    The step gets a copy of the state: what it returns is merged into the workflow's state when
+    the drive loop records it, in completion order (in-place changes of a branch step are not
+    kept). A cancel of this task (another branch failed, or the workflow is cancelled) ends it
+    at its next ``await`` as a cancelled outcome: it may have taken effect."""
+    func = step.function
+    assert func is not None
+    params = step.spec.params
+    outputs: dict[str, Any] = {}
+    ctx = StepContext(
+        workflow_id=wf.id,
+        workflow_type=wf.workflow_type,
+        step_name=step.name,
+        attempt=fl.attempt,
+        idempotency_key=f"{wf.id}:{step.name}",
+        params=dict(params),
+        hardware=wf._builder.hardware,
+        compensating=False,
+        logger=_step_logger(wf.workflow_type, step.name),
+        outputs=outputs,
+    )
+    state = wf.state.model_copy(deep=True)
+    timeout = step.spec.timeout
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            if step_is_async(func):
+                result = await func(state, ctx, **params)
+            else:
+                call = functools.partial(func, state, ctx, **params)
+                result = await wf._builder._threads.run(call)
+    except TimeoutError as exc:
+        if timeout is not None and deadline.expired():
+            return BranchOutcome(Outcome(False, error=str(StepTimeout(wf.id, step.name, timeout))))
+        return BranchOutcome(Outcome(False, error=f"{type(exc).__name__}: {exc}"))
+    except asyncio.CancelledError:
+        return BranchOutcome(Outcome(False, cancelled=True, error=wf._branch_stop_reason))
+    except Exception as exc:
+        return BranchOutcome(Outcome(False, error=f"{type(exc).__name__}: {exc}"))
+    return BranchOutcome(Outcome(True), result, outputs)
+
+
+def merge_branch(wf: Workflow, step: LoadedStep, result: Any) -> Outcome:
+    """A branch step's result merged into the workflow's state as it is now."""
+    return _outcome(wf, wf.state, result, step)

@@ -10,8 +10,13 @@ commit with it — the events in the order they are written (a status change las
 ``status_changed``) and an alert when a person has to act. The runner decides none of that: it
 runs the step, writes what the change says, and commits before the next side effect starts.
 
-A position is a step *name*, not an index, so routes and branches can come later without a
-migration of stored progress.
+A position is a step *name*, not an index. The plan is a graph: :meth:`Plan.after` follows
+``next`` (or the list order), a DECISION's successor is the route its function chose
+(:func:`decided`), a HUMAN_INPUT pauses (:func:`pause`, :func:`resume`, :func:`pause_timed_out`) and
+a PARALLEL runs its branches' steps side by side (:func:`branch_actions`, :func:`branch_begin`,
+:func:`branch_succeeded`, :func:`branch_failed`, :func:`branch_cancelled`,
+:func:`branch_interrupted`). ``completed`` is the path actually taken, in completion order (branch
+steps included), and a rollback undoes exactly its compensable steps, newest first.
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ EventName = Literal[
     "compensation_started",
     "compensation_completed",
     "compensation_failed",
+    "workflow_paused",
     "status_changed",
 ]
-AlertKind = Literal["compensation_failed", "internal_error"]
+AlertKind = Literal["compensation_failed", "internal_error", "failed_after_pivot"]
+StepKind = Literal["STANDARD", "DECISION", "HUMAN_INPUT", "PARALLEL"]
+#: A ``next``/route target that ends the workflow.
+END = "END"
 
 #: The error recorded for an attempt cut short by the agent dying.
 INTERRUPTED = "interrupted: the agent stopped while this attempt ran"
@@ -70,31 +79,71 @@ class StepPlan(NamedTuple):
     automate_next: bool = False
     retry_delays: tuple[float, ...] = ()  # delay after the n-th failure (last one repeats)
     compensate_retry_delays: tuple[float, ...] = ()
+    kind: StepKind = "STANDARD"
+    next: str | None = None  # None: the next in the list; END: the workflow ends
+    routes: tuple[tuple[str, str], ...] = ()  # DECISION: (route key, target or END)
+    default: str | None = None  # DECISION: the target of None or an unknown key
+    branches: tuple[tuple[str, ...], ...] = ()  # PARALLEL: the names of each branch's steps
+    pivot: bool = False
+    on_timeout: Literal["fail", "continue"] = "fail"  # HUMAN_INPUT
 
 
 class Plan:
-    """The ordered steps of a workflow."""
+    """The steps of a workflow: ``steps`` the outer path in list order, ``inner`` the steps of
+    PARALLEL branches (named in their PARALLEL's ``branches``)."""
 
-    __slots__ = ("_after", "_by_name", "steps")
+    __slots__ = ("_after", "_by_name", "branch_of", "inner", "pivot", "special", "steps")
 
-    def __init__(self, steps: tuple[StepPlan, ...]) -> None:
+    def __init__(self, steps: tuple[StepPlan, ...], inner: tuple[StepPlan, ...] = ()) -> None:
         names = [s.name for s in steps]
-        if len(set(names)) != len(names):
+        every = [*names, *(s.name for s in inner)]
+        if len(set(every)) != len(every):
             raise ValueError("Step names must be unique within a plan.")
         if not names:
             raise ValueError("A plan needs at least one step.")
         self.steps = steps
-        self._by_name = {s.name: s for s in steps}
+        self.inner = inner
+        self._by_name = {s.name: s for s in (*steps, *inner)}
         self._after: dict[str, str | None] = dict(zip_longest(names, names[1:]))
+        #: The steps that do not simply run: name -> kind (empty for a STANDARD-only plan).
+        self.special: dict[str, StepKind] = {}
+        #: A branch step's PARALLEL and branch index.
+        self.branch_of: dict[str, tuple[str, int]] = {}
+        self.pivot: str | None = None
+        for s in steps:
+            if s.next is not None:
+                self._after[s.name] = None if s.next == END else s.next
+            if s.kind != "STANDARD":
+                self.special[s.name] = s.kind
+            if s.pivot:
+                self.pivot = s.name
+            for b, branch in enumerate(s.branches):
+                for name, nxt in zip_longest(branch, branch[1:]):
+                    self._after[name] = nxt
+                    self.branch_of[name] = (s.name, b)
 
     def __repr__(self) -> str:
-        return f"Plan(steps={self.steps!r})"
+        inner = f", inner={self.inner!r}" if self.inner else ""
+        return f"Plan(steps={self.steps!r}{inner})"
 
     def __eq__(self, other: object) -> bool:
-        return self.steps == other.steps if isinstance(other, Plan) else NotImplemented
+        if not isinstance(other, Plan):
+            return NotImplemented
+        return self.steps == other.steps and self.inner == other.inner
 
     def __hash__(self) -> int:
-        return hash(self.steps)
+        return hash((self.steps, self.inner)) if self.inner else hash(self.steps)
+
+    def route(self, name: str, key: str | None) -> tuple[bool, str | None]:
+        """A DECISION's successor for route ``key``: ``(known, target)``, target None for END;
+        ``known`` is False when neither the key nor a default gives one."""
+        spec = self._by_name[name]
+        target = dict(spec.routes).get(key) if key is not None else None
+        if target is None:
+            target = spec.default
+        if target is None:
+            return False, None
+        return True, None if target == END else target
 
     def get(self, name: str) -> StepPlan:
         return self._by_name[name]
@@ -140,6 +189,10 @@ class Progress(NamedTuple):
     inflight: Inflight | None = None
     journal_seq: int = 0
     not_before: float | None = None
+    routes: Mapping[str, str] = MappingProxyType({})  # DECISION step -> the route key it chose
+    running: tuple[Inflight, ...] = ()  # the PARALLEL's branch attempts in flight
+    waits: Mapping[str, float] = MappingProxyType({})  # branch step -> retry backoff until
+    undo_first: tuple[str, ...] = ()  # branch steps cut short: their own compensation runs first
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -182,6 +235,14 @@ class Progress(NamedTuple):
             out["journal_seq"] = self.journal_seq
         if self.not_before is not None:
             out["not_before"] = self.not_before
+        if self.routes:
+            out["routes"] = dict(self.routes)
+        if self.running:
+            out["running"] = [list(fl) for fl in self.running]
+        if self.waits:
+            out["waits"] = dict(self.waits)
+        if self.undo_first:
+            out["undo_first"] = list(self.undo_first)
         return out
 
     @classmethod
@@ -192,6 +253,10 @@ class Progress(NamedTuple):
             d[key] = tuple(d.get(key, ()))
         if d.get("inflight"):
             d["inflight"] = Inflight(**d["inflight"])
+        if "running" in d:
+            d["running"] = tuple(Inflight(*fl) for fl in d["running"])
+        if "undo_first" in d:
+            d["undo_first"] = tuple(d["undo_first"])
         return cls(**{k: v for k, v in d.items() if k in cls._fields})
 
     @property
@@ -201,7 +266,7 @@ class Progress(NamedTuple):
             return self.inflight.step
         if self.status is WorkflowStatus.COMPENSATING and self.to_compensate:
             return self.to_compensate[0]
-        if self.status is WorkflowStatus.ACTIVE:
+        if self.status is WorkflowStatus.ACTIVE or self.status is WorkflowStatus.PAUSED:
             return self.next_step
         return self.failed_step
 
@@ -247,14 +312,34 @@ class Stop(NamedTuple):
     status: WorkflowStatus
 
 
-def next_action(progress: Progress) -> Run | Stop:
-    """What the runner should do next."""
+class Pause(NamedTuple):
+    """The HUMAN_INPUT ``step`` is due: commit :func:`pause` and wait for :func:`resume`."""
+
+    step: str
+
+
+class Fork(NamedTuple):
+    """The PARALLEL ``step`` is due (or running): its branch steps run as
+    :func:`branch_actions` says."""
+
+    step: str
+
+
+def next_action(progress: Progress, plan: Plan | None = None) -> Run | Stop | Pause | Fork:
+    """What the runner should do next (without ``plan``, every step is one that runs)."""
     if progress.inflight is not None:
         raise ValueError(
             "An attempt is in flight; record its outcome (or mark it interrupted) first."
         )
     if progress.status is WorkflowStatus.ACTIVE and progress.next_step is not None:
-        return Run(progress.next_step, "forward", progress.not_before)
+        step = progress.next_step
+        if plan is not None and step in plan.special:
+            kind = plan.special[step]
+            if kind == "HUMAN_INPUT":
+                return Pause(step)
+            if kind == "PARALLEL":
+                return Fork(step)
+        return Run(step, "forward", progress.not_before)
     if progress.status is WorkflowStatus.COMPENSATING and progress.to_compensate:
         return Run(progress.to_compensate[0], "compensate", progress.not_before)
     return Stop(progress.status)
@@ -457,20 +542,54 @@ def _give_up(
         )
         # A person has to undo the step by hand; the rollback goes on with the others.
         return _change(before, after, event, alert=Alert("compensation_failed", fl.step, error))
-    progress = _replace(progress, failed_step=fl.step)
-    if not progress.saga:
+    return _forward_gave_up(
+        plan, before, _replace(progress, failed_step=fl.step), event, also_first
+    )
+
+
+def _forward_gave_up(
+    plan: Plan,
+    before: Progress,
+    progress: Progress,
+    event: Event | None,
+    also_first: str | None,
+    *,
+    failed: str | None = None,
+) -> Change:
+    """A forward step failed for good (``progress.failed_step`` is where ``retry`` resumes;
+    ``failed`` the step that failed, when that is a branch step of it): FAILED without saga mode
+    or after the pivot completed (with an alert), else the rollback."""
+    events = () if event is None else (event,)
+    past_pivot = _past_pivot(plan, progress)
+    if past_pivot and not progress.cancelled:
+        alert = Alert("failed_after_pivot", failed or progress.failed_step, progress.error)
+        failed_now = _replace(progress, status=WorkflowStatus.FAILED, undo_first=())
+        return _change(before, failed_now, *events, alert=alert)
+    if not progress.saga or past_pivot:
         status = WorkflowStatus.CANCELLED if progress.cancelled else WorkflowStatus.FAILED
-        return _change(before, _replace(progress, status=status), event)
-    return _change(before, _begin_rollback(plan, progress, also_first), event)
+        return _change(before, _replace(progress, status=status, undo_first=()), *events)
+    return _change(before, _begin_rollback(plan, progress, also_first), *events)
+
+
+def _past_pivot(plan: Plan, progress: Progress) -> bool:
+    return plan.pivot is not None and plan.pivot in progress.completed
 
 
 def _begin_rollback(plan: Plan, progress: Progress, also_first: str | None) -> Progress:
-    """Queue compensations of the completed steps, newest first (plus an interrupted step's own)."""
+    """Queue compensations of the completed steps, newest first (after the own compensations of
+    an interrupted step and of branch steps cut short). Past the pivot nothing is undone."""
+    if _past_pivot(plan, progress):
+        status = WorkflowStatus.CANCELLED if progress.cancelled else WorkflowStatus.FAILED
+        return _replace(progress, next_step=None, status=status, undo_first=())
     queue = [s for s in reversed(progress.completed) if plan.get(s).compensable]
-    if also_first is not None and plan.get(also_first).compensable and also_first not in queue:
-        queue.insert(0, also_first)
+    first = [*progress.undo_first, *(() if also_first is None else (also_first,))]
+    for step in reversed(first):
+        if plan.get(step).compensable and step not in queue:
+            queue.insert(0, step)
     return _compensation_finished(
-        _replace(progress, next_step=None, to_compensate=tuple(queue), not_before=None)
+        _replace(
+            progress, next_step=None, to_compensate=tuple(queue), not_before=None, undo_first=()
+        )
     )
 
 
@@ -498,8 +617,8 @@ def cancel(plan: Plan, progress: Progress, *, reason: str = "cancelled on reques
     if not can_cancel(progress.status):
         raise ValueError(f"A {progress.status.value} workflow cannot be cancelled: {CANCEL_RULE}.")
     marked = _replace(progress, cancelled=True, error=reason)
-    if progress.inflight is not None:
-        after = marked
+    if progress.inflight is not None or progress.running:
+        after = marked  # the runner stops the attempts and records them
     elif not progress.saga:
         after = _replace(marked, status=WorkflowStatus.CANCELLED, next_step=None)
     else:
@@ -531,10 +650,10 @@ def internal_error(progress: Progress, error: str) -> Change:
     ``COMPENSATION_FAILED`` with every compensation still due, which ``retry`` runs in order.
     Nothing is compensated here. A workflow that is not running is left as it is.
     """
-    fl = progress.inflight
-    # Its "started" record is committed; its outcome never will be.
-    events = () if fl is None else (Event(_FAILED[fl.phase], fl.step, fl.attempt, error),)
-    after = _replace(progress, inflight=None, not_before=None)
+    flights = (*(() if progress.inflight is None else (progress.inflight,)), *progress.running)
+    # Their "started" records are committed; their outcomes never will be.
+    events = tuple(Event(_FAILED[fl.phase], fl.step, fl.attempt, error) for fl in flights)
+    after = _replace(progress, inflight=None, not_before=None, running=(), undo_first=())
     if progress.status is WorkflowStatus.ACTIVE:  # next_step is also the step in flight, if any
         after = _replace(
             after, status=WorkflowStatus.FAILED, failed_step=progress.next_step, error=error
@@ -555,15 +674,21 @@ def retry(plan: Plan, progress: Progress) -> Change:
     """An operator asked to retry a FAILED workflow (from its failed step) or a
     COMPENSATION_FAILED one (its failed compensations, in the order they were due)."""
     if progress.status is WorkflowStatus.FAILED and progress.failed_step is not None:
+        step = progress.failed_step
+        # A PARALLEL resumes at each branch's position; its branch steps get their retries again.
+        keys = {_key("forward", step)} | {
+            _key("forward", s) for b in plan.get(step).branches for s in b
+        }
         after = _replace(
             progress,
             status=WorkflowStatus.ACTIVE,
-            next_step=progress.failed_step,
+            next_step=step,
             failed_step=None,
             error=None,
-            failures=_drop(progress.failures, _key("forward", progress.failed_step)),
-            interrupts=_drop(progress.interrupts, _key("forward", progress.failed_step)),
+            failures={k: v for k, v in progress.failures.items() if k not in keys},
+            interrupts={k: v for k, v in progress.interrupts.items() if k not in keys},
             not_before=None,
+            waits=MappingProxyType({}),
         )
     elif progress.status is WorkflowStatus.COMPENSATION_FAILED:
         keys = {_key("compensate", s) for s in progress.compensation_failed}
@@ -591,3 +716,232 @@ def continues(plan: Plan, before: Progress, after: Progress) -> bool:
         and after.next_step is not None
         and plan.get(fl.step).automate_next
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# DECISION
+
+
+def decided(plan: Plan, progress: Progress, key: str | None) -> Change:
+    """The in-flight DECISION attempt returned route ``key`` (None: the default). The route is
+    journaled in ``routes``; an unknown key without a default fails the step (saga rules), END
+    completes the workflow."""
+    fl = _require_inflight(progress)
+    if fl.phase != "forward" or progress.cancelled:
+        return succeeded(plan, progress)
+    known, target = plan.route(fl.step, key)
+    if not known:
+        keys = ", ".join(k for k, _ in plan.get(fl.step).routes)
+        error = (
+            f"DECISION step {fl.step!r} returned the route {key!r}, which is none of its routes "
+            f"({keys}) and it has no default"
+        )
+        return failed(plan, progress, error)
+    fkey = _key("forward", fl.step)
+    after = _replace(
+        progress,
+        inflight=None,
+        completed=(*progress.completed, fl.step),
+        next_step=target,
+        status=WorkflowStatus.COMPLETED if target is None else progress.status,
+        error=None if target is None else progress.error,
+        failures=_drop(progress.failures, fkey),
+        interrupts=_drop(progress.interrupts, fkey),
+        executions=_drop(progress.executions, fkey),
+        routes={**progress.routes, fl.step: "" if key is None else key},
+    )
+    return _change(progress, after, Event("step_completed", fl.step, fl.attempt))
+
+
+# ------------------------------------------------------------------------------------------------
+# HUMAN_INPUT
+
+
+def pause(plan: Plan, progress: Progress) -> Change:
+    """The HUMAN_INPUT step is due: the workflow waits, PAUSED, for :func:`resume`."""
+    action = next_action(progress, plan)
+    if not isinstance(action, Pause):
+        raise ValueError(f"No HUMAN_INPUT step is due ({action}).")
+    after = _replace(progress, status=WorkflowStatus.PAUSED, not_before=None)
+    return _change(progress, after, Event("workflow_paused", action.step))
+
+
+def _paused_step(progress: Progress) -> str:
+    if progress.status is not WorkflowStatus.PAUSED or progress.next_step is None:
+        raise ValueError(f"A {progress.status.value} workflow is not waiting for input.")
+    return progress.next_step
+
+
+def resume(plan: Plan, progress: Progress) -> Change:
+    """Input came for the PAUSED workflow's step: the step completes and the workflow goes on."""
+    step = _paused_step(progress)
+    nxt = plan.after(step)
+    after = _replace(
+        progress,
+        status=WorkflowStatus.ACTIVE if nxt is not None else WorkflowStatus.COMPLETED,
+        completed=(*progress.completed, step),
+        next_step=nxt,
+        error=None,
+    )
+    return _change(progress, after, Event("step_completed", step))
+
+
+def pause_timed_out(
+    plan: Plan, progress: Progress, on_timeout: str | None = None, *, error: str | None = None
+) -> Change:
+    """No input came within the step's timeout: ``continue`` resumes (the caller merges the input
+    model's defaults), ``fail`` fails the step (saga rules; ``retry`` waits again)."""
+    step = _paused_step(progress)
+    rule = on_timeout or plan.get(step).on_timeout
+    if rule == "continue":
+        return resume(plan, progress)
+    error = error or f"no input came for step {step!r} within its timeout"
+    event = Event("step_failed", step, None, error)
+    base = _replace(progress, status=WorkflowStatus.ACTIVE, failed_step=step, error=error)
+    return _forward_gave_up(plan, progress, base, event, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# PARALLEL
+
+
+def _halting(progress: Progress) -> bool:
+    """A branch failed for good, or a cancel came: no branch step begins; the ones running end."""
+    return progress.cancelled or progress.failed_step is not None
+
+
+def branch_actions(plan: Plan, progress: Progress) -> tuple[Run, ...]:
+    """The branch steps of the due PARALLEL that can begin now (one per branch not running and not
+    finished); ``not_before`` carries a retry's backoff."""
+    step = progress.next_step
+    if progress.status is not WorkflowStatus.ACTIVE or step is None or _halting(progress):
+        return ()
+    done = set(progress.completed)
+    busy = {fl.step for fl in progress.running}
+    out: list[Run] = []
+    for branch in plan.get(step).branches:
+        pos = next((s for s in branch if s not in done), None)
+        if pos is not None and pos not in busy:
+            out.append(Run(pos, "forward", progress.waits.get(pos)))
+    return tuple(out)
+
+
+def branch_begin(plan: Plan, progress: Progress, step: str) -> Change:
+    """A branch step's attempt is about to run; its "started" record commits with this change."""
+    if step not in {r.step for r in branch_actions(plan, progress)}:
+        raise ValueError(f"Branch step {step!r} is not one that can begin now.")
+    key = _key("forward", step)
+    executions = _bump(progress.executions, key)
+    seq = progress.journal_seq + 1
+    fl = Inflight(step=step, phase="forward", seq=seq, attempt=executions[key])
+    after = _replace(
+        progress,
+        executions=executions,
+        journal_seq=seq,
+        running=(*progress.running, fl),
+        waits={k: v for k, v in progress.waits.items() if k != step},
+    )
+    return Change(after, (Event("step_started", step, fl.attempt),))
+
+
+def _take(progress: Progress, step: str) -> tuple[Inflight, Progress]:
+    for fl in progress.running:
+        if fl.step == step:
+            rest = tuple(r for r in progress.running if r.step != step)
+            return fl, _replace(progress, running=rest)
+    raise ValueError(f"Branch step {step!r} is not in flight.")
+
+
+def branch_succeeded(plan: Plan, progress: Progress, step: str) -> Change:
+    """A branch step's attempt completed: it joins the path (completion order)."""
+    fl, base = _take(progress, step)
+    key = _key("forward", step)
+    base = _replace(
+        base,
+        completed=(*base.completed, step),
+        failures=_drop(base.failures, key),
+        interrupts=_drop(base.interrupts, key),
+        executions=_drop(base.executions, key),
+    )
+    return _settle(plan, progress, base, Event("step_completed", step, fl.attempt))
+
+
+def branch_failed(
+    plan: Plan, progress: Progress, step: str, error: str, *, now: float = 0.0
+) -> Change:
+    """A branch step's attempt failed: retried per its policy, unless the PARALLEL is halting;
+    once its retries are used up the PARALLEL halts (the runner stops the other branches)."""
+    fl, base = _take(progress, step)
+    event = Event("step_failed", step, fl.attempt, error)
+    key = _key("forward", step)
+    failures = _bump(base.failures, key)
+    spec = plan.get(step)
+    base = _replace(base, failures=failures)
+    if failures[key] < spec.max_attempts and not _halting(base):
+        wait = _delay(spec.retry_delays, failures[key])
+        if wait > 0:
+            base = _replace(base, waits={**base.waits, step: now + wait})
+        return _change(progress, base, event)
+    if base.failed_step is None and not base.cancelled:
+        base = _replace(base, failed_step=step, error=error)
+    return _settle(plan, progress, base, event)
+
+
+def branch_cancelled(plan: Plan, progress: Progress, step: str, error: str) -> Change:
+    """A branch step's attempt was stopped (another branch failed, or a cancel came): it may have
+    taken effect, so its own compensation runs first in the rollback."""
+    fl, base = _take(progress, step)
+    base = _replace(base, undo_first=(*base.undo_first, step))
+    return _settle(plan, progress, base, Event("step_failed", step, fl.attempt, error))
+
+
+def branch_interrupted(plan: Plan, progress: Progress, step: str) -> Change:
+    """A branch step's attempt was cut short by the agent dying: it runs again at its branch's
+    position, until ``max_interrupts``; then it counts as failed (its own compensation first)."""
+    fl, base = _take(progress, step)
+    event = Event("step_failed", step, fl.attempt, INTERRUPTED)
+    key = _key("forward", step)
+    interrupts = _bump(base.interrupts, key)
+    base = _replace(base, interrupts=interrupts)
+    if interrupts[key] < plan.get(step).max_interrupts:
+        return _settle(plan, progress, base, event)
+    msg = f"step {step!r} was interrupted {interrupts[key]} times (max_interrupts); it is not run again."
+    base = _replace(base, undo_first=(*base.undo_first, step))
+    if base.failed_step is None and not base.cancelled:
+        base = _replace(base, failed_step=step, error=msg)
+    return _settle(plan, progress, base, event)
+
+
+def _settle(plan: Plan, before: Progress, progress: Progress, event: Event) -> Change:
+    """After a branch attempt's outcome: wait for the others still running; then a halted
+    PARALLEL fails (saga rules, every branch's completed steps newest first), and one whose
+    branches have all finished completes as one step of the outer path."""
+    if progress.running:
+        return _change(before, progress, event)
+    parallel = progress.next_step
+    assert parallel is not None
+    if progress.cancelled:
+        if not progress.saga:
+            after = _replace(
+                progress, status=WorkflowStatus.CANCELLED, next_step=None, undo_first=()
+            )
+        else:
+            after = _begin_rollback(plan, progress, None)
+        return _change(before, after, event)
+    if progress.failed_step is not None:
+        failed_step = progress.failed_step
+        base = _replace(progress, failed_step=parallel)  # `retry` resumes the PARALLEL
+        return _forward_gave_up(plan, before, base, event, None, failed=failed_step)
+    done = set(progress.completed)
+    if any(s not in done for b in plan.get(parallel).branches for s in b):
+        return _change(before, progress, event)
+    nxt = plan.after(parallel)
+    after = _replace(
+        progress,
+        completed=(*progress.completed, parallel),
+        next_step=nxt,
+        status=WorkflowStatus.COMPLETED if nxt is None else progress.status,
+        undo_first=(),
+    )
+    change = _change(before, after, event, Event("step_completed", parallel))
+    return change

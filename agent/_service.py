@@ -127,6 +127,7 @@ class Agent:
             counts = await self.store.count_by_status()
             unfinished = sum(counts.get(s.value, 0) for s in RESUMABLE)
             self.feeder = Feeder(self.builder, self.store, self.runner, backlog=unfinished)
+            await self._arm_pauses()  # PAUSED workflows are no feeder's: re-arm their timeouts
             log.info(
                 "agent %s: %d workflow type(s) loaded, %d workflow(s) recovered "
                 "(%d interrupted attempt(s)); they resume once the agent is ready, oldest first",
@@ -169,6 +170,7 @@ class Agent:
                         watchdog_loop(self.notifier, self._healthy, interval), name="watchdog"
                     )
                 )
+            tasks.extend(self._approve_buttons(tg))
             if self.board is not None and cfg.hardware is not None and cfg.hardware.simulate:
                 tasks.append(
                     tg.create_task(self.board.simulate(cfg.hardware.simulate), name="simulate")
@@ -211,6 +213,86 @@ class Agent:
                 self._disk_alert_task.cancel()
             if link_task is not None:
                 link_task.cancel()  # publishes offline and disconnects
+
+    # -- HUMAN_INPUT: pause timeouts and approve_with buttons ----------------------------------------
+    async def _arm_pauses(self) -> None:
+        """After recovery: a PAUSED workflow's timeout runs again (for its full length), and one
+        that runs out fails or continues (its step's on_timeout) on the runner."""
+        assert self.builder is not None
+        assert self.store is not None
+        builder, store, runner = self.builder, self.store, self.runner
+        expiring: set[asyncio.Task[None]] = set()
+
+        async def expire(workflow_id: str) -> None:
+            try:
+                wf = await builder.expire_pause(store, workflow_id)
+            except Exception:
+                log.exception(
+                    "the pause of workflow %s timed out, but ending it failed", workflow_id
+                )
+                return
+            if wf is not None:
+                runner.submit(wf)
+
+        def timed_out(workflow_id: str) -> None:  # called on the loop by the builder's timer
+            task = asyncio.get_running_loop().create_task(expire(workflow_id))
+            expiring.add(task)
+            task.add_done_callback(expiring.discard)
+
+        builder.on_pause_timeout = timed_out
+        await builder.rearm_pauses(store)
+
+    def _approve_buttons(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """One task per device named by a loaded HUMAN_INPUT step's ``approve_with``: a press
+        resumes the oldest PAUSED workflow waiting on it, with the input model's defaults."""
+        assert self.builder is not None
+        board = self.board
+        devices = sorted(
+            {
+                step.spec.approve_with
+                for wt in self.builder.workflow_types
+                for step in self.builder.definition(wt).steps
+                if step.spec.type == "HUMAN_INPUT" and step.spec.approve_with
+            }
+        )
+        missing = [d for d in devices if board is None or d not in board]
+        for device in missing:  # `edgesaga validate --config` reports it; resume still works
+            log.info("approve_with names %r, not a device of this board: no press resumes", device)
+        return [
+            tg.create_task(self._watch_button(d), name=f"approve-{d}")
+            for d in devices
+            if d not in missing
+        ]
+
+    async def _watch_button(self, device: str) -> None:
+        async with self.board[device].edges() as presses:
+            async for edge in presses:
+                if not edge.value:  # released: no approval
+                    continue
+                try:
+                    await self._approve(device)
+                except Exception:  # a press must never take the agent down
+                    log.exception(
+                        "%s pressed, but resuming the workflow waiting on it failed", device
+                    )
+
+    async def _approve(self, device: str) -> None:
+        """A press of ``device``: resume the oldest workflow PAUSED on it with data ``{}`` (the
+        input model's defaults), through the one operator path (logged and deduplicated like
+        any resume command)."""
+        import uuid
+
+        from agent._commands import ResumeCommand
+
+        assert self.builder is not None
+        assert self.control is not None
+        waiting = self.builder.paused_waiting_on(device)
+        if not waiting:
+            log.info("%s pressed, but no workflow waits on it", device)
+            return
+        command = ResumeCommand(request_id=f"{device}-{uuid.uuid4()}", workflow_id=waiting[0])
+        reply = await self.control.execute(command)
+        log.info("%s pressed: resume %s: %s", device, waiting[0], reply)
 
     # -- a full disk ---------------------------------------------------------------------------------
     def _on_disk_full(self, error: DiskFull) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from agent._definition import (
     DEFAULT_YAML_LIMITS,
@@ -20,6 +20,7 @@ from agent._definition import (
     discover,
     gpio_step_name,
     load_definition_and_node,
+    steps_with_locations,
 )
 from agent._errors import DefinitionError
 from hardware._errors import with_article
@@ -185,6 +186,42 @@ def load_definitions(config: AgentConfig, *, bundled: Path | None = None) -> lis
     return [definition for _, definition, _ in checked.loaded]
 
 
+def check_approve_with(
+    definition: LoadedDefinition, devices: Mapping[str, Any] | None, node: yaml.Node | None = None
+) -> list[DefinitionError]:
+    """A HUMAN_INPUT step's ``approve_with`` must name a button or input device of the board
+    (``devices``: the config's, name -> device with a ``kind``; None: no hardware section)."""
+    problems: list[DefinitionError] = []
+    for index, step in enumerate(definition.steps):
+        device = step.spec.approve_with
+        if device is None:
+            continue
+        known = ", ".join(repr(n) for n in devices or {}) or "none"
+        found = None if devices is None else devices.get(device)
+        if found is None:
+            message = (
+                f"approve_with names {device!r}, which is not a device in the agent config's "
+                f"hardware section (known devices: {known}); add it or fix the name."
+            )
+        elif getattr(found, "kind", None) not in ("button", "input"):
+            message = (
+                f"approve_with needs a button or input device, but {device!r} is "
+                f"{with_article(str(getattr(found, 'kind', 'unknown')))} device; use a button."
+            )
+        else:
+            continue
+        problems.append(
+            DefinitionError(
+                message,
+                path=definition.source,
+                step=step.name,
+                key="approve_with",
+                line=_line_of(node, ("steps", index, "approve_with")),
+            )
+        )
+    return problems
+
+
 def check_against_config(
     definition: LoadedDefinition, config: AgentConfig, node: yaml.Node | None = None
 ) -> list[DefinitionError]:
@@ -209,8 +246,8 @@ def check_against_config(
                         line=_line_of(node, ("resources", index)),
                     )
                 )
-    for index, step in enumerate(definition.steps):
-        loc: tuple[int | str, ...] = ("steps", index)
+    problems.extend(check_approve_with(definition, devices if hardware is not None else None, node))
+    for step, loc in steps_with_locations(definition):
         for key, func in (("function", step.function), ("compensate_function", step.compensate)):
             gpio = gpio_step_name(func)
             if gpio is None or gpio not in _DEVICE_KINDS:

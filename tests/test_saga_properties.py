@@ -393,3 +393,143 @@ def test_retry_after_failure_never_reruns_completed_steps(
         p = rec.apply(succeeded(plan, p))
     assert p.status.is_terminal
     check_stream(rec, plan)
+
+
+# ------------------------------------------------------------------------------------------------
+# Control flow (issue 13): routes, DECISION, HUMAN_INPUT and PARALLEL, driven through the pure
+# transitions with random outcomes; the progress round-trips through JSON at every step.
+
+from agent import _saga as flow  # noqa: E402
+
+
+@st.composite
+def flow_plans(draw: st.DrawFn) -> Plan:
+    """A DECISION first, routing to a PARALLEL, a HUMAN_INPUT or a STANDARD step (or END); each
+    of those goes on to a last STANDARD step. Branches of one or two STANDARD steps."""
+
+    def std(name: str, **extra: object) -> StepPlan:
+        return StepPlan(
+            name,
+            compensable=draw(st.booleans()),
+            max_attempts=draw(st.integers(1, 2)),
+            compensate_max_attempts=draw(st.integers(1, 2)),
+            max_interrupts=draw(st.integers(1, 2)),
+            **extra,  # type: ignore[arg-type]
+        )
+
+    left = tuple(f"L{i}" for i in range(draw(st.integers(1, 2))))
+    right = tuple(f"R{i}" for i in range(draw(st.integers(1, 2))))
+    inner = tuple(std(n) for n in (*left, *right))
+    steps = (
+        std("A"),
+        StepPlan(
+            "D",
+            kind="DECISION",
+            max_attempts=draw(st.integers(1, 2)),
+            routes=(("p", "P"), ("h", "H"), ("s", "B"), ("end", "END")),
+            default=draw(st.sampled_from([None, "B"])),
+        ),
+        StepPlan("P", kind="PARALLEL", branches=(left, right), next="Z"),
+        StepPlan(
+            "H",
+            kind="HUMAN_INPUT",
+            next="Z",
+            on_timeout=draw(st.sampled_from(["fail", "continue"])),
+        ),
+        std("B"),
+        std("Z", pivot=draw(st.booleans())),
+    )
+    return Plan(steps, inner)
+
+
+FLOW_OPS = ["ok", "fail", "interrupt", "cancel", "p", "h", "s", "end", "zzz", "none"]
+
+
+def _step_events(change: Change, started: set[str], undone: list[str]) -> None:
+    for e in change.events:
+        if e.name == "step_started" and e.step is not None:
+            started.add(e.step)
+        if e.name == "compensation_completed" and e.step is not None:
+            undone.append(e.step)  # (a failed attempt may be retried: see compensation_failed)
+
+
+@settings(max_examples=400, deadline=None)
+@given(plan=flow_plans(), saga=st.booleans(), ops=st.lists(st.sampled_from(FLOW_OPS), max_size=60))
+def test_control_flow_compensates_only_what_ran_and_each_once(
+    plan: Plan, saga: bool, ops: list[str]
+) -> None:
+    p = start(plan, saga=saga).progress
+    started: set[str] = set()
+    undone: list[str] = []
+    feed = iter([*ops, *(["ok"] * 200)])
+    for _ in range(400):
+        op = next(feed)
+        action = next_action(p, plan) if p.inflight is None else None
+        if action is None:
+            fl = p.inflight
+            assert fl is not None
+            if op == "interrupt":
+                change = interrupted(plan, p)
+            elif op == "cancel" and fl.phase == "forward" and can_cancel(p.status):
+                change = cancel(plan, p)
+                p = roundtrip(change.progress)
+                change = cancel_inflight(plan, p, "cancelled")
+            elif op == "fail":
+                change = failed(plan, p, "boom")
+            elif fl.phase == "forward" and plan.get(fl.step).kind == "DECISION":
+                key = None if op in ("ok", "none") else op
+                change = flow.decided(plan, p, key)
+            else:
+                change = succeeded(plan, p)
+        elif isinstance(action, Stop):
+            break
+        elif isinstance(action, flow.Pause):
+            change = flow.pause(plan, p)
+            p = roundtrip(change.progress)
+            if op == "cancel":
+                change = cancel(plan, p)
+            elif op == "fail":
+                change = flow.pause_timed_out(plan, p, "fail")
+            elif op == "zzz":
+                change = flow.pause_timed_out(plan, p)
+            else:
+                change = flow.resume(plan, p)
+        elif isinstance(action, flow.Fork):
+            ready = flow.branch_actions(plan, p)
+            if op == "cancel" and can_cancel(p.status) and not p.cancelled:
+                change = cancel(plan, p)
+            elif ready and (op in ("ok", "p", "h") or not p.running):
+                change = flow.branch_begin(plan, p, ready[0].step)
+            elif p.running:
+                step = p.running[0].step
+                if op == "fail":
+                    change = flow.branch_failed(plan, p, step, "boom")
+                elif op == "interrupt":
+                    change = flow.branch_interrupted(plan, p, step)
+                elif op == "zzz" or ((p.cancelled or p.failed_step) and op != "ok"):
+                    change = flow.branch_cancelled(plan, p, step, "stopped")
+                else:
+                    change = flow.branch_succeeded(plan, p, step)
+            else:
+                raise AssertionError(f"a PARALLEL with nothing to run or record: {p}")
+        else:
+            change = begin(p, action.step, action.phase)
+        _step_events(change, started, undone)
+        p = roundtrip(change.progress)
+        if p.status is S.PAUSED and op == "end":
+            break  # it may wait for a person for ever
+    # Never compensate a step that did not start; never one twice.
+    assert len(undone) == len(set(undone)), undone
+    assert undone == list(p.compensated)
+    assert set(undone) | set(p.compensation_failed) <= started
+    assert not set(p.compensated) & set(p.compensation_failed)
+    for s in undone:
+        assert plan.get(s).compensable
+    assert p.status.is_terminal or p.status is S.PAUSED, p
+    assert p.inflight is None
+    assert not p.running
+    if p.status in (S.FAILED_ROLLED_BACK, S.CANCELLED) and saga and plan.pivot not in p.completed:
+        # every completed compensable step was undone
+        assert {s for s in p.completed if plan.get(s).compensable} <= set(p.compensated)
+    if p.status is S.COMPLETED:
+        assert p.completed[-1] in ("Z", "D", "A") or plan.after(p.completed[-1]) is None

@@ -1,5 +1,7 @@
 """The Irrigation part of ``edgesaga demo``: the workflow on mock pins, twice (the float switch
-closes in time, then never)."""
+closes in time, then never); with ``edgesaga demo irrigation`` also the control-flow examples
+(:func:`run_flow_demo`): SoilIrrigation on dry soil and on wet soil (the run skipped), and TwoBeds
+driving two valves at once."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from hardware import Board, load_board_config
 RULE = "=" * 70
 HERE = Path(__file__).parent
 DEVICES = HERE / "devices.yaml"
+GARDEN = HERE / "garden.yaml"  # devices.yaml's wiring plus the soil sensor and two beds' valves
 
 
 def _pins(board: Board) -> str:
@@ -81,3 +84,63 @@ async def run_demo(store: SQLiteStore) -> list[bool]:
     print(f"\nIrrigation (level arrives): {ok.status.value}")
     print(f"Irrigation (level never arrives): {bad.status.value}; pump and valve off: {safe}")
     return [ok.status == "COMPLETED", bad.status == "FAILED_ROLLED_BACK", safe]
+
+
+async def _flow_one(
+    builder: WorkflowBuilder, store: SQLiteStore, board: Board, workflow_type: str, title: str
+) -> Workflow:
+    print("\n" + RULE)
+    print(f" {workflow_type} on mock pins: {title}")
+    print(RULE)
+    print(f"  start        {_pins(board)}")
+
+    def observer(workflow: Workflow, event: dict[str, Any]) -> None:
+        if event["event"] in ("step_completed", "compensation_completed"):
+            label = "done" if event["event"] == "step_completed" else "undone"
+            print(f"  {label:<6} {event['step']:<16} {_pins(board)}")
+
+    builder.observers.append(observer)
+    sim = asyncio.create_task(board.simulate([{"at": 0.2, "device": "level", "value": True}]))
+    try:
+        wf = await builder.start_workflow(workflow_type, {"zone": "A"}, store=store)
+    finally:
+        builder.observers.remove(observer)
+        sim.cancel()
+        await asyncio.gather(sim, return_exceptions=True)
+    ran = list(wf.progress.completed)
+    print(f"  path         {' -> '.join(ran)}")
+    print(f"  final        {_pins(board)}")
+    print(f"  status       {wf.status.value}")
+    return wf
+
+
+async def run_flow_demo(store: SQLiteStore) -> tuple[list[bool], list[str]]:
+    """The control-flow examples on mock pins (garden.yaml): whether each run ended as it should,
+    and the summary's lines."""
+    config = load_board_config(GARDEN)
+    with Board.from_config(config, pin_factory="mock") as board:
+        builder = WorkflowBuilder(definitions=[HERE], hardware=board)
+        board.set_input("level", False)
+        board.set_input("soil", True)
+        dry = await _flow_one(builder, store, board, "SoilIrrigation", "the soil is dry")
+        board.set_input("level", False)
+        board.set_input("soil", False)
+        wet = await _flow_one(builder, store, board, "SoilIrrigation", "the soil is wet")
+        board.set_input("level", False)
+        beds = await _flow_one(builder, store, board, "TwoBeds", "both beds at once")
+        off = not any(board[name].value for name in ("valve", "pump", "valve_a", "valve_b"))
+    watered = "Open_Valve" in dry.progress.completed
+    skipped = list(wet.progress.completed) == ["Check_Soil"]
+    return (
+        [
+            dry.status == "COMPLETED" and watered,
+            wet.status == "COMPLETED" and skipped,
+            beds.status == "COMPLETED",
+            off,
+        ],
+        [
+            f"SoilIrrigation (dry soil): {dry.status.value}, watered",
+            f"SoilIrrigation (wet soil): {wet.status.value}, skipped after Check_Soil",
+            f"TwoBeds (two valves at once): {beds.status.value}; all valves off: {off}",
+        ],
+    )

@@ -85,3 +85,39 @@ async def run_demo(store: SQLiteStore) -> tuple[list[bool], list[str]]:
             f"PaymentProcessing (carrier fails): {bad.status.value}",
         ],
     )
+
+
+async def run_approval_demo(store: SQLiteStore) -> tuple[list[bool], list[str]]:
+    """PaymentWithApproval (``edgesaga demo payment``): the order pauses for a refund approval, a
+    wrong answer is refused naming the field, the approval resumes it, the carrier fails and the
+    approved refund is made in the rollback."""
+    from agent import AgentError
+
+    builder = WorkflowBuilder(definitions=[HERE])
+    print("\n" + RULE)
+    print(" PAYMENT WITH REFUND APPROVAL  (carrier API will fail)")
+    print(RULE)
+    data = {**ORDER, "fail_step": "Create_Shipment"}
+    wf = await builder.start_workflow("PaymentWithApproval", data, store=store)
+    waiting = builder.waiting_input(wf) or {}
+    fields = ", ".join((waiting.get("schema") or {}).get("properties", {}))
+    print(f"\n⏸️  {wf.status.value} at {wf.current_step}: waiting for {fields}")
+    print(f"   (edgesaga resume {wf.id} --data '{{\"refund_approved\": true}}', or the button)")
+    try:
+        await builder.resume(store, wf.id, {"refund_approved": "maybe"})
+        refused = False
+    except AgentError as exc:
+        refused = True
+        print(f'\n✋ resume with refund_approved="maybe" refused: {exc}')
+    wf = await builder.resume(store, wf.id, {"refund_approved": True, "approved_by": "demo"})
+    print("\n✓ Refund approved by demo; the workflow goes on")
+    await wf.run()
+    _print_final_state(wf)
+    ok = wf.status is WorkflowStatus.FAILED_ROLLED_BACK and refused
+    state: Any = wf.state  # an ApprovalPaymentState (workflows/payment/models.py)
+    return (
+        [ok, "refund_payment" in state.compensations_run],
+        [
+            f"PaymentWithApproval (approved, carrier fails): {wf.status.value}, refund approved and made"
+        ],
+    )

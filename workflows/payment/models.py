@@ -34,3 +34,18 @@ class PaymentState(BaseModel):
     # Not in the tutorial: name a step here to make it fail, without editing code
     # (e.g. "Create_Shipment" raises "Carrier API unavailable").
     fail_step: Optional[str] = None  # noqa: UP045
+
+
+class ApprovalPaymentState(PaymentState):
+    """State of PaymentWithApproval: the tutorial's state and the refund approval (not in the
+    tutorial: its "manual compensation approval for critical operations")."""
+
+    refund_approved: bool = False
+    approved_by: Optional[str] = None  # noqa: UP045
+
+
+class RefundApproval(BaseModel):
+    """What Approve_Refund waits for; a press of the approve button sends the defaults."""
+
+    refund_approved: bool = True
+    approved_by: str = "approve_button"

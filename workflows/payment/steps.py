@@ -89,6 +89,21 @@ def refund_payment(state: PaymentState, context: StepContext, **kwargs) -> dict:
     return {"payment_charged": False, "workflow_status": "payment_refunded"}
 
 
+def refund_if_approved(state: PaymentState, context: StepContext, **kwargs) -> dict:
+    """
+    COMPENSATION of PaymentWithApproval: refund only what a person approved (Approve_Refund);
+    without the approval it refuses, and the workflow waits for a person (COMPENSATION_FAILED,
+    with an alert) instead of moving money on its own.
+    """
+    if not getattr(state, "refund_approved", False):
+        raise Exception(
+            f"Refund of {state.transaction_id} needs a person's approval and Approve_Refund did "
+            "not approve it; a person refunds it by hand"
+        )
+    print(f"\n🔄 COMPENSATION: Refund approved by {getattr(state, 'approved_by', None)}")
+    return refund_payment(state, context, **kwargs)
+
+
 # ============================================================================
 # STEP 3: Reserve Inventory
 # ============================================================================
