@@ -611,7 +611,12 @@ async def test_the_allow_list_opens_topics_under_the_prefix_but_never_the_protoc
             correlation=b"l2",
         )
         await caller.wait_for(lambda ms: bool(caller.on(mine)) and bool(caller.on(errors)))
-        assert caller.on(mine)[0].json() == {"request_id": "l1", "ok": True, "workflows": []}
+        assert caller.on(mine)[0].json() == {
+            "request_id": "l1",
+            "ok": True,
+            "workflows": [],
+            "next_cursor": None,
+        }
         refused = caller.on(errors)[0].json()
         assert refused["request_id"] == "l2"
         assert refused["error"]["code"] == "invalid_command"
