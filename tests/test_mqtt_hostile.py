@@ -787,7 +787,12 @@ async def test_a_retained_command_replayed_on_subscribe_is_ignored_mqtt311(
             await until(lambda: any("retain" in line for line in _refusals(caplog)), within=10)
             caller.publish(t.command_base + "list", {"request_id": "l", "reply_to": replies})
             await caller.wait_for(lambda ms: len(ms) == 1)
-            assert caller.messages[0].json() == {"request_id": "l", "ok": True, "workflows": []}
+            assert caller.messages[0].json() == {
+                "request_id": "l",
+                "ok": True,
+                "workflows": [],
+                "next_cursor": None,
+            }
             assert await agent.store.list_instances() == []
 
 

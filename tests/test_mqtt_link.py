@@ -240,7 +240,7 @@ async def test_tls_with_password_connects_and_serves(broker_factory, tmp_path: P
         )
         await ops.wait_for(lambda ms: bool([m for m in ms if m.topic == replies]))
         reply = ops.on(replies)[0].json()
-        assert reply == {"request_id": "l-1", "ok": True, "workflows": []}
+        assert reply == {"request_id": "l-1", "ok": True, "workflows": [], "next_cursor": None}
         assert agent.link.last_error is None
 
 

@@ -297,7 +297,7 @@ def test_the_documented_list_reply_is_what_list_returns(paths: Paths) -> None:
 
     (documented,) = [e for e in _doc_examples() if "workflows" in e]
     reply = paths.mqtt.command("list", {"limit": 5})
-    assert set(reply) == set(documented) == {"request_id", "ok", "workflows"}
+    assert set(reply) == set(documented) == {"request_id", "ok", "workflows", "next_cursor"}
     assert reply["workflows"], reply
     for row in [*reply["workflows"], *documented["workflows"]]:
         assert set(row) == _keys(Summary), row  # summaries, not state snapshots
