@@ -143,6 +143,21 @@ class ListCommand(_Command):
         )
 
 
+class ScheduledStart(StartCommand):
+    """A schedule's fire, started as a start command is (never parsed from a payload: only the
+    agent's scheduler makes one). ``fire`` is ``(schedule name, slot key)``, recorded with the
+    workflow in the transaction that creates it."""
+
+    fire: tuple[str, str]
+
+
+class SchedulesCommand(_Command):
+    """Each schedule of the agent config: its next fire time and its last run."""
+
+    command: Literal["schedules"] = "schedules"
+    request_id: RequestId | None = None  # type: ignore[assignment]  # a read: none needed
+
+
 class _LocalCommand(_Command):
     """A command of the control socket only (the device's own operator): no request id needed."""
 
@@ -165,7 +180,8 @@ class SetInputCommand(_LocalCommand):
 
 
 class StatusCommand(_LocalCommand):
-    """The agent's own state: queue, counts by status, the MQTT link."""
+    """The agent's own state: queue, counts by status, the MQTT link, the clock's sync and the
+    timers that wait on it (also over MQTT: ``cmd/status``)."""
 
     command: Literal["status"] = "status"
 
@@ -180,6 +196,7 @@ Command = (
     | PinsCommand
     | SetInputCommand
     | StatusCommand
+    | SchedulesCommand
 )
 
 #: The commands MQTT takes.
@@ -190,6 +207,8 @@ COMMANDS: dict[str, type[_Command]] = {
     "retry": RetryCommand,
     "get": GetCommand,
     "list": ListCommand,
+    "schedules": SchedulesCommand,
+    "status": StatusCommand,
 }
 
 #: The commands whose accepted reply is stored with their request id (a repeat gets it again).
@@ -200,7 +219,6 @@ LOCAL_COMMANDS: dict[str, type[_Command]] = {
     **COMMANDS,
     "pins": PinsCommand,
     "set_input": SetInputCommand,
-    "status": StatusCommand,
 }
 
 #: Error codes a reply may carry.

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent._clock import ClockConfig
 from agent._definition import (
     YamlLimits,
     YamlRefused,
@@ -27,6 +28,7 @@ from agent._definition import (
     yaml_problem,
 )
 from agent._errors import AgentError
+from agent._schedules import ScheduleList
 from hardware import BoardConfig
 
 ENV_PREFIX = "EDGESAGA_"
@@ -193,6 +195,11 @@ class AgentConfig(BaseModel):
     hardware: BoardConfig | None = None
     yaml_limits: YamlLimits = YamlLimits()  # for definitions and devices files; this file: defaults
     python_path: list[Path] | None = None  # None: the definitions directories
+    clock: ClockConfig = ClockConfig()
+    schedules: ScheduleList = Field(
+        default_factory=lambda: [],  # a lambda: see StepDefinition
+        description="Workflows the agent starts at the times a cron expression names (DESIGN §11).",
+    )
 
     @field_validator("hardware")
     @classmethod
@@ -238,6 +245,13 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
                 value = raw
         _set_path(data, path, value)
     return data
+
+
+def _sentence(msg: str) -> str:
+    """A pydantic message as the middle of one sentence: without the "Value error, " pydantic
+    puts before a validator's ValueError, and without its own closing period."""
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return msg.rstrip().rstrip(".")
 
 
 def _resolve(base: Path, p: Path | None) -> Path | None:
@@ -289,7 +303,7 @@ def load_config(
         msg = (
             "unknown key; remove it or fix its spelling"
             if e["type"] == "extra_forbidden"
-            else e["msg"]
+            else _sentence(e["msg"])
         )
         raise ConfigError(f"{source}: {key}: {msg}.") from None
     updates: dict[str, Any] = {
@@ -317,4 +331,6 @@ def load_config(
             }
         )
     updates["mqtt"] = mqtt
+    sync_file = _resolve(base, Path(cfg.clock.sync_file))
+    updates["clock"] = cfg.clock.model_copy(update={"sync_file": str(sync_file)})
     return cfg.model_copy(update=updates)

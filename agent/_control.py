@@ -14,19 +14,21 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent._clock import Clock, SystemClock
 from agent._engine import Workflow, WorkflowBuilder
 from agent._errors import AgentError, DiskFull, WorkflowNotFound
 from agent._messages import error_reply, ok_reply
 from agent._records import InstanceRecord
 from agent._saga import can_cancel
 from agent._status import WorkflowStatus
-from agent._store import COMMAND_HASH, SQLiteStore
+from agent._store import COMMAND_HASH, SCHEDULE_FIRE, SQLiteStore
 
 if TYPE_CHECKING:
     from agent._commands import Command, StartCommand
+    from agent._schedules import ScheduleConfig
 
 log = logging.getLogger("edgesaga.control")
 
@@ -101,6 +103,10 @@ class Control:
         device_id: str = "",
         mqtt_connected: Callable[[], bool | None] = lambda: None,
         reraise: bool = False,
+        clock: Clock | None = None,
+        schedules: Sequence[ScheduleConfig] = (),
+        timers_waiting: Callable[[], int] = lambda: 0,
+        checked_at: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.builder = builder
         self.store = store
@@ -113,6 +119,12 @@ class Control:
         # database it may not write, a bug) reaches the command line, which explains it.
         self.reraise = reraise
         self._inflight: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.schedules = list(schedules)
+        # How many durable timers wait for the clock's sync (the timer service's count), and
+        # when the scheduler last looked at the clock.
+        self.timers_waiting = timers_waiting
+        self.checked_at = checked_at
 
     async def handle_raw(
         self, name: str, payload: bytes | str
@@ -259,7 +271,9 @@ class Control:
                     )
                 except ValueError:  # the limit is the model's: only a cursor can be refused
                     raise c.CommandError("invalid_command", command.bad_cursor()) from None
-                return ok_reply(rid, workflows=[await self._row(r) for r in records], next_cursor=more)
+                return ok_reply(
+                    rid, workflows=[await self._row(r) for r in records], next_cursor=more
+                )
             case c.PinsCommand() | c.SetInputCommand():
                 return self._pins(command)
             case c.StatusCommand():
@@ -272,10 +286,43 @@ class Control:
                     counts=await self.store.count_by_status(),
                     mqtt_connected=self.mqtt_connected(),
                     workflow_types=self.builder.workflow_types,
+                    **self.clock_status(),
                 )
+            case c.SchedulesCommand():
+                return ok_reply(rid, schedules=await self.schedule_rows(), **self.clock_status())
         raise c.CommandError(
             "unknown_command", f"Unsupported command {command!r}."
         )  # pragma: no cover
+
+    def clock_status(self) -> dict[str, Any]:
+        """``clock_synchronized`` and ``timers_waiting_on_sync`` for a status reply (a count
+        that cannot be taken is 0: the status never fails for it)."""
+        try:
+            waiting = int(self.timers_waiting())
+        except Exception:
+            log.warning("status: the timers waiting on the clock cannot be counted", exc_info=True)
+            waiting = 0
+        return {"clock_synchronized": self.clock.synchronized(), "timers_waiting_on_sync": waiting}
+
+    async def schedule_rows(self) -> list[dict[str, Any]]:
+        """Each schedule's next fire time and last run (see :func:`agent._scheduler.schedule_rows`)."""
+        from agent._scheduler import schedule_rows
+
+        return await schedule_rows(self.schedules, self.store, self.clock, self.checked_at())
+
+    async def fire_schedule(self, schedule: ScheduleConfig, slot: str) -> dict[str, Any]:
+        """Start ``schedule``'s workflow for the slot ``slot`` (a slot key) as a start command:
+        its request id names the schedule and the slot, so a repeat gets the first answer, and
+        the fire is recorded in the transaction that creates the workflow."""
+        from agent._commands import ScheduledStart
+
+        command = ScheduledStart(
+            request_id=f"schedule:{schedule.name}:{slot}",
+            workflow_type=schedule.workflow_type,
+            data=dict(schedule.data),
+            fire=(schedule.name, slot),
+        )
+        return await self.execute(command)
 
     async def waiting_input(self, rec: InstanceRecord) -> dict[str, Any] | None:
         """What a PAUSED workflow waits for (``step``, ``schema``: the input model's JSON Schema,
@@ -334,7 +381,7 @@ class Control:
         return reply
 
     async def _start(self, command: StartCommand) -> dict[str, Any]:
-        from agent._commands import CommandError
+        from agent._commands import CommandError, ScheduledStart
 
         rid = command.request_id
         self.builder.definition(command.workflow_type)  # unknown types fail before anything else
@@ -343,13 +390,16 @@ class Control:
         # crash between commit and reply still finds the same workflow.
         wid = command.workflow_id or str(uuid.uuid5(_REQUEST_NS, rid))
         reply = ok_reply(rid, workflow_id=wid, status="ACTIVE", workflow_type=command.workflow_type)
+        stored = {**reply, COMMAND_HASH: command_hash(command)}
+        if isinstance(command, ScheduledStart):
+            stored[SCHEDULE_FIRE] = list(command.fire)  # recorded with the instance, then dropped
         wf = await self.builder.create_workflow(
             command.workflow_type,
             command.data,
             store=self.store,
             workflow_id=wid,
             saga_mode=command.saga,
-            request=(rid, {**reply, COMMAND_HASH: command_hash(command)}),
+            request=(rid, stored),
         )
         if wf.workflow_type != command.workflow_type:
             raise CommandError(

@@ -137,6 +137,9 @@ class NewInstance(NamedTuple):
     definition: str
     first: Transition
     request: tuple[str, dict[str, Any]] | None = None
+    #: ``(schedule name, slot key)`` when a schedule's fire creates it: recorded in the same
+    #: transaction, and nothing is created when that schedule already fired at or after the slot.
+    fire: tuple[str, str] | None = None
 
 
 #: What a stored workflow event leaves out: its columns (seq, workflow_id), its instance row

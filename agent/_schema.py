@@ -13,7 +13,7 @@ from agent._errors import StoreError
 
 log = logging.getLogger("edgesaga.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: The oldest schema a read-only store can read (the tables it reads have not changed since).
 READABLE_FROM = 2
 #: A journal row's key: instance number * JOURNAL_SPAN + attempt seq (see migration 2).
@@ -142,6 +142,17 @@ _MIGRATIONS: dict[int, str] = {
     UPDATE requests SET workflow_id = json_extract(reply, '$.workflow_id');
     CREATE INDEX requests_workflow ON requests(workflow_id) WHERE workflow_id IS NOT NULL;
     CREATE INDEX requests_created ON requests(created_at);
+    """,
+    # A schedule's fire (DESIGN §11) is recorded in the transaction that creates its workflow, so
+    # no slot fires twice, across restarts and clock jumps back. The primary key is the index of
+    # both questions asked of it: the latest fire of a schedule, and whether a slot fired.
+    6: """
+    CREATE TABLE schedule_fires (
+        schedule TEXT NOT NULL,
+        slot TEXT NOT NULL,
+        workflow_id TEXT NOT NULL,
+        PRIMARY KEY (schedule, slot)
+    ) WITHOUT ROWID;
     """,
 }
 

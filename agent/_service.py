@@ -20,6 +20,7 @@ import signal
 import time
 from typing import Any
 
+from agent._clock import SystemClock
 from agent._config import AgentConfig
 from agent._control import Control
 from agent._engine import WorkflowBuilder
@@ -27,6 +28,7 @@ from agent._errors import DiskFull
 from agent._messages import Alert, alert, error_reply
 from agent._recovery import Feeder, mark_interrupted_attempts
 from agent._runner import Runner
+from agent._scheduler import Scheduler
 from agent._sdnotify import Notifier, watchdog_loop
 from agent._socket import ControlServer
 from agent._startup import resume_gc
@@ -71,6 +73,9 @@ class Agent:
         self._disk_alert_task: asyncio.Task[None] | None = None
         self._paused = 0  # PAUSED workflows at the last count (the status text says it)
         self.feeder: Feeder | None = None  # recovery's feed to the runner, after READY
+        # The one clock of the agent: its timers, its schedules and its status read it.
+        self.clock = SystemClock.from_config(config.clock)
+        self.scheduler: Scheduler | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -120,6 +125,10 @@ class Agent:
                 board=self.board,
                 device_id=cfg.device_id,
                 mqtt_connected=lambda: None if self.link is None else bool(self.link.connected),
+                clock=self.clock,
+                schedules=cfg.schedules,
+                timers_waiting=self._timers_waiting,
+                checked_at=lambda: None if self.scheduler is None else self.scheduler.checked_at,
             )
             # Before READY only what does not grow with the number of unfinished workflows: one
             # pass marks the cut attempts, one count; the feed itself starts after READY.
@@ -128,6 +137,7 @@ class Agent:
             unfinished = sum(counts.get(s.value, 0) for s in RESUMABLE)
             self.feeder = Feeder(self.builder, self.store, self.runner, backlog=unfinished)
             await self._arm_pauses()  # PAUSED workflows are no feeder's: re-arm their timeouts
+            await self._start_timers()
             log.info(
                 "agent %s: %d workflow type(s) loaded, %d workflow(s) recovered "
                 "(%d interrupted attempt(s)); they resume once the agent is ready, oldest first",
@@ -147,6 +157,10 @@ class Agent:
             finally:
                 await server.close()
         finally:
+            stop_timers = getattr(self.builder, "stop_timers", None)
+            if stop_timers is not None:
+                with contextlib.suppress(Exception):
+                    await stop_timers()
             if self.board is not None:
                 with contextlib.suppress(Exception):
                     self.board.safe_state()
@@ -171,6 +185,16 @@ class Agent:
                     )
                 )
             tasks.extend(self._approve_buttons(tg))
+            if cfg.schedules:
+                assert self.store is not None
+                assert self.control is not None
+                self.scheduler = Scheduler(
+                    cfg.schedules,
+                    store=self.store,
+                    clock=self.clock,
+                    fire=self.control.fire_schedule,
+                )
+                tasks.append(tg.create_task(self.scheduler.run(), name="schedules"))
             if self.board is not None and cfg.hardware is not None and cfg.hardware.simulate:
                 tasks.append(
                     tg.create_task(self.board.simulate(cfg.hardware.simulate), name="simulate")
@@ -350,7 +374,30 @@ class Agent:
             mqtt = ", mqtt down" if self.config.mqtt.enabled else ""
         # queued: waiting in the runner, and still in the store for recovery to hand over
         queued = self.runner.queued + (self.feeder.backlog if self.feeder is not None else 0)
-        return f"running {self.runner.running}, queued {queued}, paused {paused}{mqtt}"
+        if self.clock.synchronized():
+            clock = ", clock synced"
+        else:
+            clock = f", clock not synced ({self._timers_waiting()} timer(s) wait for it)"
+        return f"running {self.runner.running}, queued {queued}, paused {paused}{mqtt}{clock}"
+
+    async def _start_timers(self) -> None:
+        """The timer service of durable DELAYs, on the agent's one clock (when the engine has
+        one): started after recovery has marked the cut attempts, before READY."""
+        start = getattr(self.builder, "start_timers", None)
+        if start is not None:
+            await start(self.store, self.runner.submit, self.clock)
+
+    def _timers_waiting(self) -> int:
+        """How many durable timers wait for the clock's sync (0 without a timer service)."""
+        timers = getattr(self.builder, "timers", None)
+        count = getattr(timers, "count_waiting_on_sync", None)
+        if count is None:
+            return 0
+        try:
+            return int(count())
+        except Exception:
+            log.warning("status: the timers waiting on the clock cannot be counted", exc_info=True)
+            return 0
 
     async def _status_loop(self) -> None:
         last = ""

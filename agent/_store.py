@@ -67,6 +67,49 @@ __all__ = [
 #: The key under which a reply handed to the store carries its command's hash (the store moves it
 #: to its own column: it is never part of a reply sent).
 COMMAND_HASH = "_command_hash"
+#: The key under which a start's reply may carry its schedule fire, ``[schedule, slot key]``, for
+#: :meth:`SQLiteStore.create_instance` to record (and drop from the stored reply), as
+#: :data:`COMMAND_HASH` carries the command's hash: the scheduler starts its workflows through the
+#: same path as a start command.
+SCHEDULE_FIRE = "_schedule_fire"
+
+_FIRED_SINCE = "SELECT 1 FROM schedule_fires WHERE schedule = ? AND slot >= ? LIMIT 1"
+_DROP_OLDER_FIRES = "DELETE FROM schedule_fires WHERE schedule = ? AND slot < ?"
+_INSERT_FIRE = "INSERT INTO schedule_fires(schedule, slot, workflow_id) VALUES (?,?,?)"
+_LAST_FIRE = (
+    "SELECT f.slot, f.workflow_id, i.status FROM schedule_fires f "
+    "LEFT JOIN instances i ON i.id = f.workflow_id "
+    "WHERE f.schedule = ? ORDER BY f.slot DESC LIMIT 1"
+)
+
+
+class LastFire(NamedTuple):
+    """A schedule's latest fire: its slot key, its workflow, and that workflow's status (None
+    when the workflow is gone: retention prunes only finished ones)."""
+
+    slot: str
+    workflow_id: str
+    status: WorkflowStatus | None
+
+    @property
+    def unfinished(self) -> bool:
+        return self.status is not None and not self.status.is_terminal
+
+
+def _fire_of(
+    new: NewInstance,
+) -> tuple[tuple[str, dict[str, Any]] | None, tuple[str, str] | None]:
+    """The instance's request (its reply without :data:`SCHEDULE_FIRE`) and its fire: the
+    NewInstance's own, else the one its reply carries."""
+    request, fire = new.request, new.fire
+    if request is not None and SCHEDULE_FIRE in request[1]:
+        reply = dict(request[1])
+        carried = reply.pop(SCHEDULE_FIRE)
+        request = (request[0], reply)
+        if fire is None:
+            fire = (str(carried[0]), str(carried[1]))
+    return request, fire
+
 
 FINISHED = tuple(
     s.value
@@ -446,6 +489,15 @@ class SQLiteStore(GroupWriter):
     def _create(self, conn: sqlite3.Connection, new: NewInstance) -> bool:
         if conn.execute("SELECT 1 FROM instances WHERE id=?", (new.id,)).fetchone():
             return False
+        request, fire = _fire_of(new)
+        if fire is not None:
+            schedule, slot = fire
+            # A slot at or before the schedule's latest fire never fires (again): not the same
+            # slot twice, nor an earlier one after the wall clock jumped back.
+            if conn.execute(_FIRED_SINCE, (schedule, slot)).fetchone():
+                return False
+            conn.execute(_DROP_OLDER_FIRES, (schedule, slot))  # only the latest one is asked for
+            conn.execute(_INSERT_FIRE, (schedule, slot, new.id))
         conn.execute(
             "INSERT OR IGNORE INTO definitions(hash, workflow_type, workflow_version, body) "
             "VALUES (?,?,?,?)",
@@ -461,14 +513,15 @@ class SQLiteStore(GroupWriter):
         assert n is not None
         self._keys[new.id] = n
         self._append(conn, n, tr)
-        if new.request is not None:
-            self._put_request(conn, *new.request)
+        if request is not None:
+            self._put_request(conn, *request)
         return True
 
     async def create_instance(self, new: NewInstance) -> bool:
-        """Insert a new instance (and its definition snapshot, first transition, events and
-        request-id reply) in one transaction. Returns False, writing nothing, when an instance with
-        that id already exists."""
+        """Insert a new instance (and its definition snapshot, first transition, events,
+        request-id reply and schedule fire) in one transaction. Returns False, writing nothing,
+        when an instance with that id already exists, or when the fire's schedule has already
+        fired at or after its slot."""
 
         return await self.write(lambda conn: self._create(conn, new))
 
@@ -600,6 +653,25 @@ class SQLiteStore(GroupWriter):
         query = _ListQuery.of(status, workflow_type, None, None)
         rows = await self.query(lambda conn: query.rows(conn, None, limit + offset))
         return [self._record(r) for r in rows[offset : offset + limit]]
+
+    async def last_fires(self, schedules: Iterable[str]) -> dict[str, LastFire]:
+        """The latest fire of each of ``schedules`` that has fired: its slot key, its workflow and
+        that workflow's status (None once retention pruned it: it had finished). One search of
+        the fires' primary key and one of the instances' per schedule."""
+        names = list(schedules)
+
+        def fn(conn: sqlite3.Connection) -> dict[str, LastFire]:
+            found: dict[str, LastFire] = {}
+            for name in names:
+                row = conn.execute(_LAST_FIRE, (name,)).fetchone()
+                if row is not None:
+                    status = row[2]
+                    found[name] = LastFire(
+                        row[0], row[1], None if status is None else WorkflowStatus(status)
+                    )
+            return found
+
+        return await self.query(fn)
 
     async def count_by_status(self, statuses: Iterable[str] | None = None) -> dict[str, int]:
         """How many instances have each status (only ``statuses``, when given: each of those

@@ -22,13 +22,15 @@ from agent._definition import (
     load_definition_and_node,
     steps_with_locations,
 )
-from agent._errors import DefinitionError
+from agent._errors import AgentError, DefinitionError
 from hardware._errors import with_article
 
 if TYPE_CHECKING:
     import yaml
 
     from agent._config import AgentConfig
+    from agent._engine import WorkflowBuilder
+    from agent._schedules import ScheduleConfig
 
 log = logging.getLogger("edgesaga.definitions")
 
@@ -151,7 +153,35 @@ def check_definitions(
         if config is not None and not shipped:
             mismatches.extend(check_against_config(definition, config, node))
         loaded.append((file, definition, shipped))
+    if config is not None:
+        mismatches.extend(check_schedules(config, registry))
     return Checked(loaded, problems, mismatches)
+
+
+def check_schedules(config: AgentConfig, registry: WorkflowBuilder) -> list[DefinitionError]:
+    """Each of the config's schedules whose ``workflow_type`` is not loaded, or whose ``data``
+    does not fit that type's state model: one sentence naming the schedule. The agent starts
+    anyway (the scheduler logs the same sentence at each slot and starts nothing)."""
+    found: list[DefinitionError] = []
+    for schedule in config.schedules:
+        problem = schedule_problem(registry, schedule)
+        if problem is not None:
+            found.append(DefinitionError(f"{problem}."))
+    return found
+
+
+def schedule_problem(registry: WorkflowBuilder, schedule: ScheduleConfig) -> str | None:
+    """Why ``schedule`` cannot start its workflow with ``registry``'s definitions, or None."""
+    if schedule.workflow_type not in registry.workflow_types:
+        return (
+            f"schedule {schedule.name!r} starts workflow type {schedule.workflow_type!r}, which "
+            "no loaded definition has; fix the name or add its definition"
+        )
+    try:
+        registry.validate_data(schedule.workflow_type, schedule.data)
+    except AgentError as exc:
+        return f"schedule {schedule.name!r} has data that does not fit: {str(exc).rstrip('.')}"
+    return None
 
 
 def _configured(config: AgentConfig | None) -> list[Path]:
