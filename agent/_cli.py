@@ -184,7 +184,9 @@ async def _control(
     here = _Here()
     if not write:
         async with _open_store(args, write=False) as store:
-            yield Control(builder=WorkflowBuilder(), store=store, runner=here, reraise=True), here
+            control = Control(builder=WorkflowBuilder(), store=store, runner=here, reraise=True)
+            _config_clock(args, control)
+            yield control, here
         return
     with _local(args) as builder:
         async with _open_store(args, write=True) as store:
@@ -192,6 +194,19 @@ async def _control(
                 builder=builder, store=store, runner=here, board=builder.hardware, reraise=True
             )
             yield control, here
+
+
+def _config_clock(args: argparse.Namespace, control: Control) -> None:
+    """The config's clock and schedules for a command read here (``schedules``, ``status``)."""
+    cfg_path = _config_path(args)
+    if not cfg_path:
+        return
+    from agent._clock import SystemClock
+    from agent._config import load_config
+
+    cfg = load_config(cfg_path)
+    control.clock = SystemClock.from_config(cfg.clock)
+    control.schedules = list(cfg.schedules)
 
 
 async def _here(control: Control, command: str, **fields: Any) -> dict[str, Any]:
@@ -563,6 +578,67 @@ def _pin_setting(text: str) -> tuple[str, bool]:
     return name, words[value.lower()]
 
 
+async def cmd_schedules(args: argparse.Namespace) -> int:
+    reply = await _ask(args, "schedules")
+    rows = reply["schedules"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("No schedules in the agent config (see docs/configuration.md, schedules).")
+        return 0
+    for row in rows:
+        print(
+            f"{row['name']}: {row['workflow_type']} at {row['cron']!r} in {row['timezone']} "
+            f"(missed: {row['missed']}, overlap: {row['overlap']})"
+        )
+        if row["waits_for_clock_sync"]:
+            print("  next  waits for clock sync")
+        elif row["next_fire"] is None:
+            print("  next  none (the cron expression names no later time)")
+        else:
+            print(f"  next  {row['next_fire']} ({row['next_fire_utc']})")
+        last = row["last_run"]
+        if last is None:
+            print("  last  never fired")
+        else:
+            status = last["status"] or "pruned (finished)"
+            print(f"  last  {last['slot']}  workflow {last['workflow_id']}  {status}")
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    sock = _agent(args)
+    reply = _remote(sock, "status") if sock is not None else await _ask(args, "status")
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    for line in status_lines(reply, running=sock is not None):
+        print(line)
+    return 0
+
+
+def status_lines(reply: dict[str, Any], *, running: bool) -> list[str]:
+    """What ``edgesaga status`` prints of a status reply."""
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(reply.get("counts", {}).items())) or "none"
+    if running:
+        mqtt = {True: "connected", False: "disconnected", None: "off"}[reply.get("mqtt_connected")]
+        lines = [
+            f"agent     {reply.get('device_id')} running (pid {reply.get('pid')})",
+            f"runner    running {reply.get('running')}, queued {reply.get('queued')}",
+            f"mqtt      {mqtt}",
+        ]
+    else:
+        lines = ["agent     not running (what follows is read from the database)"]
+    lines.append(f"stored    {counts}")
+    if reply.get("clock_synchronized"):
+        lines.append("clock     synchronized")
+    else:
+        waiting = reply.get("timers_waiting_on_sync", 0)
+        lines.append(f"clock     not synchronized; {waiting} timer(s) wait for it")
+    return lines
+
+
 async def cmd_pins(args: argparse.Namespace) -> int:
     setting = None if args.set is None else _pin_setting(args.set)  # checked before the agent
     sock = _agent(args)
@@ -801,6 +877,27 @@ def _parser() -> argparse.ArgumentParser:
     with_db(sp)
     with_defs(sp)
     sp.set_defaults(func=cmd_resume)
+
+    sp = sub.add_parser(
+        "schedules",
+        help="each schedule of the agent config: its next fire time and its last run",
+        description=(
+            "Each schedule of the agent config (--config; a running agent's own): the next fire "
+            "time in its time zone and in UTC, or 'waits for clock sync' while the clock is not "
+            "synchronized, and its last run (slot, workflow id, status)."
+        ),
+    )
+    sp.add_argument("--json", action="store_true", help="the rows as a JSON array")
+    with_db(sp)
+    sp.set_defaults(func=cmd_schedules)
+
+    sp = sub.add_parser(
+        "status",
+        help="the agent's state: runner, stored workflows, MQTT, the clock's sync",
+    )
+    sp.add_argument("--json", action="store_true", help="the status reply as JSON")
+    with_db(sp)
+    sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser(
         "pins", help="show (or --set NAME=VALUE a mock input of) a running agent's pins"
