@@ -16,7 +16,8 @@ without sleeping:
 * :class:`Late` only when the deadline had already passed when the agent started (it was down);
   a deadline that passes while the agent runs is :class:`Due`. Never early, on any path.
 
-Nothing here is wired into the agent yet: the timer service and the DELAY step will drive it.
+The engine's DELAY step arms and decides these marks; ``agent._timers.TimerService`` wakes the
+waiting workflows.
 """
 
 # No `from __future__ import annotations`: pydantic evaluates ClockConfig's annotations at import.
@@ -35,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_SYNC_FILE = "/run/systemd/timesync/synchronized"
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+#: Seconds between looks at the clock's sync by a DELAY waiting without a timer service (the CLI).
+SYNC_RECHECK = 1.0
 MAX_UNTIL_LENGTH = 64  # the longest `until:` text accepted (an ISO-8601 date-time is ~32)
 
 # Without a kernel boot id (not Linux, or /proc not mounted) every process counts as a boot of its
@@ -401,3 +404,21 @@ def arm_until(reading: ClockReading, when: str, tz: ZoneInfo) -> TimerMark | Nee
         return deadline
     mark = arm(reading, deadline - reading.wall, needs_sync=True)
     return mark._replace(wall_deadline=max(deadline, reading.wall))
+
+
+def local_zone() -> ZoneInfo:
+    """The board's local time zone: ``$TZ``, else ``/etc/localtime``'s zone name, else UTC."""
+    names = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        target = os.path.realpath("/etc/localtime")
+        if "zoneinfo/" in target:
+            names.append(target.split("zoneinfo/", 1)[1])
+    except OSError:
+        pass
+    for name in names:
+        if name:
+            try:
+                return ZoneInfo(name)
+            except (ValueError, KeyError, OSError):
+                continue
+    return ZoneInfo("UTC")

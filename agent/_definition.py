@@ -12,10 +12,12 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent._clock import MAX_UNTIL_LENGTH, parse_until
 from agent._context import _Frozen
 from agent._errors import DefinitionError
 from hardware._yaml import DEFAULT_YAML_LIMITS as DEFAULT_YAML_LIMITS
@@ -27,7 +29,9 @@ from hardware._yaml import yaml_problem as yaml_problem
 
 StepType = Literal["STANDARD", "DECISION", "HUMAN_INPUT", "DELAY", "PARALLEL"]
 #: Step types this version can execute; the others are reserved by the schema for later versions.
-SUPPORTED_STEP_TYPES = frozenset({"STANDARD", "DECISION", "HUMAN_INPUT", "PARALLEL"})
+SUPPORTED_STEP_TYPES = frozenset({"STANDARD", "DECISION", "HUMAN_INPUT", "PARALLEL", "DELAY"})
+#: The longest DELAY ``duration`` accepted: a year, in seconds.
+MAX_DELAY_SECONDS = 366 * 24 * 3600.0
 #: A ``next``, ``routes`` or ``default`` target that ends the workflow (COMPLETED).
 END = "END"
 
@@ -117,6 +121,24 @@ class StepDefinition(BaseModel):
         None, description="PARALLEL: lists of STANDARD steps; the lists run concurrently."
     )
     pivot: bool = Field(False, description="The point of no return of a saga (see the docs).")
+    duration: float | None = Field(
+        None, ge=0, le=MAX_DELAY_SECONDS, description="DELAY: seconds to wait (or give until)."
+    )
+    until: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_UNTIL_LENGTH,
+        description='DELAY: wait until a time of day ("06:30") or an ISO-8601 date and time.',
+    )
+    timezone: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="DELAY: the zone of until (default: the board's local zone).",
+    )
+    on_late: Literal["run", "fail"] = Field(
+        "run", description="DELAY: its time passed while the agent was down: run (go on) or fail."
+    )
 
 
 class WorkflowDefinition(BaseModel):
@@ -372,6 +394,7 @@ STEP_KEYS: dict[str, frozenset[str]] = {
     "HUMAN_INPUT": _COMMON_KEYS
     | {"input_model", "timeout", "on_timeout", "approve_with", "next", "max_interrupts"},
     "PARALLEL": _COMMON_KEYS | {"branches", "next", "automate_next", "max_interrupts"},
+    "DELAY": _COMMON_KEYS | {"duration", "until", "timezone", "on_late", "next"},
 }
 #: What a step in a PARALLEL's branch takes: a STANDARD step's keys less the ones of the path.
 BRANCH_STEP_KEYS = STEP_KEYS["STANDARD"] - {"next", "pivot"}
@@ -396,12 +419,6 @@ class _Where:
 
 def _check_keys(step: StepDefinition, where: _Where, in_branch: bool) -> None:
     """Refuse a key the step's type does not take, and a missing one it needs."""
-    if step.type == "DELAY":
-        raise where.error(
-            "step type DELAY is reserved but not supported by this version of edgesaga yet; "
-            "use STANDARD, DECISION, HUMAN_INPUT or PARALLEL.",
-            "type",
-        )
     if in_branch and step.type != "STANDARD":
         raise where.error(
             f"a PARALLEL's branch holds STANDARD steps only, not a {step.type} step; move it out "
@@ -428,6 +445,8 @@ def _check_keys(step: StepDefinition, where: _Where, in_branch: bool) -> None:
         raise where.error(
             "a DECISION step needs 'routes' (route key: step name or END); add them.", None
         )
+    if step.type == "DELAY":
+        _check_delay(step, where)
     if step.type == "PARALLEL":
         branches = step.branches or []
         if len(branches) < 2:
@@ -442,6 +461,31 @@ def _check_keys(step: StepDefinition, where: _Where, in_branch: bool) -> None:
                     "branches",
                     b,
                 )
+
+
+def _check_delay(step: StepDefinition, where: _Where) -> None:
+    """A DELAY waits ``duration`` seconds or ``until`` a time, exactly one of them."""
+    if (step.duration is None) == (step.until is None):
+        raise where.error(
+            "a DELAY step needs exactly one of 'duration' (seconds) and 'until' (HH:MM or an "
+            "ISO-8601 date and time); give one.",
+            None,
+        )
+    if step.timezone is not None and step.until is None:
+        raise where.error("'timezone' goes with 'until' only; remove it.", "timezone")
+    if step.until is not None:
+        try:
+            parse_until(step.until)
+        except ValueError as exc:
+            raise where.error(str(exc).rstrip("."), "until") from None
+    if step.timezone is not None:
+        try:
+            ZoneInfo(step.timezone)
+        except (ValueError, KeyError, OSError):
+            raise where.error(
+                f"unknown time zone {step.timezone!r}; give an IANA name such as Europe/Berlin",
+                "timezone",
+            ) from None
 
 
 def _load_step(

@@ -15,10 +15,11 @@ import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ValidationError
 
-from agent import _invoke, _recovery
+from agent import _clock, _invoke, _recovery
 from agent import _saga as saga
 from agent._definition import (
     LoadedDefinition,
@@ -54,6 +55,7 @@ from agent._store import (
     iso,
 )
 from agent._threads import DaemonPool
+from agent._timers import TimerService
 
 log = logging.getLogger("edgesaga.workflow")
 
@@ -99,13 +101,14 @@ def _step_plan(s: LoadedStep) -> saga.StepPlan:
             spec.compensate_retry.delay(n)
             for n in range(1, min(spec.compensate_retry.max_attempts, 64))
         ),
-        kind="STANDARD" if spec.type == "DELAY" else spec.type,
+        kind=spec.type,
         next=spec.next,
         routes=tuple((spec.routes or {}).items()),
         default=spec.default,
         branches=tuple(tuple(b.name for b in branch) for branch in s.branches),
         pivot=spec.pivot,
         on_timeout=spec.on_timeout,
+        on_late=spec.on_late,
     )
 
 
@@ -171,6 +174,9 @@ class Workflow:
         self._finished = asyncio.Event()
         if progress.status.is_terminal:
             self._finished.set()
+        #: The drive left it waiting in a DELAY, with the builder's timer service.
+        self._parked = False
+        self._timed = "DELAY" in self._plan.special.values()
 
     # -- public attributes -------------------------------------------------------------------------
     @property
@@ -202,6 +208,18 @@ class Workflow:
     def waiting_for(self) -> list[str]:
         """Resources this workflow waits to lease (empty when it does not wait)."""
         return sorted(self._builder.leases.waiting(self.id))
+
+    @property
+    def in_delay(self) -> bool:
+        """True while its DELAY step is due or waits (armed or not yet: an ``until:`` before
+        the clock's sync)."""
+        p = self._progress
+        return (
+            p.status is WorkflowStatus.ACTIVE
+            and p.inflight is None
+            and p.next_step is not None
+            and self._plan.special.get(p.next_step) == "DELAY"
+        )
 
     @property
     def is_running(self) -> bool:
@@ -385,11 +403,25 @@ class Workflow:
         """Drive the workflow until it is no longer ``ACTIVE`` (or ``COMPENSATING``)."""
         async with self._lock:
             self._stop.clear()
+            self._parked = False
             if self._progress.status is WorkflowStatus.PAUSED and self._cancel.is_set():
                 await self._cancel_paused()
-            while self.status in RESUMABLE and not self._stop.is_set():
+            while self.status in RESUMABLE and not self._stop.is_set() and not self._parked:
                 await self._drive(single=False)
         return self.status
+
+    async def settle_timer(self) -> bool:
+        """For recovery: rebase a waiting DELAY's timer onto this run (committed) and hand it to
+        the timer service. True when it is to be driven now (due, late, or not waiting)."""
+        async with self._lock:
+            if not self.in_delay or self._builder.timers is None:
+                return True
+            pending = _Pending()
+            now = time.time()
+            go = await self._delay(pending, now)
+            if pending.journal or pending.events:
+                await self._commit(pending, now)
+            return go
 
     def request_stop(self) -> None:
         """Ask the driving coroutine to stop at the next checkpoint (after the running attempt is
@@ -530,6 +562,8 @@ class Workflow:
             leaving = True
             raise
         finally:
+            if self._timed and not self._parked and self._builder.timers is not None:
+                self._builder.timers.forget(self.id)  # it went on (or ended) without the service
             if self.status.is_terminal:
                 self._on_terminal()
             elif leaving or self._stop.is_set():
@@ -569,7 +603,9 @@ class Workflow:
                     self._apply(pending, saga.pause(self._plan, self._progress), now)
                     await self._commit(pending, now)
                     self._builder._arm_pause(self)
-                return None  # Stop
+                if isinstance(action, saga.Delay) and await self._delay(pending, now):
+                    continue
+                return None  # Stop, or waiting in a DELAY
             if action.not_before is not None and action.not_before > now:
                 await self._commit(pending, now)
                 await self._sleep_until(action.not_before)
@@ -765,8 +801,64 @@ class Workflow:
         self._apply(pending, change, now)
         return change.progress
 
+    async def _delay(self, pending: _Pending, now: float) -> bool:
+        """The due DELAY step: arm its timer, or rebase it onto this run, and decide it with the
+        clock rules. True when the loop goes on (it finished or failed, or a cancel or stop
+        came); False when it waits, parked with the builder's timer service (nothing holds a
+        task for it). Without a timer service (the CLI) it waits here."""
+        b = self._builder
+        while True:
+            reading = _clock.read_clock(b.clock)
+            mark = self._progress.timer
+            decision: _clock.Decision
+            if mark is None:
+                armed = self._arm_delay(reading)
+                if isinstance(armed, _clock.TimerMark):
+                    self._apply(pending, saga.delay_armed(self._plan, self._progress, armed), now)
+                    await self._commit(pending, now)
+                    continue
+                decision = armed
+            elif b.needs_rebase(mark, reading):
+                mark = _clock.rebase(mark, reading)
+                self._apply(pending, saga.delay_rebased(self._plan, self._progress, mark), now)
+                await self._commit(pending, now)
+                continue
+            else:
+                decision = _clock.decide(mark, reading)
+            if isinstance(decision, _clock.Due | _clock.Late):
+                late = decision.by if isinstance(decision, _clock.Late) else None
+                self._apply(
+                    pending, saga.delay_finished(self._plan, self._progress, late_by=late), now
+                )
+                return True
+            if pending.journal or pending.events:
+                await self._commit(pending, now)
+            wait = decision.seconds if isinstance(decision, _clock.Wait) else None
+            if b.timers is not None:
+                if wait is None:
+                    b.timers.watch_sync(self.id)
+                else:
+                    on_sync = mark is not None and _clock.waits_on_sync(mark, reading)
+                    b.timers.watch(self.id, wait, on_sync=on_sync)
+                self._parked = True
+                return False
+            await self._sleep_for(_clock.SYNC_RECHECK if wait is None else wait)
+            if self._stop.is_set() or self._cancel.is_set():
+                return True
+            now = time.time()
+
+    def _arm_delay(self, reading: _clock.ClockReading) -> _clock.TimerMark | _clock.NeedsSync:
+        spec = self.definition.step(self._progress.next_step or "").spec
+        if spec.until is None:
+            return _clock.arm(reading, spec.duration or 0.0)
+        tz = _clock.local_zone() if spec.timezone is None else ZoneInfo(spec.timezone)
+        return _clock.arm_until(reading, spec.until, tz)
+
     async def _sleep_until(self, when: float) -> None:
-        delay = max(0.0, when - time.time())
+        await self._sleep_for(when - time.time())
+
+    async def _sleep_for(self, seconds: float) -> None:
+        delay = max(0.0, seconds)
         waiters = [
             asyncio.ensure_future(self._cancel.wait()),
             asyncio.ensure_future(self._stop.wait()),
@@ -1061,6 +1153,7 @@ class WorkflowBuilder:
         *,
         hardware: Any = None,
         max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
+        clock: _clock.Clock | None = None,
     ) -> None:
         self.hardware = hardware
         #: Limit of a workflow's state as UTF-8 JSON (None: no limit). Initial data beyond it is
@@ -1087,8 +1180,45 @@ class WorkflowBuilder:
         self._paused: dict[str, tuple[float, str | None]] = {}
         self._pause_timers: dict[str, asyncio.TimerHandle] = {}
         self._expiring: set[asyncio.Task[Any]] = set()
+        #: The timer service that wakes workflows waiting in a DELAY (see start_timers); None:
+        #: a DELAY waits in the coroutine that drives it (the CLI without an agent).
+        self.timers: TimerService | None = None
+        self.use_clock(_clock.SystemClock() if clock is None else clock)
         for path in discover(definitions):
             self.add_definition(load_definition(path))
+
+    # -- time ----------------------------------------------------------------------------------
+    def use_clock(self, clock: _clock.Clock) -> None:
+        """Read time from ``clock``; this agent run begins now by it (a timer mark seen before
+        is rebased onto the run when its workflow is first driven)."""
+        self.clock = clock
+        self._run_started = (clock.boot_id(), clock.boottime())
+
+    def needs_rebase(self, mark: _clock.TimerMark, reading: _clock.ClockReading) -> bool:
+        """Whether ``mark`` was last seen by an earlier agent run (or boot) than this one."""
+        boot, started = self._run_started
+        return mark.boot_id != reading.boot_id or (boot == mark.boot_id and mark.since < started)
+
+    async def start_timers(
+        self,
+        store: SQLiteStore,
+        submit: Callable[[Workflow], Any],
+        clock: _clock.Clock | None = None,
+    ) -> TimerService:
+        """Start the timer service (``self.timers``): workflows waiting in a DELAY are parked
+        there and, once due, loaded from ``store`` and given to ``submit`` (the runner's)."""
+        if clock is not None:
+            self.use_clock(clock)
+        if self.timers is None:
+            self.timers = TimerService(self, store, self.clock, submit)
+            self.timers.start()
+        return self.timers
+
+    async def stop_timers(self) -> None:
+        """Stop the timer service; the waiting workflows stay waiting in the store."""
+        timers, self.timers = self.timers, None
+        if timers is not None:
+            await timers.stop()
 
     def add_definition(self, definition: LoadedDefinition) -> None:
         """Register an already loaded definition."""

@@ -152,7 +152,27 @@ async def _rebuild_page(
                 "workflow %s: its interrupted attempt could not be recorded: %s", wf.id, outcome
             )
             workflows.remove(wf)
-    return workflows
+    return await _park_waiting(builder, workflows)
+
+
+async def _park_waiting(builder: WorkflowBuilder, workflows: list[Workflow]) -> list[Workflow]:
+    """The page's workflows less those waiting in a DELAY: each of those has its timer rebased
+    onto this run (committed, the page's commits grouped) and is handed to the timer service,
+    which holds its id and deadline only; the Workflow object is dropped."""
+    if builder.timers is None:
+        return workflows
+    waiting = [wf for wf in workflows if wf.in_delay]
+    if not waiting:
+        return workflows
+    settled = await asyncio.gather(*(wf.settle_timer() for wf in waiting), return_exceptions=True)
+    parked = set()
+    for wf, outcome in zip(waiting, settled, strict=True):
+        if isinstance(outcome, Exception):
+            log.error("workflow %s: its DELAY timer could not be rebased: %s", wf.id, outcome)
+            parked.add(wf.id)  # it stays as it is in the store: the next start tries it again
+        elif outcome is False:
+            parked.add(wf.id)
+    return [wf for wf in workflows if wf.id not in parked]
 
 
 async def pages(

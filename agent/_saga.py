@@ -26,6 +26,7 @@ from itertools import zip_longest
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
+from agent._clock import TimerMark
 from agent._status import WorkflowStatus
 
 Phase = Literal["forward", "compensate"]
@@ -44,7 +45,7 @@ EventName = Literal[
     "status_changed",
 ]
 AlertKind = Literal["compensation_failed", "internal_error", "failed_after_pivot"]
-StepKind = Literal["STANDARD", "DECISION", "HUMAN_INPUT", "PARALLEL"]
+StepKind = Literal["STANDARD", "DECISION", "HUMAN_INPUT", "PARALLEL", "DELAY"]
 #: A ``next``/route target that ends the workflow.
 END = "END"
 
@@ -86,6 +87,7 @@ class StepPlan(NamedTuple):
     branches: tuple[tuple[str, ...], ...] = ()  # PARALLEL: the names of each branch's steps
     pivot: bool = False
     on_timeout: Literal["fail", "continue"] = "fail"  # HUMAN_INPUT
+    on_late: Literal["run", "fail"] = "run"  # DELAY: its deadline passed while the agent was down
 
 
 class Plan:
@@ -193,6 +195,7 @@ class Progress(NamedTuple):
     running: tuple[Inflight, ...] = ()  # the PARALLEL's branch attempts in flight
     waits: Mapping[str, float] = MappingProxyType({})  # branch step -> retry backoff until
     undo_first: tuple[str, ...] = ()  # branch steps cut short: their own compensation runs first
+    timer: TimerMark | None = None  # the durable timer of the DELAY step due (see delay_armed)
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -243,6 +246,8 @@ class Progress(NamedTuple):
             out["waits"] = dict(self.waits)
         if self.undo_first:
             out["undo_first"] = list(self.undo_first)
+        if self.timer is not None:
+            out["timer"] = self.timer._asdict()
         return out
 
     @classmethod
@@ -257,6 +262,8 @@ class Progress(NamedTuple):
             d["running"] = tuple(Inflight(*fl) for fl in d["running"])
         if "undo_first" in d:
             d["undo_first"] = tuple(d["undo_first"])
+        if d.get("timer") is not None:
+            d["timer"] = TimerMark(**d["timer"])
         return cls(**{k: v for k, v in d.items() if k in cls._fields})
 
     @property
@@ -325,7 +332,14 @@ class Fork(NamedTuple):
     step: str
 
 
-def next_action(progress: Progress, plan: Plan | None = None) -> Run | Stop | Pause | Fork:
+class Delay(NamedTuple):
+    """The DELAY ``step`` is due: arm its timer (:func:`delay_armed`) if ``progress.timer`` is
+    None, else wait for it and then :func:`delay_finished`."""
+
+    step: str
+
+
+def next_action(progress: Progress, plan: Plan | None = None) -> Run | Stop | Pause | Fork | Delay:
     """What the runner should do next (without ``plan``, every step is one that runs)."""
     if progress.inflight is not None:
         raise ValueError(
@@ -339,6 +353,8 @@ def next_action(progress: Progress, plan: Plan | None = None) -> Run | Stop | Pa
                 return Pause(step)
             if kind == "PARALLEL":
                 return Fork(step)
+            if kind == "DELAY":
+                return Delay(step)
         return Run(step, "forward", progress.not_before)
     if progress.status is WorkflowStatus.COMPENSATING and progress.to_compensate:
         return Run(progress.to_compensate[0], "compensate", progress.not_before)
@@ -616,7 +632,7 @@ def cancel(plan: Plan, progress: Progress, *, reason: str = "cancelled on reques
     """
     if not can_cancel(progress.status):
         raise ValueError(f"A {progress.status.value} workflow cannot be cancelled: {CANCEL_RULE}.")
-    marked = _replace(progress, cancelled=True, error=reason)
+    marked = _replace(progress, cancelled=True, error=reason, timer=None)
     if progress.inflight is not None or progress.running:
         after = marked  # the runner stops the attempts and records them
     elif not progress.saga:
@@ -653,7 +669,9 @@ def internal_error(progress: Progress, error: str) -> Change:
     flights = (*(() if progress.inflight is None else (progress.inflight,)), *progress.running)
     # Their "started" records are committed; their outcomes never will be.
     events = tuple(Event(_FAILED[fl.phase], fl.step, fl.attempt, error) for fl in flights)
-    after = _replace(progress, inflight=None, not_before=None, running=(), undo_first=())
+    after = _replace(
+        progress, inflight=None, not_before=None, running=(), undo_first=(), timer=None
+    )
     if progress.status is WorkflowStatus.ACTIVE:  # next_step is also the step in flight, if any
         after = _replace(
             after, status=WorkflowStatus.FAILED, failed_step=progress.next_step, error=error
@@ -945,3 +963,58 @@ def _settle(plan: Plan, before: Progress, progress: Progress, event: Event) -> C
     )
     change = _change(before, after, event, Event("step_completed", parallel))
     return change
+
+
+# ------------------------------------------------------------------------------------------------
+# DELAY
+
+
+def _delay_step(plan: Plan, progress: Progress) -> str:
+    action = next_action(progress, plan)
+    if not isinstance(action, Delay):
+        raise ValueError(f"No DELAY step is due ({action}).")
+    return action.step
+
+
+def delay_armed(plan: Plan, progress: Progress, mark: TimerMark) -> Change:
+    """The due DELAY step begins: its timer ``mark`` commits with this change (the workflow
+    stays ACTIVE, and nothing runs until the timer is due)."""
+    step = _delay_step(plan, progress)
+    if progress.timer is not None:
+        raise ValueError(f"The timer of DELAY step {step!r} is armed already.")
+    return Change(_replace(progress, timer=mark), (Event("step_started", step),))
+
+
+def delay_rebased(plan: Plan, progress: Progress, mark: TimerMark) -> Change:
+    """The waiting DELAY's timer as this agent run first sees it (``_clock.rebase``)."""
+    _delay_step(plan, progress)
+    if progress.timer is None:
+        raise ValueError("No DELAY timer is armed.")
+    return Change(_replace(progress, timer=mark))
+
+
+def delay_finished(plan: Plan, progress: Progress, *, late_by: float | None = None) -> Change:
+    """The DELAY's timer is due (``late_by`` None) or was due ``late_by`` seconds before the agent
+    saw it again (it was down): the step completes and the workflow goes on, unless it is late
+    and its ``on_late`` is ``fail``: then the step fails (saga rules; ``retry`` waits again)."""
+    step = _delay_step(plan, progress)
+    if progress.timer is None:
+        raise ValueError(f"The timer of DELAY step {step!r} is not armed.")
+    if late_by is not None and plan.get(step).on_late == "fail":
+        error = (
+            f"DELAY step {step!r} ended {late_by:.0f} s late, while the agent was down, and its "
+            "on_late is fail; it did not go on"
+        )
+        event = Event("step_failed", step, None, error)
+        base = _replace(progress, timer=None, failed_step=step, error=error)
+        return _forward_gave_up(plan, progress, base, event, None)
+    nxt = plan.after(step)
+    after = _replace(
+        progress,
+        timer=None,
+        status=WorkflowStatus.ACTIVE if nxt is not None else WorkflowStatus.COMPLETED,
+        completed=(*progress.completed, step),
+        next_step=nxt,
+        error=None if nxt is None else progress.error,
+    )
+    return _change(progress, after, Event("step_completed", step))

@@ -39,7 +39,6 @@ BAD = [
     ("unknown_top_key.yaml", None, "colour", "unknown key 'colour'"),
     ("unknown_step_key.yaml", "Two", "retires", "unknown key 'retires'"),
     ("unknown_step_type.yaml", "Loop_Forever", "type", "unknown step type 'LOOP'"),
-    ("reserved_step_type.yaml", "Wait", "type", "DELAY is reserved but not supported"),
     ("missing_module.yaml", "Two", "function", "no_such_module"),
     ("missing_attribute.yaml", "One", "compensate_function", "no_such_undo"),
     ("not_callable.yaml", "One", "function", "is not callable"),

@@ -247,12 +247,64 @@ CASES = [
         "a pivot cannot be inside a PARALLEL's branch",
     ),
     (
-        """  - name: Wait
-    type: DELAY  # <-- error
+        """  - name: Wait  # <-- error
+    type: DELAY
 """,
         "Wait",
+        None,
+        "needs exactly one of 'duration' (seconds) and 'until'",
+    ),
+    (
+        """  - name: Wait
+    type: DELAY
+    duration: 5
+    function: $S.do  # <-- error
+""",
+        "Wait",
+        "function",
+        "a DELAY step takes no 'function'",
+    ),
+    (
+        """  - name: Wait
+    type: DELAY
+    until: "25:00"  # <-- error
+""",
+        "Wait",
+        "until",
+        "neither a time of day HH:MM nor an ISO-8601",
+    ),
+    (
+        """  - name: Wait
+    type: DELAY
+    until: "06:30"
+    timezone: Mars/Olympus  # <-- error
+""",
+        "Wait",
+        "timezone",
+        "unknown time zone 'Mars/Olympus'",
+    ),
+    (
+        """  - name: Wait
+    type: DELAY
+    duration: 5
+    timezone: UTC  # <-- error
+""",
+        "Wait",
+        "timezone",
+        "'timezone' goes with 'until' only",
+    ),
+    (
+        """  - name: P
+    type: PARALLEL
+    branches:
+      - - name: X
+          type: DELAY  # <-- error
+          duration: 1
+      - [{name: Y, function: $S.do}]
+""",
+        "X",
         "type",
-        "DELAY is reserved but not supported",
+        "a PARALLEL's branch holds STANDARD steps only, not a DELAY step",
     ),
     (
         """  - name: Pick  # <-- error
