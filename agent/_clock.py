@@ -298,6 +298,26 @@ def rebase(mark: TimerMark, reading: ClockReading) -> TimerMark:
     )
 
 
+class Stamp(NamedTuple):
+    """When something happened, by all four clock values (a step's completion, for
+    ``max_lateness``)."""
+
+    wall: float
+    boottime: float
+    boot_id: str
+    synchronized: bool
+
+
+def elapsed(since: Stamp, reading: ClockReading) -> float | None:
+    """Seconds from ``since`` to ``reading``: by the boot-time clock on the same boot; across a
+    reboot by the wall clock when it was synchronized at both ends; else None (unknown)."""
+    if since.boot_id == reading.boot_id:
+        return max(0.0, reading.boottime - since.boottime)
+    if since.synchronized and reading.synchronized:
+        return max(0.0, reading.wall - since.wall)
+    return None
+
+
 def _wall_rules(mark: TimerMark, reading: ClockReading) -> bool:
     """After a reboot the wall deadline rules only when the clock was right at both ends."""
     return mark.rebooted and mark.synchronized and reading.synchronized

@@ -136,6 +136,12 @@ class StepDefinition(BaseModel):
         max_length=100,
         description="DELAY: the zone of until (default: the board's local zone).",
     )
+    max_lateness: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_DELAY_SECONDS,
+        description="Seconds after the step before it finished beyond which it fails unrun.",
+    )
     on_late: Literal["run", "fail"] = Field(
         "run", description="DELAY: its time passed while the agent was down: run (go on) or fail."
     )
@@ -383,7 +389,7 @@ def _spec_error(
     )
 
 
-_COMMON_KEYS = frozenset({"name", "type", "description"})
+_COMMON_KEYS = frozenset({"name", "type", "description", "max_lateness"})
 _RUN_KEYS = frozenset({"function", "params", "retry", "max_interrupts", "timeout", "automate_next"})
 #: The keys each step type takes (``name``, ``type`` and ``description`` on every one).
 STEP_KEYS: dict[str, frozenset[str]] = {
@@ -397,7 +403,7 @@ STEP_KEYS: dict[str, frozenset[str]] = {
     "DELAY": _COMMON_KEYS | {"duration", "until", "timezone", "on_late", "next"},
 }
 #: What a step in a PARALLEL's branch takes: a STANDARD step's keys less the ones of the path.
-BRANCH_STEP_KEYS = STEP_KEYS["STANDARD"] - {"next", "pivot"}
+BRANCH_STEP_KEYS = STEP_KEYS["STANDARD"] - {"next", "pivot", "max_lateness"}
 
 
 class _Where:

@@ -29,6 +29,7 @@ from agent._definition import (
     load_definition,
 )
 from agent._errors import (
+    DeadlineMissed,
     DefinitionError,
     DiskFull,
     InvalidData,
@@ -109,6 +110,7 @@ def _step_plan(s: LoadedStep) -> saga.StepPlan:
         pivot=spec.pivot,
         on_timeout=spec.on_timeout,
         on_late=spec.on_late,
+        max_lateness=spec.max_lateness,
     )
 
 
@@ -610,6 +612,8 @@ class Workflow:
                 await self._commit(pending, now)
                 await self._sleep_until(action.not_before)
                 continue
+            if action.phase == "forward" and self._late(pending, action.step, now):
+                continue
             before = self._begin(pending, action.step, action.phase, now)
             await self._commit(pending, now)  # "started, attempt n" before the side effect
             return self.definition.step(action.step), before
@@ -847,6 +851,23 @@ class Workflow:
                 return True
             now = time.time()
 
+    def _late(self, pending: _Pending, step: str, now: float) -> bool:
+        """Whether forward ``step`` is due beyond its ``max_lateness`` after the step before it
+        finished; if so its failure (``DeadlineMissed``) is applied to ``pending``."""
+        limit = saga.lateness_limit(self._plan, self._progress, step)
+        done = self._progress.done_at
+        if limit is None or done is None:
+            return False
+        late = _clock.elapsed(done, _clock.read_clock(self._builder.clock))
+        if late is not None and late <= limit:
+            return False
+        error = DeadlineMissed(step, self._progress.completed[-1], limit, late)
+        log.warning("workflow %s: %s", self.id, error)
+        self._apply(
+            pending, saga.deadline_missed(self._plan, self._progress, step, str(error)), now
+        )
+        return True
+
     def _arm_delay(self, reading: _clock.ClockReading) -> _clock.TimerMark | _clock.NeedsSync:
         spec = self.definition.step(self._progress.next_step or "").spec
         if spec.until is None:
@@ -1028,6 +1049,11 @@ class Workflow:
         """Take the state machine's change: its progress, and its events and alert into
         ``pending`` for the next commit. Returns the alert's payload, if there is one."""
         self._progress = change.progress
+        if self._plan.stamps and any(
+            e.name == "step_completed" and e.step not in self._plan.branch_of for e in change.events
+        ):
+            stamp = _clock.Stamp(*_clock.read_clock(self._builder.clock))
+            self._progress = saga.stamped(self._progress, stamp)
         for e in change.events:
             self._event(pending, e.name, at, step=e.step, attempt=e.attempt, error=e.error)
         return None if change.alert is None else self._alert(pending, at, change.alert)

@@ -130,6 +130,31 @@ class StepTimeout(AgentError, TimeoutError):
         super().__init__(f"Step {step!r} did not finish within its timeout of {timeout:g} s.")
 
 
+class DeadlineMissed(AgentError, RuntimeError):
+    """A step with ``max_lateness`` would start too long after the step before it finished (an
+    outage): it does not run, and fails with this sentence (saga rules apply)."""
+
+    code = "deadline_missed"
+
+    def __init__(self, step: str, previous: str, max_lateness: float, late: float | None) -> None:
+        self.step = step
+        self.previous = previous
+        self.max_lateness = max_lateness
+        self.late = late
+        if late is None:
+            message = (
+                f"Step {step!r} would start after a reboot on a clock that was not synchronized "
+                f"at both ends, so the time since {previous!r} finished is unknown; it counts as "
+                f"beyond its max_lateness of {max_lateness:g} s and did not run."
+            )
+        else:
+            message = (
+                f"Step {step!r} started {late:.0f} s after {previous!r} finished, beyond its "
+                f"max_lateness of {max_lateness:g} s; it did not run."
+            )
+        super().__init__(message)
+
+
 class StoreError(AgentError, RuntimeError):
     """Raised when the database cannot be used (locked by another agent, newer schema, disk full)."""
 

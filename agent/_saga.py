@@ -26,7 +26,7 @@ from itertools import zip_longest
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
-from agent._clock import TimerMark
+from agent._clock import Stamp, TimerMark
 from agent._status import WorkflowStatus
 
 Phase = Literal["forward", "compensate"]
@@ -88,13 +88,14 @@ class StepPlan(NamedTuple):
     pivot: bool = False
     on_timeout: Literal["fail", "continue"] = "fail"  # HUMAN_INPUT
     on_late: Literal["run", "fail"] = "run"  # DELAY: its deadline passed while the agent was down
+    max_lateness: float | None = None  # seconds after the step before it finished, at most
 
 
 class Plan:
     """The steps of a workflow: ``steps`` the outer path in list order, ``inner`` the steps of
     PARALLEL branches (named in their PARALLEL's ``branches``)."""
 
-    __slots__ = ("_after", "_by_name", "branch_of", "inner", "pivot", "special", "steps")
+    __slots__ = ("_after", "_by_name", "branch_of", "inner", "pivot", "special", "stamps", "steps")
 
     def __init__(self, steps: tuple[StepPlan, ...], inner: tuple[StepPlan, ...] = ()) -> None:
         names = [s.name for s in steps]
@@ -112,6 +113,8 @@ class Plan:
         #: A branch step's PARALLEL and branch index.
         self.branch_of: dict[str, tuple[str, int]] = {}
         self.pivot: str | None = None
+        #: Whether completions are stamped (``Progress.done_at``): a step has ``max_lateness``.
+        self.stamps = any(s.max_lateness is not None for s in steps)
         for s in steps:
             if s.next is not None:
                 self._after[s.name] = None if s.next == END else s.next
@@ -196,6 +199,7 @@ class Progress(NamedTuple):
     waits: Mapping[str, float] = MappingProxyType({})  # branch step -> retry backoff until
     undo_first: tuple[str, ...] = ()  # branch steps cut short: their own compensation runs first
     timer: TimerMark | None = None  # the durable timer of the DELAY step due (see delay_armed)
+    done_at: Stamp | None = None  # when the last forward step completed (plans with stamps only)
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -248,6 +252,8 @@ class Progress(NamedTuple):
             out["undo_first"] = list(self.undo_first)
         if self.timer is not None:
             out["timer"] = self.timer._asdict()
+        if self.done_at is not None:
+            out["done_at"] = list(self.done_at)
         return out
 
     @classmethod
@@ -264,6 +270,8 @@ class Progress(NamedTuple):
             d["undo_first"] = tuple(d["undo_first"])
         if d.get("timer") is not None:
             d["timer"] = TimerMark(**d["timer"])
+        if d.get("done_at") is not None:
+            d["done_at"] = Stamp(*d["done_at"])
         return cls(**{k: v for k, v in d.items() if k in cls._fields})
 
     @property
@@ -1018,3 +1026,31 @@ def delay_finished(plan: Plan, progress: Progress, *, late_by: float | None = No
         error=None if nxt is None else progress.error,
     )
     return _change(progress, after, Event("step_completed", step))
+
+
+# ------------------------------------------------------------------------------------------------
+# max_lateness
+
+
+def stamped(progress: Progress, at: Stamp) -> Progress:
+    """``progress`` with its last forward completion at ``at`` (for ``max_lateness``)."""
+    return _replace(progress, done_at=at)
+
+
+def lateness_limit(plan: Plan, progress: Progress, step: str) -> float | None:
+    """The ``max_lateness`` that applies to beginning forward ``step`` now: None when it has none
+    or no step completed before it (in this workflow)."""
+    if progress.done_at is None or not progress.completed or progress.cancelled:
+        return None
+    return plan.get(step).max_lateness
+
+
+def deadline_missed(plan: Plan, progress: Progress, step: str, error: str) -> Change:
+    """Forward ``step`` was due too long after the step before it finished (``max_lateness``):
+    it does not run and fails for good (saga rules: a rollback, or FAILED past the pivot)."""
+    action = next_action(progress, plan)
+    if not isinstance(action, Run) or action.step != step or action.phase != "forward":
+        raise ValueError(f"Step {step!r} is not what runs next ({action}).")
+    event = Event("step_failed", step, None, error)
+    base = _replace(progress, failed_step=step, error=error, not_before=None)
+    return _forward_gave_up(plan, progress, base, event, None)
