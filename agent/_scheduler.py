@@ -38,6 +38,9 @@ MAX_SLEEP = 5.0
 #: How often it looks at the clock's sync while the clock is not synchronized.
 SYNC_POLL = 2.0
 
+#: Refusals that are not the schedule's fault: its slot is tried again at the next wake.
+_TRY_AGAIN = frozenset({"disk_full", "internal_error"})
+
 #: ``fire(schedule, slot_key) -> reply``: start the schedule's workflow for that slot.
 Fire = Callable[[ScheduleConfig, str], Awaitable[dict[str, Any]]]
 
@@ -106,7 +109,8 @@ class Scheduler:
                 reply.get("workflow_id"),
             )
         else:
-            self._refused[schedule.name] = key
+            if reply.get("error", {}).get("code") not in _TRY_AGAIN:
+                self._refused[schedule.name] = key  # its fault: not tried at every wake
             log.error(
                 "schedule %s: slot %s started nothing: %s",
                 schedule.name,

@@ -2,8 +2,9 @@
 really runs (each statement as SQLite traced it, its parameters filled in) for each hot-path write
 and each operator query, on a real database file.
 
-No plan may ``SCAN`` ``instances``, ``journal``, ``outbox`` or ``requests`` (read every row), nor
-sort all the rows it found (``USE TEMP B-TREE FOR ORDER BY``), with three exceptions, all bounded:
+No plan may ``SCAN`` ``instances``, ``journal``, ``outbox``, ``requests`` or ``schedule_fires``
+(read every row), nor sort all the rows it found (``USE TEMP B-TREE FOR ORDER BY``), with three
+exceptions, all bounded:
 
 - a newest-first list with no filter walks ``instances_created`` from its newest end and stops at
   its ``LIMIT`` (``SCAN ... USING INDEX`` in the plan: the index order is the ORDER BY, so the walk
@@ -31,7 +32,7 @@ from agent import SQLiteStore, WorkflowStatus
 from agent._store import JournalEnd, JournalStart, NewInstance, Transition
 
 S = WorkflowStatus
-TABLES = ("instances", "journal", "outbox", "requests")
+TABLES = ("instances", "journal", "outbox", "requests", "schedule_fires")
 _UNTRACED = re.compile(r"^\s*(BEGIN|COMMIT|ROLLBACK|SAVEPOINT|RELEASE|PRAGMA)\b", re.I)
 
 
@@ -208,6 +209,20 @@ async def _recovery(store: SQLiteStore) -> None:
     assert await store.mark_interrupted_attempts(at=70.0, error="interrupted") > 0
 
 
+async def _schedule_fires(store: SQLiteStore) -> None:
+    for slot in ("2026-12-01T06:00:00Z", "2026-12-02T06:00:00Z"):
+        assert await store.create_instance(
+            new(f"wf-fire-{slot}", at=70.0)._replace(fire=("water", slot))
+        )
+    assert not await store.create_instance(  # an earlier slot: refused by the key's range
+        new("wf-fire-early", at=71.0)._replace(fire=("water", "2026-11-30T06:00:00Z"))
+    )
+    last = await store.last_fires(["water", "never"])
+    assert list(last) == ["water"]
+    assert last["water"].slot == "2026-12-02T06:00:00Z"
+    assert last["water"].status is S.ACTIVE
+
+
 HOT_PATH: dict[str, Op] = {
     "create_instance with a reply": lambda s: s.create_instance(
         new("wf-new", at=50.0, request=("r-new", {"ok": True, "workflow_id": "wf-new"}))
@@ -224,6 +239,7 @@ OPERATOR: dict[str, Op] = {
     "load_instance, journal, outputs, count of one status": _operator_reads,
     "prune by count, by age and one slice": _prune,
     "resumable_page and mark_interrupted_attempts": _recovery,
+    "schedule fires: recorded, refused, the latest of each": _schedule_fires,
 }
 
 

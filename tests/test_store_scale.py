@@ -19,7 +19,7 @@ from test_query_plans import new, populate, started, transition
 
 from agent import MemoryStore, SQLiteStore, WorkflowBuilder, WorkflowStatus, _schema
 from agent._status import RESUMABLE
-from agent._store import _MIGRATIONS, JOURNAL_SPAN, JournalEnd
+from agent._store import _MIGRATIONS, JOURNAL_SPAN, SCHEMA_VERSION, JournalEnd
 
 S = WorkflowStatus
 
@@ -94,7 +94,7 @@ async def test_a_small_version_4_database_is_migrated_and_converted(db: Path) ->
     assert rows(db, "PRAGMA auto_vacuum") == [(0,)]
     async with SQLiteStore(db) as store:
         pragmas = await store.pragmas()
-        assert (pragmas["user_version"], pragmas["auto_vacuum"]) == (5, 2)
+        assert (pragmas["user_version"], pragmas["auto_vacuum"]) == (SCHEMA_VERSION, 2)
         assert pragmas["page_size"] == 1024
     # the replies know their workflow, and the events its number, so a prune finds them by it
     assert rows(db, "SELECT seq, n FROM outbox ORDER BY seq") == [(1, 1), (2, None), (3, None)]
@@ -117,7 +117,7 @@ async def test_a_large_old_database_is_left_as_it_is_and_says_so(
     with caplog.at_level(logging.WARNING, logger="edgesaga.store"):
         async with SQLiteStore(db) as store:
             pragmas = await store.pragmas()
-            assert (pragmas["user_version"], pragmas["auto_vacuum"]) == (5, 0)
+            assert (pragmas["user_version"], pragmas["auto_vacuum"]) == (SCHEMA_VERSION, 0)
             assert await store.prune(max_finished=0) == ["wf-old"]
             assert await store.reclaim() == 0  # nothing can be given back without a VACUUM
     assert "does not shrink" in caplog.text
