@@ -113,7 +113,9 @@ class Agent:
         await self.store.open()  # DatabaseLocked when another agent drives this file
         try:
             self.board = self._open_board()
-            self.builder = WorkflowBuilder(hardware=self.board, max_state_bytes=cfg.max_state_bytes)
+            self.builder = WorkflowBuilder(
+                hardware=self.board, max_state_bytes=cfg.max_state_bytes, clock=self.clock
+            )
             # Loaded as `edgesaga validate --config` checks them (python_path, yaml_limits, ...).
             for definition in load_definitions(cfg, bundled=BUNDLED):
                 self.builder.add_definition(definition)
@@ -157,10 +159,9 @@ class Agent:
             finally:
                 await server.close()
         finally:
-            stop_timers = getattr(self.builder, "stop_timers", None)
-            if stop_timers is not None:
+            if self.builder is not None:
                 with contextlib.suppress(Exception):
-                    await stop_timers()
+                    await self.builder.stop_timers()
             if self.board is not None:
                 with contextlib.suppress(Exception):
                     self.board.safe_state()
@@ -381,20 +382,19 @@ class Agent:
         return f"running {self.runner.running}, queued {queued}, paused {paused}{mqtt}{clock}"
 
     async def _start_timers(self) -> None:
-        """The timer service of durable DELAYs, on the agent's one clock (when the engine has
-        one): started after recovery has marked the cut attempts, before READY."""
-        start = getattr(self.builder, "start_timers", None)
-        if start is not None:
-            await start(self.store, self.runner.submit, self.clock)
+        """The timer service of durable DELAYs, on the agent's one clock: started after
+        recovery has marked the cut attempts, before READY."""
+        assert self.builder is not None
+        assert self.store is not None
+        await self.builder.start_timers(self.store, self.runner.submit, self.clock)
 
     def _timers_waiting(self) -> int:
         """How many durable timers wait for the clock's sync (0 without a timer service)."""
-        timers = getattr(self.builder, "timers", None)
-        count = getattr(timers, "count_waiting_on_sync", None)
-        if count is None:
+        timers = None if self.builder is None else self.builder.timers
+        if timers is None:
             return 0
         try:
-            return int(count())
+            return timers.count_waiting_on_sync()
         except Exception:
             log.warning("status: the timers waiting on the clock cannot be counted", exc_info=True)
             return 0
