@@ -168,6 +168,22 @@ class WorkflowDefinition(BaseModel):
         default_factory=lambda: [], description="Devices the workflow holds while it runs."
     )
     steps: list[StepDefinition] = Field(min_length=1, description="The steps, in order.")
+    on_restart: Literal["rollback", "restore", "resume"] | None = Field(
+        None,
+        description=(
+            "What recovery does with a workflow that was ACTIVE when the agent stopped (its "
+            "outputs were set safe at start): rollback (the default with resources) compensates "
+            "at once; restore drives its outputs back to what its completed steps commanded, then "
+            "goes on; resume (the default otherwise) goes on."
+        ),
+    )
+
+    @property
+    def restart_rule(self) -> Literal["rollback", "restore", "resume"]:
+        """``on_restart``, or its default: rollback with ``resources``, else resume."""
+        if self.on_restart is not None:
+            return self.on_restart
+        return "rollback" if self.resources else "resume"
 
     @field_validator("workflow_version", mode="before")
     @classmethod

@@ -412,6 +412,54 @@ class Workflow:
                 await self._drive(single=False)
         return self.status
 
+    async def apply_on_restart(self, cut: str | None = None) -> str | None:
+        """For recovery, once per agent start: what the definition's ``on_restart`` says for a
+        workflow that was ACTIVE (its outputs were set safe at start). ``rollback``: its rollback
+        is committed (driven by whoever runs it next); ``restore``: its outputs are driven back to
+        the values its completed steps commanded (``max_lateness`` of the next step still
+        applies when it is driven); ``resume``: nothing. ``cut`` is the forward step whose
+        attempt the restart cut short. Returns the rule applied, None when none applied."""
+        rule = self.definition.spec.restart_rule
+        async with self._lock:
+            if self._progress.status is not WorkflowStatus.ACTIVE or rule == "resume":
+                return None
+            if rule == "restore":
+                await self._restore_outputs()
+                return rule
+            change = saga.restarted(self._plan, self._progress, rule, cut=cut)
+            if change is None:
+                return None
+            log.warning("workflow %s: %s", self.id, saga.RESTARTED)
+            now = time.time()
+            pending = _Pending()
+            self._apply(pending, change, now)
+            await self._commit(pending, now)
+            if self.status.is_terminal:
+                self._on_terminal()
+            return rule
+
+    async def _restore_outputs(self) -> None:
+        """Drive every output the completed (not undone) steps commanded back to its value, in
+        the order they commanded them."""
+        hw = self._builder.hardware
+        if hw is None:
+            return
+        done = set(self._progress.completed) - set(self._progress.compensated)
+        commanded = await self.store.commanded_outputs(self.id)
+        for step, outputs in commanded.items():
+            if step not in done:
+                continue
+            for device, record in outputs.items():
+                value = record.get("value") if isinstance(record, dict) else None
+                if value is None:
+                    continue
+                try:
+                    hw[device].set(value)
+                except Exception:
+                    log.exception("workflow %s: could not restore %s to %r", self.id, device, value)
+                    continue
+                log.info("workflow %s: restored %s to %r (step %s)", self.id, device, value, step)
+
     async def settle_timer(self) -> bool:
         """For recovery: rebase a waiting DELAY's timer onto this run (committed) and hand it to
         the timer service. True when it is to be driven now (due, late, or not waiting)."""
@@ -834,6 +882,11 @@ class Workflow:
                 self._apply(
                     pending, saga.delay_finished(self._plan, self._progress, late_by=late), now
                 )
+                if late is not None and self._plan.stamps:
+                    # A late DELAY finished when it was due, not when the agent saw it again.
+                    w, bt, boot, synced = reading
+                    stamp = _clock.Stamp(w - late, bt - late, boot, synced)
+                    self._progress = saga.stamped(self._progress, stamp)
                 return True
             if pending.journal or pending.events:
                 await self._commit(pending, now)

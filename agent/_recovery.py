@@ -142,6 +142,7 @@ async def _rebuild_page(
     # The journal rows were ended by mark_interrupted_attempts; what the state machine makes of
     # each cut attempt (run it again, or give up and roll back) commits here, the page's commits
     # grouped by the writer.
+    cut = {wf.id: _cut_forward_step(wf) for wf in rebuilt}
     marked = await asyncio.gather(
         *(wf.mark_interrupted(journal_ended=True) for wf in rebuilt), return_exceptions=True
     )
@@ -152,7 +153,28 @@ async def _rebuild_page(
                 "workflow %s: its interrupted attempt could not be recorded: %s", wf.id, outcome
             )
             workflows.remove(wf)
+    await _on_restart(rebuilt, workflows, cut)
     return await _park_waiting(builder, workflows)
+
+
+def _cut_forward_step(wf: Workflow) -> str | None:
+    fl = wf.progress.inflight
+    return fl.step if fl is not None and fl.phase == "forward" else None
+
+
+async def _on_restart(
+    rebuilt: list[Workflow], workflows: list[Workflow], cut: dict[str, str | None]
+) -> None:
+    """Each rebuilt workflow's ``on_restart`` (its outputs were set safe at start): a rollback
+    committed, or its outputs restored; the page's commits grouped."""
+    todo = [wf for wf in rebuilt if wf in workflows]
+    outcomes = await asyncio.gather(
+        *(wf.apply_on_restart(cut.get(wf.id)) for wf in todo), return_exceptions=True
+    )
+    for wf, outcome in zip(todo, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            log.error("workflow %s: its on_restart could not be applied: %s", wf.id, outcome)
+            workflows.remove(wf)  # it stays as it is in the store: the next start tries again
 
 
 async def _park_waiting(builder: WorkflowBuilder, workflows: list[Workflow]) -> list[Workflow]:

@@ -1054,3 +1054,34 @@ def deadline_missed(plan: Plan, progress: Progress, step: str, error: str) -> Ch
     event = Event("step_failed", step, None, error)
     base = _replace(progress, failed_step=step, error=error, not_before=None)
     return _forward_gave_up(plan, progress, base, event, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# on_restart
+
+#: The error of a workflow rolled back because the agent restarted (``on_restart: rollback``).
+RESTARTED = (
+    "the agent restarted while this workflow was ACTIVE and its outputs were set safe; it is "
+    "rolled back (on_restart: rollback)"
+)
+
+
+def restarted(
+    plan: Plan, progress: Progress, rule: str, *, cut: str | None = None
+) -> Change | None:
+    """Recovery found the workflow ACTIVE (running, or waiting in a DELAY) after a restart, its
+    outputs set safe: ``rollback`` compensates its completed steps at once (``cut``, a step whose
+    attempt the restart cut short, first: it may have taken effect), without saga mode it
+    FAILS; ``restore`` and ``resume`` change nothing here (restore's outputs are the engine's).
+    None when nothing changes: also for a workflow none of whose steps ran yet. A PAUSED or
+    COMPENSATING workflow is left as it is (PAUSED: a person decides when it goes on)."""
+    if rule != "rollback" or progress.status is not WorkflowStatus.ACTIVE:
+        return None
+    if progress.next_step is None or progress.inflight is not None:
+        return None
+    if not progress.completed and cut is None:
+        return None  # nothing ran yet (it waited for a lease, say): nothing to be wrong about
+    base = _replace(
+        progress, failed_step=progress.next_step, error=RESTARTED, timer=None, not_before=None
+    )
+    return _forward_gave_up(plan, progress, base, None, cut)
