@@ -212,6 +212,10 @@ class Workflow:
         return sorted(self._builder.leases.waiting(self.id))
 
     @property
+    def _paused(self) -> bool:
+        return self._progress.status is WorkflowStatus.PAUSED
+
+    @property
     def in_delay(self) -> bool:
         """True while its DELAY step is due or waits (armed or not yet: an ``until:`` before
         the clock's sync)."""
@@ -460,6 +464,22 @@ class Workflow:
                     continue
                 log.info("workflow %s: restored %s to %r (step %s)", self.id, device, value, step)
 
+    async def rebase_pause_timer(self) -> None:
+        """A PAUSED workflow's timeout mark, rebased onto this agent run (committed) if an
+        earlier run or boot armed it."""
+        async with self._lock:
+            mark = self._progress.timer
+            if self._progress.status is not WorkflowStatus.PAUSED or mark is None:
+                return
+            reading = _clock.read_clock(self._builder.clock)
+            if not self._builder.needs_rebase(mark, reading):
+                return
+            now = time.time()
+            pending = _Pending()
+            change = saga.timer_rebased(self._progress, _clock.rebase(mark, reading))
+            self._apply(pending, change, now)
+            await self._commit(pending, now)
+
     async def settle_timer(self) -> bool:
         """For recovery: rebase a waiting DELAY's timer onto this run (committed) and hand it to
         the timer service. True when it is to be driven now (due, late, or not waiting)."""
@@ -612,8 +632,9 @@ class Workflow:
             leaving = True
             raise
         finally:
-            if self._timed and not self._parked and self._builder.timers is not None:
-                self._builder.timers.forget(self.id)  # it went on (or ended) without the service
+            timers = self._builder.timers
+            if self._timed and not self._parked and timers is not None and not self._paused:
+                timers.forget(self.id)  # it went on (or ended) without the service
             if self.status.is_terminal:
                 self._on_terminal()
             elif leaving or self._stop.is_set():
@@ -650,7 +671,11 @@ class Workflow:
                 if isinstance(action, saga.Fork):
                     return action.step
                 if isinstance(action, saga.Pause):
-                    self._apply(pending, saga.pause(self._plan, self._progress), now)
+                    timeout = self.definition.step(action.step).spec.timeout
+                    mark = None
+                    if timeout is not None:  # durable: it survives a restart, never early
+                        mark = _clock.arm(_clock.read_clock(self._builder.clock), timeout)
+                    self._apply(pending, saga.pause(self._plan, self._progress, mark), now)
                     await self._commit(pending, now)
                     self._builder._arm_pause(self)
                 if isinstance(action, saga.Delay) and await self._delay(pending, now):
@@ -1528,8 +1553,9 @@ class WorkflowBuilder:
 
     async def rearm_pauses(self, store: SQLiteStore) -> list[Workflow]:
         """At start: note every PAUSED workflow (for :meth:`paused_waiting_on`), re-take the
-        device leases it held, and re-arm each step timeout for its FULL timeout (the timer is
-        in-process; the time it already waited before the restart is not counted)."""
+        device leases it held, and re-arm each step timeout: its durable timer is rebased onto
+        this run (committed) and waits what it has left by the clock rules (a pause stored
+        without one waits its full timeout again)."""
         records = await store.list_instances(status=[WorkflowStatus.PAUSED.value], limit=1_000_000)
         out = []
         for rec in sorted(records, key=lambda r: (r.updated_at, r.id)):
@@ -1545,6 +1571,7 @@ class WorkflowBuilder:
                 log.warning(
                     "workflow %s is PAUSED but %s is held by another workflow", wf.id, resources
                 )
+            await wf.rebase_pause_timer()
             self._arm_pause(wf, at=rec.updated_at)
             out.append(wf)
         return out
@@ -1555,15 +1582,42 @@ class WorkflowBuilder:
         self._paused[wf.id] = (time.time() if at is None else at, step.spec.approve_with)
         self._disarm_timer(wf.id)
         timeout = step.spec.timeout
-        if timeout is not None:
-            loop = asyncio.get_running_loop()
-            self._pause_timers[wf.id] = loop.call_later(timeout, self._pause_due, wf.id, wf.store)
+        if timeout is None:
+            return
+        mark = wf.progress.timer
+        if mark is not None:
+            timeout = self._pause_wait(mark)
+        if self.timers is not None:
+            self.timers.watch(wf.id, timeout)
+            return
+        loop = asyncio.get_running_loop()
+        self._pause_timers[wf.id] = loop.call_later(timeout, self._pause_due, wf.id, wf.store)
+
+    def _pause_wait(self, mark: _clock.TimerMark) -> float:
+        """Seconds a pause's timeout has left by its mark (0: due now, or late)."""
+        reading = _clock.read_clock(self.clock)
+        if mark.boot_id != reading.boot_id:
+            mark = _clock.rebase(mark, reading)  # not yet committed: wait what it has left
+        decision = _clock.decide(mark, reading)
+        return decision.seconds if isinstance(decision, _clock.Wait) else 0.0
+
+    def pause_timer_fired(self, wf: Workflow) -> None:
+        """The timer service's wake-up for a PAUSED workflow: expire it if its timeout is due
+        by the clock rules, else watch it again for what is left."""
+        mark = wf.progress.timer
+        wait = 0.0 if mark is None else self._pause_wait(mark)
+        if wait > 0 and self.timers is not None:
+            self.timers.watch(wf.id, wait)
+            return
+        self._pause_due(wf.id, wf.store)
 
     def _disarm_pause(self, workflow_id: str) -> None:
         self._paused.pop(workflow_id, None)
         self._disarm_timer(workflow_id)
 
     def _disarm_timer(self, workflow_id: str) -> None:
+        if self.timers is not None:
+            self.timers.forget(workflow_id)
         timer = self._pause_timers.pop(workflow_id, None)
         if timer is not None:
             timer.cancel()

@@ -783,12 +783,13 @@ def decided(plan: Plan, progress: Progress, key: str | None) -> Change:
 # HUMAN_INPUT
 
 
-def pause(plan: Plan, progress: Progress) -> Change:
-    """The HUMAN_INPUT step is due: the workflow waits, PAUSED, for :func:`resume`."""
+def pause(plan: Plan, progress: Progress, timer: TimerMark | None = None) -> Change:
+    """The HUMAN_INPUT step is due: the workflow waits, PAUSED, for :func:`resume` (or, with
+    ``timer``, its step's durable timeout, for :func:`pause_timed_out`)."""
     action = next_action(progress, plan)
     if not isinstance(action, Pause):
         raise ValueError(f"No HUMAN_INPUT step is due ({action}).")
-    after = _replace(progress, status=WorkflowStatus.PAUSED, not_before=None)
+    after = _replace(progress, status=WorkflowStatus.PAUSED, not_before=None, timer=timer)
     return _change(progress, after, Event("workflow_paused", action.step))
 
 
@@ -804,6 +805,7 @@ def resume(plan: Plan, progress: Progress) -> Change:
     nxt = plan.after(step)
     after = _replace(
         progress,
+        timer=None,
         status=WorkflowStatus.ACTIVE if nxt is not None else WorkflowStatus.COMPLETED,
         completed=(*progress.completed, step),
         next_step=nxt,
@@ -823,7 +825,9 @@ def pause_timed_out(
         return resume(plan, progress)
     error = error or f"no input came for step {step!r} within its timeout"
     event = Event("step_failed", step, None, error)
-    base = _replace(progress, status=WorkflowStatus.ACTIVE, failed_step=step, error=error)
+    base = _replace(
+        progress, status=WorkflowStatus.ACTIVE, failed_step=step, error=error, timer=None
+    )
     return _forward_gave_up(plan, progress, base, event, None)
 
 
@@ -998,6 +1002,13 @@ def delay_rebased(plan: Plan, progress: Progress, mark: TimerMark) -> Change:
     _delay_step(plan, progress)
     if progress.timer is None:
         raise ValueError("No DELAY timer is armed.")
+    return Change(_replace(progress, timer=mark))
+
+
+def timer_rebased(progress: Progress, mark: TimerMark) -> Change:
+    """The armed timer (a DELAY's or a PAUSED step's timeout) as this agent run first sees it."""
+    if progress.timer is None:
+        raise ValueError("No timer is armed.")
     return Change(_replace(progress, timer=mark))
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent._clock import Clock
+from agent._status import WorkflowStatus
 
 if TYPE_CHECKING:
     from agent._engine import Workflow, WorkflowBuilder
@@ -57,6 +58,9 @@ class TimerService:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running = False
+        #: How many times the task has woken (for the idle-cost check: it grows with the
+        #: deadlines reached and the registrations that move the earliest one, never per timer).
+        self.wakeups = 0
         self._firing: set[asyncio.Task[None]] = set()
 
     # -- what the status shows -----------------------------------------------------------------
@@ -146,6 +150,7 @@ class TimerService:
                     await asyncio.wait_for(self._wake.wait(), timeout)
             if not self._running:
                 return
+            self.wakeups += 1
             now = loop.time()
             due: list[str] = []
             heap = self._heap
@@ -173,8 +178,11 @@ class TimerService:
         except Exception:
             log.exception("workflow %s: its timer is due but it cannot be loaded", workflow_id)
             return
-        if not wf.in_delay:
-            return  # it went on without the timer (cancelled meanwhile, say)
         if wf.is_running:
             return  # whoever drives it decides its timer
+        if wf.status is WorkflowStatus.PAUSED:
+            self.builder.pause_timer_fired(wf)  # a HUMAN_INPUT's timeout
+            return
+        if not wf.in_delay:
+            return  # it went on without the timer (cancelled meanwhile, say)
         self.submit(wf)

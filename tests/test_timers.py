@@ -1,0 +1,170 @@
+"""The timer service (DESIGN §11) and the HUMAN_INPUT timeout it makes durable, on a real SQLite
+file with an injected clock: a restart waits what the timeout has left (never its full time
+again, never less), by the boot-time clock whatever the wall does; and many waiting timers cost
+the service no wake-ups of their own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _engine_fixtures import ROOT  # noqa: F401  (puts the repository on sys.path)
+
+from agent import SQLiteStore, WorkflowBuilder, WorkflowStatus
+from agent._clock import FakeClock
+from agent._engine import Workflow
+
+S = WorkflowStatus
+STEPS = "tests.flows.core.steps"
+MODEL = "tests.flows.core.models.FlowState"
+
+
+def write(tmp_path: Path, on_timeout: str = "fail") -> Path:
+    body = {
+        "workflow_type": "Ask",
+        "workflow_version": "1.0.0",
+        "initial_state_model": MODEL,
+        "saga_mode": True,
+        "steps": [
+            {"name": "A", "function": f"{STEPS}.do", "compensate_function": f"{STEPS}.undo"},
+            {
+                "name": "Approve",
+                "type": "HUMAN_INPUT",
+                "input_model": "tests.flows.core.models.Approval",
+                "timeout": 10,
+                "on_timeout": on_timeout,
+            },
+            {"name": "B", "function": f"{STEPS}.do"},
+        ],
+    }
+    path = tmp_path / "ask.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    async with SQLiteStore(tmp_path / "edgesaga.db") as s:
+        yield s
+
+
+async def paused(tmp_path: Path, store: SQLiteStore, clock: FakeClock) -> str:
+    builder = WorkflowBuilder([write(tmp_path)], clock=clock)
+    wf = await builder.create_workflow("Ask", {}, store=store)
+    assert await wf.run() is S.PAUSED
+    assert wf.progress.timer is not None  # the timeout is a durable mark in the progress
+    builder._disarm_pause(wf.id)  # the agent dies
+    return wf.id
+
+
+async def restarted(
+    tmp_path: Path, store: SQLiteStore, clock: FakeClock
+) -> tuple[WorkflowBuilder, list[str]]:
+    builder = WorkflowBuilder([write(tmp_path)], clock=clock)
+    expired: list[str] = []
+    builder.on_pause_timeout = expired.append
+    await builder.start_timers(store, lambda wf: None)
+    await builder.rearm_pauses(store)
+    return builder, expired
+
+
+@pytest.mark.parametrize("wall_jump", [0.0, 86_400.0, -86_400.0])
+async def test_a_pause_timeout_waits_what_it_has_left_after_a_restart(
+    tmp_path: Path, store: SQLiteStore, wall_jump: float
+) -> None:
+    clock = FakeClock()
+    wid = await paused(tmp_path, store, clock)
+    clock.advance(4)
+    clock.jump_wall(wall_jump)
+    builder, expired = await restarted(tmp_path, store, clock)
+    assert builder.timers is not None
+    wait = builder.timers.waits(wid)
+    assert wait is not None
+    assert 5.9 < wait <= 6.0  # not the full 10 s again, and not less than what is left
+    assert expired == []
+    await builder.stop_timers()
+
+
+async def test_a_pause_whose_timeout_passed_while_down_expires_at_start(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
+    clock = FakeClock()
+    wid = await paused(tmp_path, store, clock)
+    clock.advance(60)
+    builder, expired = await restarted(tmp_path, store, clock)
+    for _ in range(200):
+        if expired:
+            break
+        await asyncio.sleep(0.01)
+    assert expired == [wid]
+    wf: Workflow | None = await builder.expire_pause(store, wid)
+    assert wf is not None
+    assert await wf.run() is S.FAILED_ROLLED_BACK
+    assert wf.progress.timer is None
+    await builder.stop_timers()
+
+
+async def test_after_a_reboot_unsynchronized_the_timeout_waits_its_remaining_time(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
+    clock = FakeClock()
+    wid = await paused(tmp_path, store, clock)
+    clock.advance(4)
+    clock.reboot(wall=0.0, synchronized=False)
+    builder, _ = await restarted(tmp_path, store, clock)
+    assert builder.timers is not None
+    wait = builder.timers.waits(wid)
+    assert wait is not None
+    assert 9.9 < wait <= 10.0  # its last checkpoint was at arming: at least that, never less
+    rec = await store.load_instance(wid)
+    assert rec is not None
+    assert rec.progress["timer"]["boot_id"] == clock.boot_id()  # the rebase was committed
+    await builder.stop_timers()
+
+
+async def test_input_in_time_clears_the_timer(tmp_path: Path, store: SQLiteStore) -> None:
+    clock = FakeClock()
+    wid = await paused(tmp_path, store, clock)
+    builder, _ = await restarted(tmp_path, store, clock)
+    assert builder.timers is not None
+    assert builder.timers.count() == 1
+    wf = await builder.resume(store, wid, {"approved": True})
+    assert builder.timers.count() == 0
+    assert wf.progress.timer is None
+    assert await wf.run() is S.COMPLETED
+    await builder.stop_timers()
+
+
+async def test_many_far_timers_do_not_wake_the_service(tmp_path: Path, store: SQLiteStore) -> None:
+    builder = WorkflowBuilder([write(tmp_path)], clock=FakeClock())
+    timers = await builder.start_timers(store, lambda wf: None)
+    timers.watch("first", 1000.0)
+    await asyncio.sleep(0.05)
+    before = timers.wakeups
+    for n in range(2000):  # all later than the earliest: none moves the one wake-up
+        timers.watch(f"wf-{n}", 2000.0 + n)
+    await asyncio.sleep(0.2)
+    assert timers.count() == 2001
+    assert timers.wakeups == before
+    timers.watch("sooner", 0.01)  # an earlier deadline moves it: one wake-up to re-aim, one due
+    await asyncio.sleep(0.2)
+    assert timers.wakeups - before <= 2
+    assert timers.count() == 2001  # "sooner" was due and handed over (it is no workflow: skipped)
+    timers.forget("first")
+    assert timers.count() == 2000
+    assert timers.next_wait() is not None
+    await builder.stop_timers()
+
+
+async def test_stop_ends_the_service_task(tmp_path: Path, store: SQLiteStore) -> None:
+    builder = WorkflowBuilder([write(tmp_path)], clock=FakeClock())
+    timers = await builder.start_timers(store, lambda wf: None)
+    task: Any = timers._task
+    timers.watch("x", 0.0)  # a wake-up that meets the stop
+    await builder.stop_timers()
+    assert task.done()
+    assert builder.timers is None
