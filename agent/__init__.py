@@ -23,6 +23,7 @@ if typing.TYPE_CHECKING:
     from agent._errors import (
         AgentError,
         DatabaseLocked,
+        DeadlineMissed,
         DefinitionError,
         DiskFull,
         InvalidData,
@@ -38,6 +39,7 @@ if typing.TYPE_CHECKING:
     from agent._service import Agent
     from agent._status import WorkflowStatus
     from agent._store import InstanceRecord, JournalEntry, MemoryStore, OutboxItem, SQLiteStore
+    from agent._timers import TimerService
 
 __all__ = [
     "Agent",
@@ -45,6 +47,7 @@ __all__ = [
     "AgentError",
     "ConfigError",
     "DatabaseLocked",
+    "DeadlineMissed",
     "DefinitionError",
     "DiskFull",
     "InstanceRecord",
@@ -63,6 +66,7 @@ __all__ = [
     "StepDefinition",
     "StepTimeout",
     "StoreError",
+    "TimerService",
     "TlsSettings",
     "UnknownWorkflowType",
     "Workflow",
@@ -82,6 +86,7 @@ _MODULES = {
     "AgentError": "_errors",
     "ConfigError": "_config",
     "DatabaseLocked": "_errors",
+    "DeadlineMissed": "_errors",
     "DefinitionError": "_errors",
     "DiskFull": "_errors",
     "InstanceRecord": "_store",
@@ -100,6 +105,7 @@ _MODULES = {
     "StepDefinition": "_definition",
     "StepTimeout": "_errors",
     "StoreError": "_errors",
+    "TimerService": "_timers",
     "TlsSettings": "_config",
     "UnknownWorkflowType": "_errors",
     "Workflow": "_engine",

@@ -131,8 +131,8 @@ class StepTimeout(AgentError, TimeoutError):
 
 
 class DeadlineMissed(AgentError, RuntimeError):
-    """A step with ``max_lateness`` would start too long after the step before it finished (an
-    outage): it does not run, and fails with this sentence (saga rules apply)."""
+    """Raised when a step with ``max_lateness`` would start too long after the step before it
+    finished (an outage): it does not run, and fails with this sentence (saga rules apply)."""
 
     code = "deadline_missed"
 
