@@ -681,9 +681,12 @@ class Workflow:
                 if isinstance(action, saga.Delay) and await self._delay(pending, now):
                     continue
                 return None  # Stop, or waiting in a DELAY
-            if action.not_before is not None and action.not_before > now:
+            backoff = self._backoff_left(pending, now)
+            if backoff is None and action.not_before is not None and action.not_before > now:
+                backoff = action.not_before - now  # a back-off stored without a timer
+            if backoff is not None and backoff > 0:
                 await self._commit(pending, now)
-                await self._sleep_until(action.not_before)
+                await self._sleep_for(backoff)
                 continue
             if action.phase == "forward" and self._late(pending, action.step, now):
                 continue
@@ -848,7 +851,9 @@ class Workflow:
             self._apply(pending, saga.cancel_inflight(self._plan, before, error), now)
         else:
             pending.journal.append(JournalEnd(fl.seq, "failed", now, error))
-            self._apply(pending, saga.failed(self._plan, before, error, now=now), now)
+            reading = _clock.read_clock(self._builder.clock)
+            change = saga.failed(self._plan, before, error, now=now, clock=reading)
+            self._apply(pending, change, now)
         log.warning(
             "workflow %s step %s (%s) attempt %d failed: %s",
             self.id,
@@ -928,6 +933,19 @@ class Workflow:
             if self._stop.is_set() or self._cancel.is_set():
                 return True
             now = time.time()
+
+    def _backoff_left(self, pending: _Pending, now: float) -> float | None:
+        """Seconds a retry's back-off has left by its durable timer (rebased onto this run first,
+        so a restart never retries early, whatever the wall clock did); None without one."""
+        mark = self._progress.timer
+        if mark is None:
+            return None
+        reading = _clock.read_clock(self._builder.clock)
+        if self._builder.needs_rebase(mark, reading):
+            mark = _clock.rebase(mark, reading)
+            self._apply(pending, saga.timer_rebased(self._progress, mark), now)
+        decision = _clock.decide(mark, reading)
+        return decision.seconds if isinstance(decision, _clock.Wait) else 0.0
 
     def _late(self, pending: _Pending, step: str, now: float) -> bool:
         """Whether forward ``step`` is due beyond its ``max_lateness`` after the step before it

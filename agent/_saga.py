@@ -26,7 +26,7 @@ from itertools import zip_longest
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
-from agent._clock import Stamp, TimerMark
+from agent._clock import ClockReading, Stamp, TimerMark, arm
 from agent._status import WorkflowStatus
 
 Phase = Literal["forward", "compensate"]
@@ -444,6 +444,7 @@ def begin(progress: Progress, step: str, phase: Phase) -> Change:
         journal_seq=seq,
         inflight=Inflight(step=step, phase=phase, seq=seq, attempt=attempt),
         not_before=None,
+        timer=None,
     )
     return Change(after, (Event(_STARTED[phase], step, attempt),))
 
@@ -498,10 +499,18 @@ def succeeded(plan: Plan, progress: Progress) -> Change:
     return _change(progress, after, done)
 
 
-def failed(plan: Plan, progress: Progress, error: str, *, now: float = 0.0) -> Change:
+def failed(
+    plan: Plan,
+    progress: Progress,
+    error: str,
+    *,
+    now: float = 0.0,
+    clock: ClockReading | None = None,
+) -> Change:
     """The in-flight attempt raised (or timed out, or returned a bad result).
 
-    Retries per the step's policy (``not_before`` carries the backoff); once they are used up a
+    Retries per the step's policy (``not_before`` carries the backoff, and with ``clock`` also a
+    durable timer in ``timer``, so a restart never retries early); once they are used up a
     forward failure starts the rollback (saga) or ends in FAILED, and a compensation failure is
     recorded, alerted, and the rollback goes on with the others.
     """
@@ -516,9 +525,10 @@ def failed(plan: Plan, progress: Progress, error: str, *, now: float = 0.0) -> C
     # A cancel stops forward retries; compensations keep theirs (the rollback must finish).
     if failures[key] < limit and not (progress.cancelled and fl.phase == "forward"):
         wait = _delay(delays, failures[key])
-        return _change(
-            progress, _replace(base, not_before=(now + wait) if wait > 0 else None), event
-        )
+        if wait <= 0:
+            return _change(progress, _replace(base, not_before=None), event)
+        mark = None if clock is None else arm(clock, wait)
+        return _change(progress, _replace(base, not_before=now + wait, timer=mark), event)
     return _give_up(plan, progress, base, fl, event, None)
 
 
@@ -714,6 +724,7 @@ def retry(plan: Plan, progress: Progress) -> Change:
             failures={k: v for k, v in progress.failures.items() if k not in keys},
             interrupts={k: v for k, v in progress.interrupts.items() if k not in keys},
             not_before=None,
+            timer=None,
             waits=MappingProxyType({}),
         )
     elif progress.status is WorkflowStatus.COMPENSATION_FAILED:

@@ -168,3 +168,47 @@ async def test_stop_ends_the_service_task(tmp_path: Path, store: SQLiteStore) ->
     await builder.stop_timers()
     assert task.done()
     assert builder.timers is None
+
+
+def write_flaky(tmp_path: Path) -> Path:
+    body = {
+        "workflow_type": "Flaky",
+        "workflow_version": "1.0.0",
+        "initial_state_model": MODEL,
+        "steps": [
+            {
+                "name": "Flaky",
+                "function": f"{STEPS}.fail_once",
+                "retry": {"max_attempts": 3, "initial_delay": 20},
+            }
+        ],
+    }
+    path = tmp_path / "flaky.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("wall_jump", [0.0, 86_400.0])
+async def test_a_retry_back_off_cut_by_a_restart_never_retries_early(
+    tmp_path: Path, store: SQLiteStore, wall_jump: float
+) -> None:
+    from agent._engine import _Pending
+
+    clock = FakeClock()
+    path = write_flaky(tmp_path)
+    builder = WorkflowBuilder([path], clock=clock)
+    wf = await builder.create_workflow("Flaky", {}, store=store)
+    driving = asyncio.ensure_future(wf.run())
+    for _ in range(500):
+        if wf.progress.timer is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert wf.progress.failures == {"f:Flaky": 1}
+    wf.request_stop()  # the agent stops during the 20 s back-off
+    assert await driving is S.ACTIVE
+    clock.advance(5)
+    clock.jump_wall(wall_jump)
+    again = await WorkflowBuilder([path], clock=clock).load_workflow(wf.id, store)
+    left = again._backoff_left(_Pending(), clock.wall())
+    assert left is not None
+    assert 14.9 < left <= 15.0  # what the back-off has left, by the boot-time clock
