@@ -1,11 +1,14 @@
 """The Irrigation part of ``edgesaga demo``: the workflow on mock pins, twice (the float switch
 closes in time, then never); with ``edgesaga demo irrigation`` also the control-flow examples
 (:func:`run_flow_demo`): SoilIrrigation on dry soil and on wet soil (the run skipped), and TwoBeds
-driving two valves at once."""
+driving two valves at once, and DailyIrrigation (the 06:00 job, daily.yaml) with its ten-minute
+Soak compressed to seconds (:func:`job_definition`)."""
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,17 @@ RULE = "=" * 70
 HERE = Path(__file__).parent
 DEVICES = HERE / "devices.yaml"
 GARDEN = HERE / "garden.yaml"  # devices.yaml's wiring plus the soil sensor and two beds' valves
+JOB = HERE / "daily.yaml"  # the 06:00 job (DailyIrrigation); agent.yaml schedules it
+SOAK = "duration: 600 "  # the Soak's line in daily.yaml, which job_definition() compresses
+DEMO_SOAK = 2.0  # seconds the demo's Soak lasts
+
+
+def job_definition(soak_seconds: float) -> str:
+    """daily.yaml with its ten-minute Soak shortened to ``soak_seconds`` (the demo, the tests)."""
+    text = JOB.read_text(encoding="utf-8")
+    if SOAK not in text:
+        raise ValueError(f"{JOB} has no {SOAK.strip()!r} line to compress.")
+    return text.replace(SOAK, f"duration: {soak_seconds:g} ")
 
 
 def _pins(board: Board) -> str:
@@ -131,16 +145,69 @@ async def run_flow_demo(store: SQLiteStore) -> tuple[list[bool], list[str]]:
         off = not any(board[name].value for name in ("valve", "pump", "valve_a", "valve_b"))
     watered = "Open_Valve" in dry.progress.completed
     skipped = list(wet.progress.completed) == ["Check_Soil"]
+    job_ok, job_line = await run_job_demo(store)
     return (
         [
             dry.status == "COMPLETED" and watered,
             wet.status == "COMPLETED" and skipped,
             beds.status == "COMPLETED",
             off,
+            job_ok,
         ],
         [
             f"SoilIrrigation (dry soil): {dry.status.value}, watered",
             f"SoilIrrigation (wet soil): {wet.status.value}, skipped after Check_Soil",
             f"TwoBeds (two valves at once): {beds.status.value}; all valves off: {off}",
+            job_line,
         ],
     )
+
+
+async def run_job_demo(store: SQLiteStore) -> tuple[bool, str]:
+    """DailyIrrigation on mock pins with a Soak of DEMO_SOAK seconds: whether it ended as it
+    should (watered, soaked at least that long, everything off), and the summary's line."""
+    print("\n" + RULE)
+    print(
+        f" DailyIrrigation on mock pins: the 06:00 job, its Soak {DEMO_SOAK:g} s instead of 600 s"
+    )
+    print(RULE)
+    with tempfile.TemporaryDirectory(prefix="edgesaga-demo-") as tmp:
+        path = Path(tmp) / "daily.yaml"
+        path.write_text(job_definition(DEMO_SOAK), encoding="utf-8")
+        config = load_board_config(GARDEN)
+        with Board.from_config(config, pin_factory="mock") as board:
+            builder = WorkflowBuilder(definitions=[path], hardware=board)
+            board.set_input("level", False)
+            board.set_input("soil", True)
+            print(f"  start        {_pins(board)}")
+            marks: dict[str, float] = {}
+
+            def observer(workflow: Workflow, event: dict[str, Any]) -> None:
+                name, step = event["event"], event.get("step")
+                if name == "step_started" and step == "Soak":
+                    marks["soak"] = time.monotonic()
+                    print(f"  soaking      {_pins(board)}  (a durable DELAY)")
+                elif name == "step_completed":
+                    if step == "Soak":
+                        marks["soaked"] = time.monotonic()
+                    print(f"  done   {step:<16} {_pins(board)}")
+
+            builder.observers.append(observer)
+            level = [{"at": DEMO_SOAK + 0.3, "device": "level", "value": True}]
+            sim = asyncio.create_task(board.simulate(level))
+            try:
+                wf = await builder.start_workflow("DailyIrrigation", {"zone": "A"}, store=store)
+            finally:
+                builder.observers.remove(observer)
+                sim.cancel()
+                await asyncio.gather(sim, return_exceptions=True)
+            off = not board["pump"].value and not board["valve"].value
+            print(f"  final        {_pins(board)}")
+            print(f"  status       {wf.status.value}")
+    soaked = marks.get("soaked", 0.0) - marks.get("soak", marks.get("soaked", 0.0))
+    ok = wf.status == "COMPLETED" and off and soaked >= DEMO_SOAK
+    line = (
+        f"DailyIrrigation (the 06:00 job, Soak {DEMO_SOAK:g} s): {wf.status.value}, "
+        f"soaked {soaked:.1f} s; pump and valve off: {off}"
+    )
+    return ok, line
