@@ -63,6 +63,7 @@ def _hw_definition(
         "workflow_version": "1.0.0",
         "initial_state_model": "hardware.HardwareState",
         "saga_mode": True,
+        "on_restart": "resume",  # these tests resume after a restart (rollback is the default)
         "resources": [device],
         "steps": [
             {
