@@ -171,8 +171,9 @@ def build(directory: Path, db: Path, size: int, lead: float) -> tuple[float, flo
     conn.execute("PRAGMA synchronous = OFF")
     conn.execute("BEGIN")
     wall, since = _due_in(conn, lead)
-    _copy(conn, size, "instances", {"n": "m", "id": "uid(m)"})
-    _copy(conn, size, "journal", {"k": f"m * {JOURNAL_SPAN} + t.seq", "n": "m"})
+    if size > 1:  # the counter starts at 2: with one workflow the template is all
+        _copy(conn, size, "instances", {"n": "m", "id": "uid(m)"})
+        _copy(conn, size, "journal", {"k": f"m * {JOURNAL_SPAN} + t.seq", "n": "m"})
     conn.execute("COMMIT")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.close()
