@@ -139,7 +139,6 @@ class Agent:
             unfinished = sum(counts.get(s.value, 0) for s in RESUMABLE)
             self.feeder = Feeder(self.builder, self.store, self.runner, backlog=unfinished)
             await self._arm_pauses()  # PAUSED workflows are no feeder's: re-arm their timeouts
-            await self._start_timers()
             log.info(
                 "agent %s: %d workflow type(s) loaded, %d workflow(s) recovered "
                 "(%d interrupted attempt(s)); they resume once the agent is ready, oldest first",
@@ -155,6 +154,7 @@ class Agent:
             )
             await server.start()
             try:
+                await self._start_timers()  # before READY: recovery parks DELAYs with it
                 await self._serve()
             finally:
                 await server.close()
