@@ -213,35 +213,31 @@ def test_watch_redraws_when_an_agent_dies_between_two_frames(
     drive(bravo, tmp_path, completed=0, paused=1, failed=0, active=1)
     snaps = snapshots(broker.port, prefix, expected=4)
 
-    proc = subprocess.Popen(
-        fleet_cmd("--broker", f"127.0.0.1:{broker.port}", "--prefix", prefix, "--watch"),
-        cwd=ROOT,
-        env=base_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        assert read_frame(proc, deadline) == [
-            HEADER,
-            line("alpha", "online", 0, 0, 1, last_event(snaps, prefix, "alpha")),
-            line("bravo", "online", 1, 1, 0, last_event(snaps, prefix, "bravo")),
-        ]
-        bravo.kill()
-        assert read_frame(proc, deadline) == [
-            HEADER,
-            line("alpha", "online", 0, 0, 1, last_event(snaps, prefix, "alpha")),
-            line("bravo", "offline", 1, 1, 0, last_event(snaps, prefix, "bravo")),
-        ]
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        assert proc.wait(timeout=10) == 0
-        assert proc.stderr is not None
-        assert proc.stderr.read() == ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    command = fleet_cmd("--broker", f"127.0.0.1:{broker.port}", "--prefix", prefix, "--watch")
+    with subprocess.Popen(
+        command, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            assert read_frame(proc, deadline) == [
+                HEADER,
+                line("alpha", "online", 0, 0, 1, last_event(snaps, prefix, "alpha")),
+                line("bravo", "online", 1, 1, 0, last_event(snaps, prefix, "bravo")),
+            ]
+            bravo.kill()
+            assert read_frame(proc, deadline) == [
+                HEADER,
+                line("alpha", "online", 0, 0, 1, last_event(snaps, prefix, "alpha")),
+                line("bravo", "offline", 1, 1, 0, last_event(snaps, prefix, "bravo")),
+            ]
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            assert proc.wait(timeout=10) == 0
+            assert proc.stderr is not None
+            assert proc.stderr.read() == ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def test_malformed_and_foreign_payloads_are_ignored_and_counted(broker: Broker) -> None:
