@@ -163,6 +163,40 @@ class MqttSettings(BaseModel):
         return self.password_file.read_text(encoding="utf-8").strip()
 
 
+class HomeAssistantSettings(BaseModel):
+    """The ``homeassistant:`` section: MQTT discovery for Home Assistant (DESIGN §12, opt-in)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    discovery_prefix: str = Field(
+        "homeassistant",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$",
+        description="Home Assistant's discovery prefix; its birth message is <prefix>/status.",
+    )
+    expose: list[str] = Field(
+        default_factory=lambda: [],  # a lambda: see StepDefinition
+        max_length=100,
+        description="Workflow types that get a start button and a status sensor.",
+    )
+    start_data: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {},
+        description="Per workflow type, the initial data its start button starts it with.",
+    )
+
+    @model_validator(mode="after")
+    def _start_data_exposed(self) -> Self:
+        extra = sorted(set(self.start_data) - set(self.expose))
+        if extra:
+            raise ValueError(
+                f"homeassistant.start_data names {', '.join(extra)}, which homeassistant.expose "
+                "does not list; add it to expose or remove its start_data."
+            )
+        return self
+
+
 class AgentConfig(BaseModel):
     """Everything ``edgesaga run`` needs; see docs/configuration.md for every key."""
 
@@ -192,6 +226,7 @@ class AgentConfig(BaseModel):
     retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
     mqtt: MqttSettings = MqttSettings(enabled=False)
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
     hardware: BoardConfig | None = None
     yaml_limits: YamlLimits = YamlLimits()  # for definitions and devices files; this file: defaults
     python_path: list[Path] | None = None  # None: the definitions directories
