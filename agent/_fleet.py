@@ -39,6 +39,8 @@ REDRAW_EVERY = 0.2
 #: A one-shot view stops gathering after this long without a new message (retained messages
 #: follow the SUBACK at once), or at ``--timeout``.
 QUIET = 0.3
+#: ``--timeout`` is at least this (seconds): time for the quiet gap that ends the burst.
+MIN_TIMEOUT = 1.0
 
 _ACTIVE = frozenset({"ACTIVE", "COMPENSATING"})
 _FAILED = frozenset({"FAILED", "FAILED_ROLLED_BACK", "COMPENSATION_FAILED"})
@@ -73,6 +75,7 @@ class Fleet:
     workflows: int = 0
     malformed: int = 0  # payloads or topics that are not what an agent publishes
     untracked: int = 0  # messages dropped because a bound was reached
+    complete: bool = True  # False: messages were still arriving when gathering stopped
 
     def feed(self, topic: str, payload: bytes) -> bool:
         """Take one message; True when the view changed."""
@@ -159,6 +162,7 @@ class Fleet:
             "devices": self.rows(),
             "malformed_ignored": self.malformed,
             "untracked": self.untracked,
+            "complete": self.complete,
         }
 
 
@@ -204,6 +208,8 @@ def render(fleet: Fleet) -> str:
             f"{fleet.untracked} messages beyond {MAX_DEVICES} devices or {MAX_WORKFLOWS} "
             "workflows not counted"
         )
+    if not fleet.complete:
+        notes.append("still receiving when the time was up: give a longer --timeout")
     if notes:
         lines.append(f"({'; '.join(notes)})")
     return "\n".join(lines)
@@ -302,7 +308,8 @@ async def _subscribe(conn: Any, prefix: str) -> None:
 
 
 class _Inbox:
-    """Messages from the network thread, handed to the loop; bounded by the broker's flow."""
+    """Messages from the network thread, handed to the loop (fed to the view as fast as they
+    come: each costs a dictionary update)."""
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
@@ -316,25 +323,35 @@ class _Inbox:
 
 
 async def gather(settings: MqttSettings, within: float) -> Fleet:
-    """Connect, subscribe, and take what arrives until it is quiet for :data:`QUIET` seconds
-    (at most ``within`` seconds after the subscription)."""
+    """Connect, subscribe, and take the retained burst (see :func:`_take`)."""
     fleet = Fleet(settings.topic_prefix)
     inbox = _Inbox()
     conn = await _connect(settings, inbox.on_message)
     try:
         await _subscribe(conn, settings.topic_prefix)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while (left := deadline - loop.time()) > 0:
-            try:
-                item = await asyncio.wait_for(inbox.queue.get(), min(QUIET, left))
-            except TimeoutError:
-                break
-            if item is not None:
-                fleet.feed(*item)
+        await _take(inbox, fleet, within)
     finally:
         await conn.close(clean=True)
     return fleet
+
+
+async def _take(inbox: _Inbox, fleet: Fleet, within: float) -> None:
+    """Feed ``fleet`` until no message came for :data:`QUIET` seconds (retained messages follow
+    the SUBACK at once), or for at most ``within`` seconds; then ``fleet.complete`` is False."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last = loop.time()  # of the SUBACK, then of the latest message
+    while (now := loop.time()) < last + QUIET:
+        if now >= deadline:
+            fleet.complete = False  # still arriving when the time was up
+            return
+        try:
+            item = await asyncio.wait_for(inbox.queue.get(), min(last + QUIET, deadline) - now)
+        except TimeoutError:
+            continue
+        last = loop.time()
+        if item is not None:
+            fleet.feed(*item)
 
 
 def _frame(fleet: Fleet, as_json: bool, *, tty: bool, watching: bool) -> str:
@@ -347,7 +364,9 @@ def _frame(fleet: Fleet, as_json: bool, *, tty: bool, watching: bool) -> str:
     return f"\x1b[H\x1b[2J{render(fleet)}\n" if tty else f"{render(fleet)}\n\n"
 
 
-async def watch(settings: MqttSettings, out: TextIO, *, as_json: bool, stop: asyncio.Event) -> None:
+async def watch(
+    settings: MqttSettings, out: TextIO, *, as_json: bool, within: float, stop: asyncio.Event
+) -> None:
     """Print a frame, then a new one after every change (at most every :data:`REDRAW_EVERY` s),
     until ``stop`` is set."""
     fleet = Fleet(settings.topic_prefix)
@@ -356,7 +375,7 @@ async def watch(settings: MqttSettings, out: TextIO, *, as_json: bool, stop: asy
     tty = out.isatty()
     try:
         await _subscribe(conn, settings.topic_prefix)
-        await _settle(inbox, fleet)
+        await _take(inbox, fleet, within)
         shown = _frame(fleet, as_json, tty=tty, watching=True)
         out.write(shown)
         out.flush()
@@ -394,17 +413,6 @@ async def watch(settings: MqttSettings, out: TextIO, *, as_json: bool, stop: asy
         await conn.close(clean=True)
 
 
-async def _settle(inbox: _Inbox, fleet: Fleet) -> None:
-    """Take the retained burst that follows the subscription (bounded by its quiet gap)."""
-    while True:
-        try:
-            item = await asyncio.wait_for(inbox.queue.get(), QUIET)
-        except TimeoutError:
-            return
-        if item is not None:
-            fleet.feed(*item)
-
-
 # ------------------------------------------------------------------------------------------------
 # The command
 
@@ -413,8 +421,8 @@ async def cmd_fleet(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``edgesaga fleet``: print the table (or ``--json``) once, or keep it live (``--watch``,
     until Ctrl-C or SIGTERM, exit 0)."""
     out = out or sys.stdout
-    if not 0 < args.timeout <= 60:
-        raise FleetError("--timeout must be more than 0 and at most 60 seconds.")
+    if not MIN_TIMEOUT <= args.timeout <= 60:
+        raise FleetError(f"--timeout must be from {MIN_TIMEOUT} to 60 seconds.")
     settings = settings_from(args)
     if not args.watch:
         fleet = await gather(settings, args.timeout)
@@ -428,7 +436,7 @@ async def cmd_fleet(args: argparse.Namespace, out: TextIO | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
             handled.append(sig)
     try:
-        await watch(settings, out, as_json=args.json, stop=stop)
+        await watch(settings, out, as_json=args.json, within=args.timeout, stop=stop)
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
@@ -455,7 +463,8 @@ def add_fleet_parser(subparsers: Any) -> None:
         type=float,
         default=2.0,
         metavar="S",
-        help="gather for at most S seconds after subscribing (default 2; stops once quiet)",
+        help="read the retained burst for at most S seconds, 1 to 60 (default 2; stops once "
+        "nothing came for 0.3 s)",
     )
     sp.add_argument("--json", action="store_true", help="the devices as one JSON object")
     sp.add_argument("--config", help="agent config whose mqtt section gives TLS and user settings")

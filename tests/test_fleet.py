@@ -8,6 +8,7 @@ time of each device is read from the broker's own retained snapshots.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 from paho.mqtt import publish
 
 from agent import _fleet as fleet_module
-from agent._fleet import Fleet, FleetError, parse_broker, render
+from agent._fleet import Fleet, FleetError, _Inbox, _take, parse_broker, render
 from tests._broker import Broker, unique_prefix
 from tests.flows.service.harness import (
     ROOT,
@@ -167,6 +168,7 @@ def test_fleet_shows_two_online_and_the_killed_agent_offline_with_their_counts(
         "prefix": prefix,
         "malformed_ignored": 0,
         "untracked": 0,
+        "complete": True,
         "devices": [
             {
                 "device_id": device,
@@ -354,3 +356,35 @@ def test_topics_outside_the_layout_are_counted_as_malformed() -> None:
     assert fleet.feed("p/a/availability", b"offline") is False  # no change, no redraw
     assert fleet.feed("p/a/availability", b"") is True  # cleared: state unknown
     assert fleet.rows()[0]["availability"] == "unknown"
+
+
+async def test_a_burst_still_arriving_at_the_timeout_is_marked_incomplete() -> None:
+    inbox = _Inbox()
+    fleet = Fleet("p")
+
+    async def chatter() -> None:
+        for n in range(10_000):  # one new workflow every 50 ms: never quiet for 0.3 s
+            inbox.queue.put_nowait((f"p/a/workflows/w{n}/state", b'{"status": "ACTIVE"}'))
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(chatter())
+    try:
+        await _take(inbox, fleet, 1.0)
+    finally:
+        task.cancel()
+    assert fleet.complete is False
+    assert fleet.workflows > 0
+    assert render(fleet).splitlines()[-1] == (
+        "(still receiving when the time was up: give a longer --timeout)"
+    )
+
+    quiet = Fleet("p")
+    await _take(_Inbox(), quiet, 1.0)  # nothing comes: quiet after 0.3 s
+    assert quiet.complete is True
+    assert render(quiet).splitlines()[-1] == "(no device has published under p/)"
+
+
+def test_a_timeout_out_of_range_is_refused_in_one_sentence() -> None:
+    done = run_fleet("--broker", "127.0.0.1:1", "--timeout", "0.1")
+    assert done.returncode == 2
+    assert done.stderr == "edgesaga: error: --timeout must be from 1.0 to 60 seconds.\n"
