@@ -388,3 +388,35 @@ def test_a_timeout_out_of_range_is_refused_in_one_sentence() -> None:
     done = run_fleet("--broker", "127.0.0.1:1", "--timeout", "0.1")
     assert done.returncode == 2
     assert done.stderr == "edgesaga: error: --timeout must be from 1.0 to 60 seconds.\n"
+
+
+def test_watch_ends_with_one_sentence_when_the_broker_goes_away(broker: Broker) -> None:
+    prefix = unique_prefix()
+    publish.single(
+        f"{prefix}/dev1/availability",
+        b"online",
+        retain=True,
+        hostname="127.0.0.1",
+        port=broker.port,
+    )
+    command = fleet_cmd("--broker", f"127.0.0.1:{broker.port}", "--prefix", prefix, "--watch")
+    with subprocess.Popen(
+        command, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert read_frame(proc, time.monotonic() + 30)[1:] == [
+                "dev1    online        0       0       0  -"
+            ]
+            broker.kill()
+            assert proc.wait(timeout=20) == 2
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+            assert err.startswith(
+                f"edgesaga: error: lost the connection to the MQTT broker 127.0.0.1:{broker.port} ("
+            ), err
+            assert err.endswith("); run edgesaga fleet again once it is back.\n"), err
+            assert err.count("\n") == 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
