@@ -145,7 +145,6 @@ class HomeAssistant:
         return {
             "name": name,
             "unique_id": f"edgesaga_{self.node}_{object_id}",
-            "object_id": f"edgesaga_{self.node}_{object_id}",
             "device": self._device(),
             "availability_topic": self.availability,
             "payload_available": "online",

@@ -153,9 +153,7 @@ def _wait_configs(ha: HomeAssistantClient, at_least: int) -> dict[str, dict[str,
 
 
 def _entity(configs: dict[str, dict[str, Any]], component: str, suffix: str) -> dict[str, Any]:
-    found = [
-        c for t, c in configs.items() if t.split("/")[-4] == component and t.endswith(suffix)
-    ]
+    found = [c for t, c in configs.items() if t.split("/")[-4] == component and t.endswith(suffix)]
     assert len(found) == 1, (component, suffix, sorted(configs))
     return found[0]
 
@@ -179,8 +177,10 @@ async def test_every_config_has_the_required_keys_and_press_starts_a_workflow_to
         configs = await asyncio.to_thread(_wait_configs, ha, ALL_CONFIGS)
         assert len(configs) == ALL_CONFIGS, sorted(configs)
         components = sorted(t.split("/")[-4] for t in configs)
-        assert components.count("button") == 5 and components.count("switch") == 1
-        assert components.count("binary_sensor") == 1 and components.count("sensor") == 7
+        assert components.count("button") == 5
+        assert components.count("switch") == 1
+        assert components.count("binary_sensor") == 1
+        assert components.count("sensor") == 7
         unique = {c["unique_id"] for c in configs.values()}
         assert len(unique) == len(configs)
         for topic, c in configs.items():
@@ -188,8 +188,8 @@ async def test_every_config_has_the_required_keys_and_press_starts_a_workflow_to
             for key in REQUIRED[component]:
                 assert c.get(key), (topic, key, c)
             assert c["availability_topic"] == f"{prefix}/{DEVICE}/availability", topic
-            assert c["device"]["identifiers"] and c["device"]["name"], topic
-            assert c["device"]["sw_version"] and c["device"]["model"], topic
+            device = c["device"]
+            assert all(device.get(k) for k in ("identifiers", "name", "model", "sw_version")), c
         retained_now = await asyncio.to_thread(retained, broker.port, f"{prefix}-ha/#")
         assert set(retained_now) == set(configs)  # every config is retained
 
@@ -205,7 +205,8 @@ async def test_every_config_has_the_required_keys_and_press_starts_a_workflow_to
             within=15,
             what="the sensor to follow the instance to COMPLETED",
         )
-        assert state["workflow_type"] == "ServiceQuick" and state["created_at"]
+        assert state["workflow_type"] == "ServiceQuick"
+        assert state["created_at"]
         info = agent.get(state["workflow_id"])
         assert info["status"] == "COMPLETED"
         assert info["state"]["seconds"] == 3.5  # the start_data
@@ -216,7 +217,8 @@ async def test_every_config_has_the_required_keys_and_press_starts_a_workflow_to
         stats = await asyncio.to_thread(
             poll, lambda: ha.json(stats_topic) or {}, lambda s: "outbox" in s, what="stats"
         )
-        assert stats["active"] == 0 and stats["failed_24h"] == 0
+        assert stats["active"] == 0
+        assert stats["failed_24h"] == 0
 
         # Home Assistant's birth message brings every config again.
         before = dict(ha.counts)
