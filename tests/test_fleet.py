@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +420,59 @@ def test_watch_ends_with_one_sentence_when_the_broker_goes_away(broker: Broker) 
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+def test_the_port_and_version_come_from_an_agent_config(tmp_path: Path, broker: Broker) -> None:
+    prefix = unique_prefix()
+    publish.single(
+        f"{prefix}/dev9/availability",
+        b"offline",
+        retain=True,
+        hostname="127.0.0.1",
+        port=broker.port,
+    )
+    config = write_config(
+        tmp_path, mqtt={"port": broker.port, "topic_prefix": prefix, "version": "3.1.1"}
+    )
+    done = run_fleet("--broker", "127.0.0.1", "--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["prefix"] == prefix
+    assert [(d["device_id"], d["availability"]) for d in got["devices"]] == [("dev9", "offline")]
+    # the command line wins over the config: another prefix, nothing under it
+    done = run_fleet("--broker", "127.0.0.1", "--config", str(config), "--prefix", prefix + "-x")
+    assert done.stdout.splitlines()[1] == f"(no device has published under {prefix}-x/)"
+
+
+def test_tls_and_a_password_reach_a_locked_down_broker(
+    tmp_path: Path, broker_factory: Callable[..., Broker]
+) -> None:
+    locked = broker_factory(tls=True, users={"fleet": "s3cret"})
+    assert locked.ca_file is not None
+    prefix = unique_prefix()
+    publish.single(
+        f"{prefix}/dev1/availability",
+        b"online",
+        retain=True,
+        hostname="127.0.0.1",
+        port=locked.port,
+        auth={"username": "fleet", "password": "s3cret"},
+        tls={"ca_certs": str(locked.ca_file)},
+    )
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("s3cret\n")
+    bad.write_text("wrong\n")
+    where = ["--broker", f"127.0.0.1:{locked.port}", "--prefix", prefix, "--ca-file"]
+    where += [str(locked.ca_file), "--username", "fleet"]
+    done = run_fleet(*where, "--password-file", str(good))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1] == "dev1    online        0       0       0  -"
+
+    done = run_fleet(*where, "--password-file", str(bad))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith(
+        f"edgesaga: error: MQTT broker 127.0.0.1:{locked.port} refused the connection: not "
+        "authorized"
+    ), done.stderr
+    assert done.stderr.count("\n") == 1
