@@ -230,8 +230,12 @@ class HomeAssistant:
         self._publish = publish
         configs = self.configs()
         if self._stale is None:
-            self._stale = [t for t in await read_published(self.store) if t not in configs]
-            await write_published(self.store, list(configs))
+            try:
+                self._stale = [t for t in await read_published(self.store) if t not in configs]
+                await write_published(self.store, list(configs))
+            except Exception as exc:  # a full disk: announce anyway, remove next time
+                log.warning("Home Assistant: cannot record the configs announced (%s)", exc)
+                self._stale = []
         for topic in self._stale:
             if publish(topic, b"", True):
                 log.info("Home Assistant: removed %s (no longer configured)", topic)
@@ -251,7 +255,7 @@ class HomeAssistant:
         records, _ = await self.store.list_page(workflow_type=wt, limit=1)
         if records:
             rec = records[0]
-            self._latest[wt] = {**rec.summary(), "finished": rec.status.is_terminal}
+            self._latest[wt] = dict(rec.summary())
 
     def _publish_latest(self, wt: str) -> None:
         latest = self._latest.get(wt) or {"status": "none", "workflow_id": None}

@@ -246,6 +246,16 @@ async def test_approve_resumes_the_oldest_paused_instance_and_reject_cancels_one
         approve = _entity(configs, "button", "HaPause_approve/config")["command_topic"]
         reject = _entity(configs, "button", "HaPause_reject/config")["command_topic"]
         assert not any("ServiceQuick_approve" in t for t in configs)  # no HUMAN_INPUT step
+        # Bounded like any command: an oversize press is refused and starts nothing.
+        start = _entity(configs, "button", "HaPause_start/config")["command_topic"]
+        await asyncio.to_thread(ha.publish, start, "PRESS" + " " * 70_000)
+        await asyncio.to_thread(
+            poll,
+            agent.log_text,
+            lambda text: "refused a Home Assistant message" in text,
+            what="the refusal of the oversize press",
+        )
+        assert agent.request("list")["workflows"] == []
         first = agent.start("HaPause")
         await asyncio.to_thread(agent.wait_status, first, "PAUSED")
         second = agent.start("HaPause")
