@@ -18,13 +18,15 @@ import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from agent._config import MqttSettings, TlsSettings
 from agent._errors import AgentError
+
+if TYPE_CHECKING:  # paho is imported by the transport only when the command runs
+    import paho.mqtt.client as paho
 
 #: At most this many devices are tracked; messages of further devices are counted, not kept.
 MAX_DEVICES = 1000
