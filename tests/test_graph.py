@@ -250,3 +250,10 @@ def test_parser_rejects_what_is_not_a_chart() -> None:
     ):
         with pytest.raises(AssertionError):
             parse(bad)
+
+
+def test_readme_shows_the_payment_graph_as_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["graph", "PaymentProcessing"]) == 0
+    printed = capsys.readouterr().out
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"```mermaid\n{printed}```\n" in readme
