@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from agent._control import Control
-from agent._definition import discover, load_definition
+from agent._definition import LoadedDefinition, discover, load_definition
 from agent._engine import Workflow, WorkflowBuilder
 from agent._errors import AgentError, StoreError
 from agent._startup import resume_gc
@@ -686,6 +686,54 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+async def cmd_schema(args: argparse.Namespace) -> int:
+    from agent._jsonschema import schema_text
+
+    sys.stdout.write(schema_text(args.which))
+    return 0
+
+
+def _graph_definition(args: argparse.Namespace) -> LoadedDefinition:
+    """The definition of ``args.workflow_type``: bundled, --definitions and the config's."""
+    cfg_path = _config_path(args)
+    definitions: list[LoadedDefinition] = []
+    if cfg_path:
+        from agent._config import load_config
+        from agent._validate import load_definitions
+
+        definitions = list(load_definitions(load_config(cfg_path), bundled=BUNDLED))
+        paths = discover(args.definitions) if args.definitions else []
+    else:
+        paths = discover([BUNDLED, *args.definitions])
+    definitions += [load_definition(path) for path in paths]
+    found = [d for d in definitions if d.workflow_type == args.workflow_type]
+    if not found:
+        known = ", ".join(sorted({d.workflow_type for d in definitions})) or "none"
+        raise UsageError(
+            f"No workflow type {args.workflow_type!r} is defined (known: {known}); check the "
+            "name, or add its file with --definitions."
+        )
+    return found[-1]
+
+
+async def cmd_graph(args: argparse.Namespace) -> int:
+    from agent._graph import instance_marks, mermaid
+
+    definition = _graph_definition(args)
+    marks = None
+    if args.instance:
+        info = await _ask(args, "get", workflow_id=args.instance)
+        kind = info.get("workflow_type")
+        if kind != definition.workflow_type:
+            raise UsageError(
+                f"Workflow {args.instance} is a {kind}, not a {definition.workflow_type}; graph "
+                f"its own type: edgesaga graph {kind} --instance {args.instance}."
+            )
+        marks = instance_marks(info)
+    sys.stdout.write(mermaid(definition.spec, marks))
+    return 0
+
+
 # Long, and not split: one flat declaration per sub-command, read top to bottom like the help.
 def _parser() -> argparse.ArgumentParser:
     import argparse
@@ -916,6 +964,38 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--host")
     sp.add_argument("--port", type=int)
     sp.set_defaults(func=cmd_watch)
+
+    sp = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of a workflow definition or of the agent config",
+        description=(
+            "Print the JSON Schema generated from the models the agent validates with. The "
+            "copies in docs/schema/ are this output: regenerate them with `edgesaga schema "
+            "workflow > docs/schema/workflow.schema.json` (and config)."
+        ),
+    )
+    sp.add_argument("which", choices=["workflow", "config"])
+    sp.set_defaults(func=cmd_schema)
+
+    sp = sub.add_parser(
+        "graph",
+        help="print a Mermaid flowchart of a workflow type (--instance: the path one run took)",
+        description=(
+            "Print a Mermaid flowchart (flowchart TD) of a workflow type: its steps shaped by "
+            "type, routes, parallel branches, END, the pivot and dashed edges to each step's "
+            "compensation. --instance ID marks the steps that instance ran, where it failed and "
+            "what was compensated (read as `show` reads it; no agent needed)."
+        ),
+    )
+    sp.add_argument("workflow_type")
+    sp.add_argument("--instance", metavar="ID", help="mark the path of this workflow instance")
+    with_db(sp)
+    with_defs(sp)
+    sp.set_defaults(func=cmd_graph)
+
+    from agent._fleet import add_fleet_parser
+
+    add_fleet_parser(sub)
     return p
 
 

@@ -43,9 +43,17 @@ class RetentionSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_age_days: float | None = Field(30.0, gt=0)
-    max_finished: int | None = Field(1000, ge=0)
-    interval: float = Field(3600.0, gt=0)
+    max_age_days: float | None = Field(
+        30.0,
+        gt=0,
+        description="Delete finished workflows older than this many days (null: no age limit).",
+    )
+    max_finished: int | None = Field(
+        1000,
+        ge=0,
+        description="Keep at most this many finished workflows (null: no count limit).",
+    )
+    interval: float = Field(3600.0, gt=0, description="Seconds between pruning runs.")
 
 
 class LoggingSettings(BaseModel):
@@ -53,8 +61,12 @@ class LoggingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR (any case)."
+    )
+    format: Literal["text", "json"] = Field(
+        "text", description="text lines, or json: one object per line."
+    )
 
     @field_validator("level", mode="before")
     @classmethod
@@ -69,10 +81,14 @@ class TlsSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    insecure: bool = False
+    ca_file: Path | None = Field(
+        None, description="CA certificate(s) to verify the broker with (default: the system CAs)."
+    )
+    cert_file: Path | None = Field(None, description="Client certificate (PEM) to present.")
+    key_file: Path | None = Field(None, description="Its private key; needs cert_file.")
+    insecure: bool = Field(
+        False, description="Skip the host-name check (the chain is still verified)."
+    )
 
     @model_validator(mode="after")
     def _key_needs_cert(self) -> Self:
@@ -88,23 +104,34 @@ class MqttSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = True
-    host: str = Field("localhost", min_length=1)
-    port: int = Field(1883, ge=1, le=65535)
+    enabled: bool = Field(True, description="Connect to a broker.")
+    host: str = Field("localhost", min_length=1, description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
     client_id: str | None = Field(
-        None, min_length=1, max_length=128
-    )  # default "edgesaga-<device_id>"
-    keepalive: int = Field(30, ge=5, le=65535)
-    version: Literal["5", "3.1.1"] = "5"
-    topic_prefix: str = Field("edgesaga", min_length=1, max_length=200)
-    username: str | None = None
-    password_file: Path | None = None
-    tls: TlsSettings | None = None
-    max_payload: int = Field(65536, ge=256)
-    outbox_cap: int = Field(100_000, ge=1)
-    reconnect_min: float = Field(0.5, gt=0)
-    reconnect_max: float = Field(30.0, gt=0)
-    session_expiry: int = Field(7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+        None,
+        min_length=1,
+        max_length=128,
+        description="MQTT client id (default edgesaga-<device_id>); unique per device.",
+    )
+    keepalive: int = Field(30, ge=5, le=65535, description="Keep-alive interval in seconds.")
+    version: Literal["5", "3.1.1"] = Field("5", description='"5" or "3.1.1".')
+    topic_prefix: str = Field(
+        "edgesaga", min_length=1, max_length=200, description="First level(s) of every topic."
+    )
+    username: str | None = Field(None, description="User name for the broker.")
+    password_file: Path | None = Field(None, description="File holding only the password.")
+    tls: TlsSettings | None = Field(
+        None, description="TLS settings; giving the section turns TLS on."
+    )
+    max_payload: int = Field(65536, ge=256, description="Largest command payload in bytes.")
+    outbox_cap: int = Field(
+        100_000, ge=1, description="Events and alerts kept while the broker is unreachable."
+    )
+    reconnect_min: float = Field(0.5, gt=0, description="First reconnect delay in seconds.")
+    reconnect_max: float = Field(30.0, gt=0, description="Longest reconnect delay in seconds.")
+    session_expiry: int = Field(
+        7 * 24 * 3600, ge=0, le=0xFFFFFFFF, description="MQTT 5 session expiry in seconds."
+    )
     reply_to_allow: list[str] = Field(
         default_factory=lambda: [],  # a lambda: see StepDefinition
         max_length=100,
@@ -163,6 +190,42 @@ class MqttSettings(BaseModel):
         return self.password_file.read_text(encoding="utf-8").strip()
 
 
+class HomeAssistantSettings(BaseModel):
+    """The ``homeassistant:`` section: MQTT discovery for Home Assistant (DESIGN §12, opt-in)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        False, description="Publish the discovery configs and serve the entities' commands."
+    )
+    discovery_prefix: str = Field(
+        "homeassistant",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$",
+        description="Home Assistant's discovery prefix; its birth message is <prefix>/status.",
+    )
+    expose: list[str] = Field(
+        default_factory=lambda: [],  # a lambda: see StepDefinition
+        max_length=100,
+        description="Workflow types that get a start button and a status sensor.",
+    )
+    start_data: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {},
+        description="Per workflow type, the initial data its start button starts it with.",
+    )
+
+    @model_validator(mode="after")
+    def _start_data_exposed(self) -> Self:
+        extra = sorted(set(self.start_data) - set(self.expose))
+        if extra:
+            raise ValueError(
+                f"homeassistant.start_data names {', '.join(extra)}, which homeassistant.expose "
+                "does not list; add it to expose or remove its start_data."
+            )
+        return self
+
+
 class AgentConfig(BaseModel):
     """Everything ``edgesaga run`` needs; see docs/configuration.md for every key."""
 
@@ -172,14 +235,38 @@ class AgentConfig(BaseModel):
         default_factory=lambda: socket.gethostname().split(".")[0] or "edgesaga",
         pattern=r"^[A-Za-z0-9_.\-]+$",
         max_length=100,
+        description=(
+            "Name of this device in MQTT topics and the default client id; give each device its "
+            "own."
+        ),
     )
-    database: Path = Path(".edgesaga/edgesaga.db")
-    definitions: list[Path] = Field(default_factory=lambda: [])  # a lambda: see StepDefinition
-    include_bundled: bool = True
-    max_concurrent: int = Field(4, ge=1, le=1000)
-    grace_period: float = Field(10.0, ge=0)
-    #: Seconds a workflow stalled by a full disk keeps its outputs; then they go safe.
-    disk_full_grace: float = Field(60.0, ge=0)
+    database: Path = Field(
+        Path(".edgesaga/edgesaga.db"),
+        description="The SQLite file of every workflow, its journal and the MQTT outbox.",
+    )
+    definitions: list[Path] = Field(
+        default_factory=lambda: [],  # a lambda: see StepDefinition
+        description="Workflow YAML files or directories loaded besides the bundled ones.",
+    )
+    include_bundled: bool = Field(
+        True, description="Also load the workflows shipped in the workflows package."
+    )
+    max_concurrent: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="How many workflows run at the same time; others wait, ACTIVE, in a queue.",
+    )
+    grace_period: float = Field(
+        10.0, ge=0, description="Seconds running steps get to reach a checkpoint after SIGTERM."
+    )
+    disk_full_grace: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "Seconds a workflow stalled by a full disk keeps its outputs before they go safe."
+        ),
+    )
     max_state_bytes: int = Field(
         1024 * 1024,
         ge=1024,
@@ -188,14 +275,32 @@ class AgentConfig(BaseModel):
             "result beyond it fails the step (saga rules apply)."
         ),
     )
-    control_socket: Path | None = None  # default: control.sock beside the database
-    retention: RetentionSettings = RetentionSettings()
-    logging: LoggingSettings = LoggingSettings()
-    mqtt: MqttSettings = MqttSettings(enabled=False)
-    hardware: BoardConfig | None = None
-    yaml_limits: YamlLimits = YamlLimits()  # for definitions and devices files; this file: defaults
-    python_path: list[Path] | None = None  # None: the definitions directories
-    clock: ClockConfig = ClockConfig()
+    control_socket: Path | None = Field(
+        None,
+        description="Unix socket the CLI talks to (default: control.sock beside the database).",
+    )
+    retention: RetentionSettings = Field(
+        RetentionSettings(), description="When finished workflows are deleted."
+    )
+    logging: LoggingSettings = Field(LoggingSettings(), description="Log level and format.")
+    mqtt: MqttSettings = Field(MqttSettings(enabled=False), description="The MQTT link.")
+    homeassistant: HomeAssistantSettings = Field(
+        HomeAssistantSettings(), description="Home Assistant MQTT discovery (needs mqtt)."
+    )
+    hardware: BoardConfig | None = Field(None, description="GPIO devices; null: no board.")
+    yaml_limits: YamlLimits = Field(
+        YamlLimits(), description="Bounds on the workflow definition files read."
+    )
+    python_path: list[Path] | None = Field(
+        None,
+        description=(
+            "Directories added to sys.path before definitions load (default: the definitions "
+            "directories)."
+        ),
+    )
+    clock: ClockConfig = Field(
+        ClockConfig(), description="How the agent knows its wall clock is right."
+    )
     schedules: ScheduleList = Field(
         default_factory=lambda: [],  # a lambda: see StepDefinition
         description="Workflows the agent starts at the times a cron expression names (DESIGN §11).",

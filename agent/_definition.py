@@ -66,7 +66,7 @@ class StepDefinition(BaseModel):
         min_length=1, max_length=200, description="Unique across the workflow, branches included."
     )
     type: StepType = Field(
-        "STANDARD", description="STANDARD (default), DECISION, HUMAN_INPUT, PARALLEL."
+        "STANDARD", description="STANDARD (default), DECISION, HUMAN_INPUT, PARALLEL, DELAY."
     )
     function: str | None = Field(
         None,

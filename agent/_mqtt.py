@@ -190,6 +190,7 @@ class MqttLink:
         max_concurrent_commands: int = 16,
         outbox_window: int = 100,
         trim_interval: float = 5.0,
+        homeassistant: Any = None,
     ) -> None:
         if not _topic_safe(device_id):
             raise ValueError(
@@ -221,6 +222,9 @@ class MqttLink:
         self._pruned: dict[str, int] = {}
         self._task: asyncio.Task[Any] | None = None
         self._qos0_dropped = 0
+        #: Home Assistant discovery (:class:`agent._homeassistant.HomeAssistant`), or None.
+        self.homeassistant = homeassistant
+        self._ha_tasks: set[asyncio.Task[Any]] = set()
         #: Connection attempts and successful connections so far (status, tests).
         self.attempts = 0
         self.connects = 0
@@ -253,6 +257,8 @@ class MqttLink:
                 tg.create_task(self._receive(tg), name="mqtt-receiver")
                 tg.create_task(self._drain_forever(), name="mqtt-outbox-drainer")
                 tg.create_task(self._bound_outbox(), name="mqtt-outbox-cap")
+                if self.homeassistant is not None:
+                    tg.create_task(self.homeassistant.run(), name="mqtt-homeassistant")
         finally:
             self._task = None
             await self._goodbye()
@@ -358,12 +364,15 @@ class MqttLink:
             if s.version == "5"
             else None
         )
-        codes = await conn.subscribe([(self.topics.commands, 1)], v5_options=options)
+        filters = [self.topics.commands]
+        if self.homeassistant is not None:
+            filters.extend(self.homeassistant.filters())
+        codes = await conn.subscribe([(f, 1) for f in filters], v5_options=options)
         if any(c.is_failure for c in codes):
             log.error(
                 "the MQTT broker refused the subscription to %s (%s): commands will not arrive; "
                 "check the broker's ACL for this user",
-                self.topics.commands,
+                ", ".join(filters),
                 ", ".join(str(c) for c in codes),
             )
         if conn.alive:
@@ -371,6 +380,28 @@ class MqttLink:
             self._wake.set()
             if self._to_clear:
                 self._publish_clears(conn)
+            if self.homeassistant is not None:
+                self._ha_task(self.homeassistant.announce(self.publish_now), "announce")
+
+    def _ha_task(self, work: Awaitable[Any], what: str) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("Home Assistant: %s failed", what)
+
+        task = asyncio.get_running_loop().create_task(guarded(), name=f"homeassistant-{what}")
+        self._ha_tasks.add(task)
+        task.add_done_callback(self._ha_tasks.discard)
+
+    def publish_now(self, topic: str, payload: bytes, retain: bool) -> bool:
+        """Publish ``payload`` on ``topic`` now (QoS 1), not through the outbox; False when not
+        connected. For Home Assistant's discovery and entity states."""
+        conn = self._conn
+        if conn is None or not conn.alive:
+            return False
+        conn.publish(topic, payload, qos=1, retain=retain)
+        return True
 
     def _on_lost(self, conn: Connection) -> None:
         if self._conn is conn:
@@ -414,6 +445,10 @@ class MqttLink:
             topic = message.topic
         except UnicodeDecodeError:
             conn.ack(message)
+            return
+        ha = self.homeassistant
+        if ha is not None and not topic.startswith(self.topics.command_base) and ha.owns(topic):
+            await self._serve_homeassistant(conn, message, topic)
             return
         name = (
             topic[len(self.topics.command_base) :]
@@ -476,6 +511,33 @@ class MqttLink:
             conn.ack(message)
             return
         await self._reply(conn, message, target, correlation if response_topic else None, reply)
+
+    async def _serve_homeassistant(
+        self, conn: Connection, message: paho.MQTTMessage, topic: str
+    ) -> None:
+        """An entity command or Home Assistant's birth message: bounded like any command; a
+        retained entity command is refused (it would run again for every new subscriber)."""
+        ha = self.homeassistant
+        payload = bytes(message.payload)
+        try:
+            if len(payload) > self.settings.max_payload:
+                log.warning(
+                    "refused a Home Assistant message on %.200s: %d bytes is more than "
+                    "mqtt.max_payload (%d)",
+                    topic,
+                    len(payload),
+                    self.settings.max_payload,
+                )
+            elif message.retain and topic != ha.birth:
+                log.warning(
+                    "refused a retained Home Assistant command on %.200s; publish it without "
+                    "the retain flag",
+                    topic,
+                )
+            else:
+                await ha.handle(topic, payload)
+        finally:
+            conn.ack(message)
 
     def _refusal(
         self, message: paho.MQTTMessage, topic: str, body: dict[str, Any] | None
@@ -588,6 +650,13 @@ class MqttLink:
         if item.kind == "alert":
             return [conn.publish(self.topics.alerts, _dumps(payload), qos=1)]
         futures = [conn.publish(self.topics.events, _dumps(payload), qos=1)]
+        if self.homeassistant is not None:
+            try:
+                changes = self.homeassistant.on_event(payload)
+            except Exception:
+                log.exception("Home Assistant: a sensor state could not be derived")
+                changes = []
+            futures.extend(conn.publish(t, p, qos=1, retain=True) for t, p in changes)
         wid = item.workflow_id or payload.get("workflow_id")
         if isinstance(wid, str) and item.seq <= self._pruned.get(wid, 0):
             return futures  # an event of a pruned workflow: no snapshot

@@ -119,6 +119,10 @@ class Agent:
             # Loaded as `edgesaga validate --config` checks them (python_path, yaml_limits, ...).
             for definition in load_definitions(cfg, bundled=BUNDLED):
                 self.builder.add_definition(definition)
+            if cfg.homeassistant.enabled:
+                from agent._homeassistant import check_exposed
+
+                check_exposed(cfg.homeassistant, self.builder.workflow_types)
             self.control = Control(
                 builder=self.builder,
                 store=self.store,
@@ -220,6 +224,7 @@ class Agent:
                     device_id=cfg.device_id,
                     store=self.store,
                     handler=self.control.handle_raw,
+                    homeassistant=self._homeassistant(),
                 )
                 link_task = tg.create_task(self.link.run(), name="mqtt")
             await self._stop.wait()
@@ -238,6 +243,33 @@ class Agent:
                 self._disk_alert_task.cancel()
             if link_task is not None:
                 link_task.cancel()  # publishes offline and disconnects
+
+    def _homeassistant(self) -> Any:
+        """Home Assistant discovery when the config enables it (DESIGN §12), else None."""
+        cfg = self.config
+        if not cfg.homeassistant.enabled:
+            return None
+        from importlib.metadata import PackageNotFoundError, version
+
+        from agent._homeassistant import HomeAssistant
+        from agent._mqtt import Topics
+
+        try:
+            sw_version = version("edgesaga")
+        except PackageNotFoundError:
+            sw_version = "unknown"
+        topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        return HomeAssistant(
+            cfg.homeassistant,
+            device_id=cfg.device_id,
+            base=topics.base,
+            availability=topics.availability,
+            builder=self.builder,
+            store=self.store,
+            control=self.control,
+            board=self.board,
+            sw_version=sw_version,
+        )
 
     # -- HUMAN_INPUT: pause timeouts and approve_with buttons ----------------------------------------
     async def _arm_pauses(self) -> None:

@@ -49,16 +49,23 @@ class DeviceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: DeviceKind
-    pin: int
-    active_high: bool | None = None
-    pull_up: bool | None = None
-    bounce_time: float | None = None
+    kind: DeviceKind = Field(description="output, pwm, input or button.")
+    pin: int = Field(description="BCM GPIO number 0 to 27.")
+    active_high: bool | None = Field(None, description="Whether on (true) is the pin high.")
+    pull_up: bool | None = Field(None, description="Internal pull resistor; null: floating.")
+    bounce_time: float | None = Field(None, description="Debounce time in seconds.")
     # int is listed so that a YAML ``1`` is reported as written rather than as ``1.0``.
-    initial: bool | int | float | None = None
-    safe: bool | int | float | None = None
-    frequency: float | None = None
-    description: str = ""
+    initial: bool | int | float | None = Field(
+        None, description="Value when a Board opens it outside the agent."
+    )
+    safe: bool | int | float | None = Field(
+        None,
+        description=(
+            "Value at start-up, shutdown and when a workflow holding it fails or is cancelled."
+        ),
+    )
+    frequency: float | None = Field(None, description="PWM frequency in hertz.")
+    description: str = Field("", description="Free text.")
 
     @field_validator("kind", mode="before")
     @classmethod
@@ -168,9 +175,9 @@ class SimulatedChange(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    at: float = Field(ge=0)
-    device: str
-    value: bool
+    at: float = Field(ge=0, description="Seconds after start.")
+    device: str = Field(description="Input or button name.")
+    value: bool = Field(description="true or false.")
 
 
 class BoardConfig(BaseModel):
@@ -178,11 +185,18 @@ class BoardConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pin_factory: str | None = None
+    pin_factory: str | None = Field(
+        None, description="gpiozero pin factory: mock, lgpio, ... (null: GPIOZERO_PIN_FACTORY)."
+    )
     # Lambdas, not the builtins dict/list: pydantic inspects a factory's signature, and for a
     # builtin that means tokenizing its text signature (milliseconds at the agent's start-up).
-    devices: dict[str, DeviceConfig] = Field(default_factory=lambda: {})
-    simulate: list[SimulatedChange] = Field(default_factory=lambda: [])
+    devices: dict[str, DeviceConfig] = Field(
+        default_factory=lambda: {}, description="Named devices: name: {kind, pin, ...}."
+    )
+    simulate: list[SimulatedChange] = Field(
+        default_factory=lambda: [],
+        description="Mock-pin input changes played once after start-up.",
+    )
 
     @field_validator("pin_factory")
     @classmethod

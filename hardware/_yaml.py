@@ -20,9 +20,9 @@ class YamlLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_bytes: int = Field(1024 * 1024, ge=1)
-    max_nodes: int = Field(100_000, ge=1)
-    max_depth: int = Field(64, ge=1)
+    max_bytes: int = Field(1024 * 1024, ge=1, description="Largest file in bytes.")
+    max_nodes: int = Field(100_000, ge=1, description="Most values once aliases are expanded.")
+    max_depth: int = Field(64, ge=1, description="Deepest nesting.")
 
 
 DEFAULT_YAML_LIMITS = YamlLimits()
