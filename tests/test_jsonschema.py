@@ -15,10 +15,14 @@ from agent._jsonschema import SCHEMAS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = ROOT / "docs" / "schema"
+# A workflow file is one the loader takes for one (a mapping with its `steps`); the agent configs
+# (which may name workflow types in their schedules) are the shipped one and the irrigation job's.
 WORKFLOW_FILES = sorted(
-    p for p in (ROOT / "workflows").rglob("*.yaml") if "workflow_type:" in p.read_text()
+    p
+    for p in (ROOT / "workflows").rglob("*.yaml")
+    if isinstance(doc := yaml.safe_load(p.read_text(encoding="utf-8")), dict) and "steps" in doc
 )
-CONFIG_FILES = [ROOT / "systemd" / "agent.yaml"]
+CONFIG_FILES = [ROOT / "systemd" / "agent.yaml", ROOT / "workflows" / "irrigation" / "agent.yaml"]
 
 
 def _schema(name: str) -> dict[str, Any]:
