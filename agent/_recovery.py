@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+from agent import _clock
 from agent import _saga as saga
 from agent._messages import alert
 from agent._records import InstanceRecord
-from agent._status import RESUMABLE
-from agent._store import SQLiteStore, iso
+from agent._status import RESUMABLE, WorkflowStatus
+from agent._store import SQLiteStore, dumps, iso
 
 if TYPE_CHECKING:  # the engine imports this module; it needs the engine's types only
     from agent._engine import Workflow, WorkflowBuilder
@@ -95,6 +97,107 @@ async def _reload(
     if live.is_running or live.status.is_terminal:
         return None
     return live
+
+
+class _Parked(NamedTuple):
+    n: int
+    updated_at: float
+    workflow_id: str
+    progress_json: str
+    wait: float
+    on_sync: bool
+
+
+def _parkable(
+    builder: WorkflowBuilder, rec: InstanceRecord, reading: _clock.ClockReading
+) -> _Parked | None:
+    """The record's rebased timer, when the record only waits in its DELAY: ACTIVE, nothing in
+    flight, a timer armed in an earlier run that still waits after the rebase, and an
+    ``on_restart`` that changes nothing (resume, or a rollback with nothing run). None: it takes
+    the Workflow path (rebuilt, its on_restart applied, ``settle_timer``)."""
+    if rec.status is not WorkflowStatus.ACTIVE or rec.id in builder._live:
+        return None
+    definition = builder._by_hash.get(rec.definition_hash)
+    if definition is None:
+        return None
+    plan = builder._plan_for(definition)
+    try:
+        progress = saga.Progress.from_json(rec.progress)
+    except Exception:
+        return None  # the Workflow path reports it
+    if (
+        progress.status is not WorkflowStatus.ACTIVE
+        or progress.inflight is not None
+        or progress.running
+        or progress.next_step is None
+        or plan.special.get(progress.next_step) != "DELAY"
+        or progress.timer is None
+        or not builder.needs_rebase(progress.timer, reading)
+    ):
+        return None
+    rule = definition.spec.restart_rule
+    if rule == "restore" or saga.restarted(plan, progress, rule) is not None:
+        return None
+    mark = _clock.rebase(progress.timer, reading)
+    decision = _clock.decide(mark, reading)
+    if not isinstance(decision, _clock.Wait):
+        return None  # due, late or waiting on the sync: the Workflow path decides it
+    change = saga.delay_rebased(plan, progress, mark)
+    return _Parked(
+        0,
+        rec.updated_at,
+        rec.id,
+        dumps(change.progress.to_json()),
+        decision.seconds,
+        _clock.waits_on_sync(mark, reading),
+    )
+
+
+async def _park_in_bulk(
+    builder: WorkflowBuilder, store: SQLiteStore, page: list[tuple[int, InstanceRecord]]
+) -> list[tuple[int, InstanceRecord]]:
+    """Rebase and park the page's records that only wait in a DELAY without building a Workflow
+    for each: their rebased marks are committed in one write (a row written since the page was
+    read is left alone) and each (deadline, id) is handed to the timer service. Returns the rest
+    of the page, for the Workflow path."""
+    timers = builder.timers
+    if timers is None:
+        return page
+    reading = _clock.read_clock(builder.clock)
+    parked: list[_Parked] = []
+    rest: list[tuple[int, InstanceRecord]] = []
+    for n, rec in page:
+        found = _parkable(builder, rec, reading)
+        if found is None:
+            rest.append((n, rec))
+        else:
+            parked.append(found._replace(n=n))
+    if not parked:
+        return page
+    at = time.time()
+
+    def write(conn: sqlite3.Connection) -> list[bool]:
+        return [
+            conn.execute(
+                "UPDATE instances SET progress = ?, updated_at = ? WHERE n = ? AND updated_at = ?",
+                (p.progress_json, at, p.n, p.updated_at),
+            ).rowcount
+            == 1
+            for p in parked
+        ]
+
+    try:
+        written = await store.write(write)
+    except Exception as exc:
+        log.error("recovery: %d DELAY timer(s) could not be rebased: %s", len(parked), exc)
+        return rest  # they stay as they are in the store: the next start tries them again
+    left = {n for n, _ in rest}
+    for p, ok in zip(parked, written, strict=True):
+        if ok:
+            timers.watch(p.workflow_id, p.wait, on_sync=p.on_sync)
+        else:
+            left.add(p.n)  # a command wrote its row in between: the Workflow path reads it again
+    return [(n, rec) for n, rec in page if n in left]
 
 
 async def _rebuild_page(
@@ -216,7 +319,8 @@ async def pages(
         if not page:
             return
         after = page[-1][0]
-        yield await _rebuild_page(builder, store, page)
+        rest = await _park_in_bulk(builder, store, page)
+        yield await _rebuild_page(builder, store, rest) if rest else []
 
 
 class Feeder:

@@ -182,13 +182,6 @@ class Agent:
                 tg.create_task(self._retention_loop(), name="retention"),
                 tg.create_task(self._status_loop(), name="status"),
             ]
-            interval = self.notifier.watchdog_interval()
-            if interval:
-                tasks.append(
-                    tg.create_task(
-                        watchdog_loop(self.notifier, self._healthy, interval), name="watchdog"
-                    )
-                )
             tasks.extend(self._approve_buttons(tg))
             if cfg.schedules:
                 assert self.store is not None
@@ -207,6 +200,15 @@ class Agent:
             await self._count_paused()
             self.notifier.ready(self._status_text())
             log.info("agent %s ready", cfg.device_id)
+            # The watchdog starts after READY: created before it, its first ping could run during
+            # the await above and reach systemd before READY=1 (seen on a loaded machine).
+            interval = self.notifier.watchdog_interval()
+            if interval:
+                tasks.append(
+                    tg.create_task(
+                        watchdog_loop(self.notifier, self._healthy, interval), name="watchdog"
+                    )
+                )
             resume_gc(collect=True)  # off since exec when started by the `edgesaga` command
             if self.feeder is not None:
                 tasks.append(tg.create_task(self._feed(self.feeder), name="recovery"))

@@ -282,8 +282,8 @@ def test_a_definitions_directory_not_created_yet_is_a_warning_and_the_bundled_on
         "workflows are loaded from it; create it and put definitions there, then restart the "
         "agent.\n"
     ) in log
-    # Irrigation, SoilIrrigation, TwoBeds, PaymentProcessing, PaymentWithApproval
-    assert "agent pi-garden-01: 5 workflow type(s) loaded" in log
+    # DailyIrrigation, Irrigation, SoilIrrigation, TwoBeds, PaymentProcessing, PaymentWithApproval
+    assert "agent pi-garden-01: 6 workflow type(s) loaded" in log
     assert "error" not in log.lower()
 
 
@@ -298,7 +298,7 @@ def test_validate_agrees_a_definitions_directory_not_created_yet_is_only_a_warni
         "workflows are loaded from it; create it and put definitions there, then restart the "
         "agent.\n"
     )
-    assert result.stdout.splitlines()[-1] == "5 workflows, 23 steps"
+    assert result.stdout.splitlines()[-1] == "6 workflows, 30 steps"
 
 
 @pytest.mark.parametrize(

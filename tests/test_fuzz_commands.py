@@ -113,6 +113,8 @@ def _templates() -> dict[str, dict[str, Any]]:
         "retry": {"workflow_id": "fuzz-nope"},
         "get": {"workflow_id": "fuzz-nope", "journal": True},
         "list": {"status": ["ACTIVE"], "workflow_type": "PaymentProcessing", "limit": 5},
+        "schedules": {},
+        "status": {},
     }
 
 

@@ -124,7 +124,8 @@ def hostile(draw: st.DrawFn) -> Hostile:
             data = draw(st.binary(max_size=200))
             return Hostile(
                 category,
-                draw(st.sampled_from(sorted(COMMANDS))),
+                # status and schedules take an empty body: b"{}" is a valid one for them.
+                draw(st.sampled_from(sorted(set(COMMANDS) - {"status", "schedules"}))),
                 data,
                 frozenset({"invalid_json", "invalid_command"}),
                 None,

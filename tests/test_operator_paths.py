@@ -254,9 +254,9 @@ def test_an_unknown_command_is_refused_on_both_paths(paths: Paths) -> None:
     over_mqtt = _error(paths.mqtt.command("launch", {}))
     over_socket = _error(paths.agent.request("launch", request_id="r-launch"))
     assert over_mqtt[0] == over_socket[0] == "unknown_command"
-    # Each names the commands its path takes: the socket also serves pins, set_input, status.
+    # Each names the commands its path takes: the socket also serves pins and set_input.
     assert over_mqtt[1].startswith("Unknown command 'launch'; use one of start, cancel,")
-    assert over_socket[1] == over_mqtt[1].rstrip(".") + ", pins, set_input, status."
+    assert over_socket[1] == over_mqtt[1].rstrip(".") + ", pins, set_input."
 
 
 def test_a_reused_request_id_is_a_conflict_on_both_paths(paths: Paths) -> None:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from _engine_fixtures import ROOT  # noqa: F401  (puts the repository on sys.path)
 
-from agent import SQLiteStore, WorkflowBuilder, WorkflowStatus
+from agent import SQLiteStore, WorkflowBuilder, WorkflowStatus, _recovery
 from agent._clock import FakeClock
 from agent._engine import Workflow
 
@@ -212,3 +212,96 @@ async def test_a_retry_back_off_cut_by_a_restart_never_retries_early(
     left = again._backoff_left(_Pending(), clock.wall())
     assert left is not None
     assert 14.9 < left <= 15.0  # what the back-off has left, by the boot-time clock
+
+
+# -- recovery parks a page of waiting DELAYs in bulk -------------------------------------------------
+
+
+async def _waiting_delays(
+    tmp_path: Path, store: SQLiteStore, clock: FakeClock, count: int
+) -> tuple[Path, list[str]]:
+    """``count`` workflows waiting in a 3 s DELAY; the agent then dies and 1 s passes."""
+    from test_delay import Agent
+    from test_delay import write as write_delay
+
+    definition = write_delay(tmp_path, {"duration": 3})
+    first = await Agent(definition, clock).start(store)
+    ids = []
+    for _ in range(count):
+        wf = await first.builder.create_workflow("Soak", {}, store=store)
+        assert await wf.run() is S.ACTIVE
+        ids.append(wf.id)
+    await first.stop()
+    clock.advance(1.0)
+    return definition, ids
+
+
+async def test_recovery_rebases_a_page_of_waiting_delays_in_one_write_without_a_workflow_each(
+    tmp_path: Path, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_delay import Agent, stored_timer
+
+    clock = FakeClock()
+    definition, ids = await _waiting_delays(tmp_path, store, clock, 20)
+    second = await Agent(definition, clock).start(store)
+    calls = {"commit": 0, "commit_many": 0, "write": 0, "rebuilt": 0}
+
+    def counting(name: str, fn: Any) -> Any:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return await fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("commit", "commit_many", "write"):
+        monkeypatch.setattr(store, name, counting(name, getattr(store, name)))
+    from_record = second.builder._from_record
+
+    def rebuilt(*args: Any) -> Workflow:
+        calls["rebuilt"] += 1
+        return from_record(*args)
+
+    monkeypatch.setattr(second.builder, "_from_record", rebuilt)
+    await _recovery.mark_interrupted_attempts(store)  # before READY: one write of its own
+    calls["write"] = 0
+    handed = [wf async for page in _recovery.pages(second.builder, store) for wf in page]
+    assert handed == []  # all parked, none handed to the runner
+    assert calls == {"commit": 0, "commit_many": 0, "write": 1, "rebuilt": 0}
+    assert second.timers.count() == 20
+    for wid in ids:
+        wait = second.timers.waits(wid)
+        assert wait is not None
+        assert 1.9 < wait <= 2.0  # what was left, never the full time again
+        mark = await stored_timer(store, wid)
+        assert mark is not None
+        assert mark.since == clock.boottime()  # the rebase is committed
+        assert second.builder.live(wid) is None
+    await second.stop()
+
+
+async def test_a_row_written_after_the_page_was_read_is_not_parked_from_its_stale_record(
+    tmp_path: Path, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_delay import Agent, recover
+
+    clock = FakeClock()
+    definition, ids = await _waiting_delays(tmp_path, store, clock, 3)
+    second = await Agent(definition, clock).start(store)
+    read_page = store.resumable_page
+
+    async def page_then_cancel(*args: Any, **kwargs: Any) -> Any:
+        page = await read_page(*args, **kwargs)
+        if page:  # a command cancels the first one between the page's read and its rebase
+            wf = await second.builder.load_workflow(ids[0], store)
+            assert await wf.cancel() is S.CANCELLED
+        return page
+
+    monkeypatch.setattr(store, "resumable_page", page_then_cancel)
+    assert await recover(second, store) == []
+    rec = await store.load_instance(ids[0])
+    assert rec is not None
+    assert rec.status is S.CANCELLED  # not set back to waiting by the stale record
+    assert "timer" not in rec.progress
+    assert second.timers.waits(ids[0]) is None
+    assert [second.timers.waits(w) is not None for w in ids[1:]] == [True, True]
+    await second.stop()

@@ -503,13 +503,14 @@ def test_validate_with_only_a_config_checks_what_the_agent_would_load(tmp_path: 
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert [line.split(": ")[1].split(",")[0] for line in lines[:-1]] == [
+        "DailyIrrigation 1.0.0",
         "Irrigation 1.0.0",
         "SoilIrrigation 1.0.0",
         "TwoBeds 1.0.0",
         "PaymentProcessing 1.0.0",
         "PaymentWithApproval 1.0.0",
     ]
-    assert lines[-1] == "5 workflows, 23 steps"
+    assert lines[-1] == "6 workflows, 30 steps"
     proc = edgesaga("validate", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr == (
