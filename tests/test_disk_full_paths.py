@@ -136,7 +136,9 @@ async def test_mqtt_replies_disk_full_to_reply_to_and_to_the_response_topic(
     cmd = Topics(prefix, "dev1").command_base + "start"
     replies = f"caller-{prefix}/replies"
     async with (
-        running_agent(tmp_path / "db", broker.settings(prefix), definitions=[SERVICE_DEFS]) as agent,
+        running_agent(
+            tmp_path / "db", broker.settings(prefix), definitions=[SERVICE_DEFS]
+        ) as agent,
         probe(broker, replies) as caller,
     ):
         await asyncio.wait_for(agent.link.connected_event.wait(), 10)
@@ -181,10 +183,18 @@ async def test_outputs_of_a_workflow_stalled_by_a_full_disk_go_safe_after_the_gr
                 "initial_state_model": f"{service}.ServiceState",
                 "resources": ["valve"],
                 "steps": [
-                    {"name": "Valve_On", "function": f"{service}.lamp_on",
-                     "params": {"device": "valve"}, "automate_next": True},
-                    {"name": "Hold", "function": f"{__name__}.hold",
-                     "params": {"release": str(tmp_path / "release")}, "automate_next": True},
+                    {
+                        "name": "Valve_On",
+                        "function": f"{service}.lamp_on",
+                        "params": {"device": "valve"},
+                        "automate_next": True,
+                    },
+                    {
+                        "name": "Hold",
+                        "function": f"{__name__}.hold",
+                        "params": {"release": str(tmp_path / "release")},
+                        "automate_next": True,
+                    },
                     {"name": "Done", "function": f"{service}.quick"},
                 ],
             }
