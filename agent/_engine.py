@@ -364,26 +364,15 @@ class Workflow:
                 else None
             )
             self._builder._disarm_pause(self.id)
-            change = saga.pause_timed_out(self._plan, p, rule, error=error)
-            now = time.time()
-            pending = _Pending()
-            self._apply(pending, change, now)
-            await self._commit(pending, now)
-            if self.status.is_terminal:
-                self._on_terminal()
+            await self._commit_change(saga.pause_timed_out(self._plan, p, rule, error=error))
         return True
 
     async def _cancel_paused(self) -> None:
         """A cancel of a PAUSED workflow (no driver holds it): saga mode compensates its
         completed steps (the caller drives the rollback), else it ends CANCELLED now."""
-        now = time.time()
-        pending = _Pending()
         change = saga.cancel(self._plan, self._progress, reason=self._cancel_reason)
         self._builder._disarm_pause(self.id)
-        self._apply(pending, change, now)
-        await self._commit(pending, now)
-        if self.status.is_terminal:
-            self._on_terminal()
+        await self._commit_change(change)
 
     async def wait(self) -> WorkflowStatus:
         """Wait until the workflow reaches a terminal status."""
@@ -434,12 +423,7 @@ class Workflow:
             if change is None:
                 return None
             log.warning("workflow %s: %s", self.id, saga.RESTARTED)
-            now = time.time()
-            pending = _Pending()
-            self._apply(pending, change, now)
-            await self._commit(pending, now)
-            if self.status.is_terminal:
-                self._on_terminal()
+            await self._commit_change(change)
             return rule
 
     async def _restore_outputs(self) -> None:
@@ -474,11 +458,8 @@ class Workflow:
             reading = _clock.read_clock(self._builder.clock)
             if not self._builder.needs_rebase(mark, reading):
                 return
-            now = time.time()
-            pending = _Pending()
             change = saga.timer_rebased(self._progress, _clock.rebase(mark, reading))
-            self._apply(pending, change, now)
-            await self._commit(pending, now)
+            await self._commit_change(change, settle=False)
 
     async def settle_timer(self) -> bool:
         """For recovery: rebase a waiting DELAY's timer onto this run (committed) and hand it to
@@ -545,10 +526,7 @@ class Workflow:
                 raise self._refused(saga.RETRY_RULE) from None
             self._finished.clear()
             self._cancel.clear()
-            pending = _Pending()
-            now = time.time()
-            self._apply(pending, change, now)
-            await self._commit(pending, now)
+            await self._commit_change(change, settle=False)
 
     def _refused(self, rule: str) -> InvalidTransition:
         """An operator command the workflow's status does not admit; ``rule`` says which do."""
@@ -1208,6 +1186,16 @@ class Workflow:
             journal=pending.journal,
             events=pending.events,
         )
+
+    async def _commit_change(self, change: saga.Change, *, settle: bool = True) -> None:
+        """Apply one transition of the state machine and commit it on its own; with ``settle``, a
+        terminal status then lets go of what the workflow holds."""
+        now = time.time()
+        pending = _Pending()
+        self._apply(pending, change, now)
+        await self._commit(pending, now)
+        if settle and self.status.is_terminal:
+            self._on_terminal()
 
     async def _commit(self, pending: _Pending, at: float) -> None:
         tr = self._transition(pending, at)
