@@ -2,8 +2,8 @@
 
 A waiting workflow costs a heap entry ``(deadline, workflow_id)`` and a dict entry, not a Workflow
 object, a task or a loop timer: one task sleeps until the earliest deadline (by ``loop.time()``,
-which never jumps with the wall clock), loads each due workflow from the store and hands it to
-``submit`` (the agent's runner). The workflow's drive decides again with the clock rules
+which never jumps with the wall clock), loads the due workflows from the store, up to
+``FIRE_PAGE`` with one query, and hands each to ``submit`` (the agent's runner). The workflow's drive decides again with the clock rules
 (``_clock.decide``) and goes on, or comes back here with a new wait.
 
 Timers that the clock's sync can change (an ``until:`` on an unsynchronized clock, a rebooted
@@ -26,12 +26,27 @@ from agent._status import WorkflowStatus
 
 if TYPE_CHECKING:
     from agent._engine import Workflow, WorkflowBuilder
+    from agent._records import InstanceRecord
     from agent._store import SQLiteStore
 
 log = logging.getLogger("edgesaga.timers")
 
 #: Seconds between looks at the sync file while some timer waits on the clock's sync.
 SYNC_POLL = 10.0
+#: Due workflows loaded with one query when many timers fall due at once.
+FIRE_PAGE = 256
+
+
+async def _load_many(store: SQLiteStore, ids: list[str]) -> dict[str, InstanceRecord]:
+    """The instances ``ids`` with their definition snapshots, by id (one read)."""
+    marks = ",".join("?" * len(ids))
+    sql = (
+        f"SELECT {store._COLUMNS}, d.body FROM instances i "
+        f"JOIN definitions d ON d.hash = i.definition_hash WHERE i.id IN ({marks})"
+    )
+    return await store.query(
+        lambda conn: {row[0]: store._record(row, row[10]) for row in conn.execute(sql, ids)}
+    )
 
 
 class TimerService:
@@ -166,18 +181,37 @@ class TimerService:
                 for wid in synced:
                     self._deadline.pop(wid, None)
                 due.extend(synced)
-            for wid in due:
-                task = asyncio.ensure_future(self._fire(wid))
+            if due:
+                task = asyncio.ensure_future(self._fire(due))
                 self._firing.add(task)
                 task.add_done_callback(self._firing.discard)
 
-    async def _fire(self, workflow_id: str) -> None:
-        """Load the due workflow and hand it to the runner; its drive decides with the clock."""
-        try:
-            wf = await self.builder.load_workflow(workflow_id, self.store)
-        except Exception:
-            log.exception("workflow %s: its timer is due but it cannot be loaded", workflow_id)
-            return
+    async def _fire(self, due: list[str]) -> None:
+        """Load the due workflows, a page at a time with one query each, and hand each to the
+        runner; its drive decides with the clock."""
+        builder, store = self.builder, self.store
+        for start in range(0, len(due), FIRE_PAGE):
+            ids = due[start : start + FIRE_PAGE]
+            try:
+                records = await _load_many(store, ids)
+            except Exception:
+                log.exception("%d due timer(s): their workflows cannot be loaded", len(ids))
+                continue
+            for wid in ids:
+                wf = builder.live(wid)
+                if wf is None or wf.store is not store:
+                    rec = records.get(wid)
+                    if rec is None:
+                        continue  # gone (pruned) meanwhile
+                    try:
+                        wf = builder._from_record(rec, store)
+                    except Exception:
+                        log.exception("workflow %s: its timer is due but it cannot be loaded", wid)
+                        continue
+                    builder._live[wid] = wf
+                self._hand_over(wf)
+
+    def _hand_over(self, wf: Workflow) -> None:
         if wf.is_running:
             return  # whoever drives it decides its timer
         if wf.status is WorkflowStatus.PAUSED:

@@ -305,3 +305,41 @@ async def test_a_row_written_after_the_page_was_read_is_not_parked_from_its_stal
     assert second.timers.waits(ids[0]) is None
     assert [second.timers.waits(w) is not None for w in ids[1:]] == [True, True]
     await second.stop()
+
+
+async def test_timers_due_at_once_are_loaded_a_page_to_a_query_and_all_handed_over(
+    tmp_path: Path, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_delay import Agent
+    from test_delay import write as write_delay
+
+    from agent._timers import FIRE_PAGE
+
+    clock = FakeClock()
+    agent = await Agent(write_delay(tmp_path, {"duration": 600}), clock).start(store)
+    count = FIRE_PAGE + 20
+    ids = []
+    for _ in range(count):
+        wf = await agent.builder.create_workflow("Soak", {}, store=store)
+        assert await wf.run() is S.ACTIVE
+        ids.append(wf.id)
+    agent.builder._live.clear()  # nothing held in memory: each must be read from the store
+    reads = 0
+    query = store.query
+
+    async def counting(fn: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await query(fn)
+
+    monkeypatch.setattr(store, "query", counting)
+    timers = agent.timers
+    for wid in ids:
+        timers.watch(wid, 0.0)  # all due at the same instant (the task has not run since)
+    for _ in range(500):
+        if len(agent.submitted) == count:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(wf.id for wf in agent.submitted) == sorted(ids)
+    assert reads == 2  # two pages, one query each; not one read per timer
+    await agent.stop()
