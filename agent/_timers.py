@@ -158,6 +158,8 @@ class TimerService:
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if not self._running:  # stopped before this task first ran: its wake-up is spent
+                return
             self._wake.clear()
             timeout = self._timeout()
             if timeout is None or timeout > 0:
