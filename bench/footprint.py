@@ -34,14 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent._socket import request  # noqa: E402  (the CLI's client for the control socket)
+from bench._agent import _env, _proc_status, start_agent  # noqa: E402
 from bench._broker import HOST, mosquitto  # noqa: E402
 
 DEPENDENCIES = "import pydantic, yaml, paho.mqtt.client, gpiozero, sqlite3, asyncio"
@@ -64,26 +62,6 @@ class Sample:
     seconds: float  # exec -> ready
     rss_kb: int  # VmRSS while idle
     hwm_kb: int  # VmHWM (peak RSS) at the same moment
-
-
-def _proc_status(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0])  # kB
-    return out
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("EDGESAGA_", "NOTIFY_SOCKET", "WATCHDOG_", "GPIOZERO_"))
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,55 +120,22 @@ def write_config(directory: Path, broker_port: int) -> Path:
 
 def measure_agent(directory: Path, broker_port: int, idle: float) -> Sample:
     """``edgesaga run``: time to READY=1, VmRSS after it connected to the broker and idled."""
-    config = write_config(directory, broker_port)
-    name = f"edgesaga-footprint-{uuid.uuid4().hex}"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind("\0" + name)
-    log = (directory / "agent.log").open("wb")
-    env = _env()
-    env["NOTIFY_SOCKET"] = "@" + name
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    agent = start_agent(
+        write_config(directory, broker_port), directory, label="footprint", within=30
     )
     try:
         deadline = time.monotonic() + 30
-        seconds = None
-        while seconds is None:
-            notify.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = notify.recv(65536)
-            except TimeoutError:
-                raise SystemExit(
-                    f"footprint: no READY=1 within 30 s; see {directory / 'agent.log'}"
-                ) from None
-            if b"READY=1" in data.split(b"\n"):
-                seconds = time.perf_counter() - t0
-        sock = directory / "control.sock"
-        while not request(sock, "status", timeout=5).get("mqtt_connected"):
+        while not request(agent.socket, "status", timeout=5).get("mqtt_connected"):
             if time.monotonic() > deadline:
                 raise SystemExit("footprint: the agent did not connect to the broker within 30 s.")
             time.sleep(0.05)
         time.sleep(idle)
-        status = _proc_status(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-        if code != 0:
-            raise SystemExit(
-                f"footprint: the agent exited with {code}; see {directory / 'agent.log'}"
-            )
+        status = _proc_status(agent.proc.pid)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        notify.close()
-        log.close()
-    return Sample(seconds, status["VmRSS"], status["VmHWM"])
+        code = agent.stop()
+    if code != 0:
+        raise SystemExit(f"footprint: the agent exited with {code}; see {agent.log}")
+    return Sample(agent.ready_s, status["VmRSS"], status["VmHWM"])
 
 
 # ------------------------------------------------------------------------------------------------

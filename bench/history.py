@@ -53,16 +53,13 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +72,8 @@ from agent._schema import JOURNAL_SPAN  # noqa: E402
 from agent._service import RECLAIM_SLICE_PAGES  # noqa: E402
 from agent._socket import request  # noqa: E402
 from agent._store import COMMAND_HASH  # noqa: E402
-from bench.footprint import _env, _proc_status  # noqa: E402
+from bench._agent import AgentProcess  # noqa: E402
+from bench._agent import start_agent as start_agent_process  # noqa: E402
 from bench.throughput import capture, renamed, saga_run  # noqa: E402
 
 TEMPLATES = 10
@@ -296,68 +294,10 @@ def write_config(directory: Path, db: Path, retention: dict[str, Any] | None) ->
     return path
 
 
-@dataclass
-class Agent:
-    proc: subprocess.Popen[bytes]
-    ready_s: float
-    rss_kb: int
-    socket: Path
-    log: Path
-    closers: list[Callable[[], None]] = field(default_factory=list)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for close in self.closers:
-            close()
-
-
-def start_agent(directory: Path, db: Path, retention: dict[str, Any] | None = None) -> Agent:
+def start_agent(directory: Path, db: Path, retention: dict[str, Any] | None = None) -> AgentProcess:
     """``edgesaga run``: time from exec to READY=1, VmRSS at READY."""
     config = write_config(directory, db, retention)
-    name = f"edgesaga-history-{uuid.uuid4().hex}"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind("\0" + name)
-    log_path = directory / "agent.log"
-    log = log_path.open("ab")
-    env = _env()
-    env["NOTIFY_SOCKET"] = "@" + name
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    agent = Agent(proc, 0.0, 0, directory / "control.sock", log_path, [notify.close, log.close])
-    try:
-        deadline = time.monotonic() + 600
-        notify.settimeout(0.1)
-        while True:
-            try:
-                data = notify.recv(65536)
-            except TimeoutError:
-                if proc.poll() is not None:
-                    raise SystemExit(
-                        f"history: the agent exited before READY; see {log_path}"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"history: no READY=1 within 600 s; see {log_path}") from None
-                continue
-            if b"READY=1" in data.split(b"\n"):
-                agent.ready_s = time.perf_counter() - t0
-                agent.rss_kb = _proc_status(proc.pid)["VmRSS"]
-                return agent
-    except BaseException:
-        agent.stop()
-        raise
+    return start_agent_process(config, directory, label="history", within=600)
 
 
 def _count(db: Path, sql: str) -> int:

@@ -40,16 +40,12 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 from agent import SQLiteStore, WorkflowBuilder  # noqa: E402
 from agent._schema import JOURNAL_SPAN  # noqa: E402
 from agent._socket import request  # noqa: E402
-from bench.footprint import _env, _proc_status  # noqa: E402
+from bench._agent import AgentProcess, _proc_status  # noqa: E402
+from bench._agent import start_agent as start_agent_process  # noqa: E402
 
 WORKFLOW = "TimerWait"
 DEFINITION = f"""\
@@ -229,70 +226,9 @@ def write_config(directory: Path, db: Path) -> Path:
     return path
 
 
-@dataclass
-class Agent:
-    proc: subprocess.Popen[bytes]
-    started: float  # perf_counter at exec
-    ready_s: float
-    socket: Path
-    log: Path
-    closers: list[Callable[[], None]] = field(default_factory=list)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for close in self.closers:
-            close()
-
-    def alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise SystemExit(
-                f"timers: the agent exited (status {self.proc.returncode}); see {self.log}"
-            )
-
-
-def start_agent(directory: Path, db: Path) -> Agent:
+def start_agent(directory: Path, db: Path) -> AgentProcess:
     """``edgesaga run`` with this script as its NOTIFY_SOCKET; returns at READY=1."""
-    config = write_config(directory, db)
-    name = f"edgesaga-timers-{uuid.uuid4().hex}"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind("\0" + name)
-    log_path = directory / "agent.log"
-    log = log_path.open("ab")
-    env = _env()
-    env["NOTIFY_SOCKET"] = "@" + name
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    agent = Agent(proc, t0, 0.0, directory / "control.sock", log_path, [notify.close, log.close])
-    try:
-        deadline = time.monotonic() + 300
-        notify.settimeout(0.1)
-        while True:
-            try:
-                data = notify.recv(65536)
-            except TimeoutError:
-                agent.alive()
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"timers: no READY=1 within 300 s; see {log_path}") from None
-                continue
-            if b"READY=1" in data.split(b"\n"):
-                agent.ready_s = time.perf_counter() - t0
-                return agent
-    except BaseException:
-        agent.stop()
-        raise
+    return start_agent_process(write_config(directory, db), directory, label="timers", within=300)
 
 
 def timer_count(status: dict[str, Any]) -> int | None:
@@ -321,7 +257,7 @@ def _rebased(db: Path, since: float) -> int:
     )
 
 
-def wait_registered(agent: Agent, db: Path, size: int, since: float) -> tuple[float, str]:
+def wait_registered(agent: AgentProcess, db: Path, size: int, since: float) -> tuple[float, str]:
     """Seconds from exec until all ``size`` timers are registered, and how it was seen: the
     status's timer count when it has one, else every mark rebased in the database (recovery
     commits the rebase, then hands the timer to the timer service)."""
@@ -354,7 +290,7 @@ def cpu_and_switches(pid: int) -> tuple[float, int]:
     raise SystemExit("timers: /proc/PID/status has no voluntary_ctxt_switches line.")
 
 
-def idle(agent: Agent, seconds: float) -> tuple[float, int]:
+def idle(agent: AgentProcess, seconds: float) -> tuple[float, int]:
     cpu0, sw0 = cpu_and_switches(agent.proc.pid)
     time.sleep(seconds)
     agent.alive()
@@ -370,7 +306,7 @@ def _count(db: Path, sql: str) -> int:
         conn.close()
 
 
-def lateness(db: Path, wall: float, size: int, spread: float, agent: Agent) -> list[float]:
+def lateness(db: Path, wall: float, size: int, spread: float, agent: AgentProcess) -> list[float]:
     """Wait until every workflow completed; for each, the commit that completed its DELAY (the
     Done step's ``started_at``) minus its own wall deadline (s)."""
     deadline = time.monotonic() + 300 + spread + max(0.0, wall - time.time())
