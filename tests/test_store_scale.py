@@ -43,9 +43,13 @@ def rows(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+def wal_size(db: Path) -> int:
+    return os.path.getsize(f"{db}-wal")
+
+
 def file_size(db: Path) -> int:
     wal = Path(f"{db}-wal")
-    return os.path.getsize(db) + (os.path.getsize(wal) if wal.exists() else 0)
+    return os.path.getsize(db) + (wal_size(db) if wal.exists() else 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,6 +304,26 @@ async def test_after_a_large_prune_the_file_is_near_a_fresh_one_of_what_is_left(
     assert file_size(big) <= 2 * file_size(fresh), (file_size(big), file_size(fresh))
 
 
+async def test_a_large_prune_folds_the_wal_between_its_slices(tmp_path: Path) -> None:
+    """Each slice's pages go into the database right after it, in a write of their own: the WAL
+    never holds several slices (which the auto-checkpoint would then copy inside some running
+    workflow's commit)."""
+    db = tmp_path / "edgesaga.db"
+    async with SQLiteStore(db) as store:
+        await _real_workflows(tmp_path, store, 20)
+    _clone(db, 4980)
+    async with SQLiteStore(db) as store:
+        await store.checkpoint()  # an empty WAL (truncated) before the prune
+        assert wal_size(db) == 0
+        frames = _schema.PAGE_SIZE + 24
+        pruned = await store.prune(max_finished=100, slice_rows=100)
+        assert len(pruned) == 4900
+        # about one slice's frames: without the folds it grows to the auto-checkpoint's 4096
+        assert wal_size(db) < 1500 * frames, wal_size(db) // frames
+        await store.reclaim(max_pages=500)
+        assert wal_size(db) == 0  # reclaim ends with a truncating checkpoint
+
+
 async def test_reclaim_goes_in_bounded_slices(store: SQLiteStore, db: Path) -> None:
     await _finished(store, 400)
     await store.prune(max_finished=0)
@@ -309,10 +333,10 @@ async def test_reclaim_goes_in_bounded_slices(store: SQLiteStore, db: Path) -> N
     assert await store.reclaim(max_pages=10, max_slices=2) == 20
     assert store.commits - before == 2
     assert rows(db, "PRAGMA freelist_count") == [(free - 20,)]
-    store.reclaim_slice_seconds = -1.0  # every write is over time after its first 50 pages
+    store.reclaim_slice_seconds = -1.0  # every write is over time after its first 10 pages
     before = store.commits
     assert await store.reclaim(max_pages=2000) == free - 20
-    assert store.commits - before == -(-(free - 20) // 50)  # 50 pages a write
+    assert store.commits - before == -(-(free - 20) // 10)  # 10 pages a write
     assert rows(db, "PRAGMA freelist_count") == [(0,)]
 
 
