@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -311,6 +312,22 @@ class AgentConfig(BaseModel):
     def _open_at_safe_values(cls, value: BoardConfig | None) -> BoardConfig | None:
         # The agent opens every output at its safe value; `initial` is for a Board used elsewhere.
         return None if value is None else value.opened_at_safe_values()
+
+    @field_validator("homeassistant")
+    @classmethod
+    def _homeassistant_needs_mqtt(
+        cls, value: HomeAssistantSettings, info: ValidationInfo
+    ) -> HomeAssistantSettings:
+        # Discovery rides on the MQTT link: without it the agent would publish nothing and say
+        # nothing. (An invalid mqtt section is reported on its own, first.)
+        mqtt = info.data.get("mqtt")
+        if value.enabled and mqtt is not None and not mqtt.enabled:
+            raise ValueError(
+                "homeassistant.enabled needs the MQTT link, which is off (no mqtt section, or "
+                "mqtt.enabled: false); add an mqtt section naming the broker, or set "
+                "homeassistant.enabled to false."
+            )
+        return value
 
     @property
     def socket_path(self) -> Path:

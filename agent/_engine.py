@@ -1363,6 +1363,25 @@ class WorkflowBuilder:
         """The in-memory workflow object for ``workflow_id`` if this builder has one."""
         return self._live.get(workflow_id)
 
+    def rebuild(self, rec: InstanceRecord, store: SQLiteStore) -> Workflow:
+        """The workflow rebuilt from its stored record, held from now on as this builder's one
+        object for its id (in place of any other). Raises what the record's definition or state
+        fails with (a step module removed, say); nothing is held then."""
+        wf = self._from_record(rec, store)
+        self._live[rec.id] = wf
+        return wf
+
+    def release(self, wf: Workflow) -> None:
+        """No longer hold ``wf`` as the object for its id, if it still is the one held."""
+        if self._live.get(wf.id) is wf:
+            del self._live[wf.id]
+
+    def known_plan(self, definition_hash: str) -> tuple[LoadedDefinition, saga.Plan] | None:
+        """The loaded (or already rebuilt) definition with ``definition_hash`` and its plan, or
+        None when this builder has none with it."""
+        definition = self._by_hash.get(definition_hash)
+        return None if definition is None else (definition, self._plan_for(definition))
+
     def validate_data(self, workflow_type: str, initial_data: dict[str, Any] | None) -> BaseModel:
         """Build the initial state; raise :class:`InvalidData` with a readable sentence."""
         return self._initial_state(workflow_type, initial_data)[0]

@@ -80,19 +80,18 @@ async def _reload(
 ) -> Workflow | None:
     """A workflow whose page record went stale, read again: the live object if a command holds
     it and leaves it idle, else rebuilt if it is still unfinished (a rare second read)."""
-    live = builder._live.get(workflow_id)
+    live = builder.live(workflow_id)
     if live is None:
         rec = await store.load_instance(workflow_id)
         if rec is None or rec.status not in RESUMABLE:
             return None
-        live = builder._live.get(workflow_id)  # a command may have loaded it meanwhile
+        live = builder.live(workflow_id)  # a command may have loaded it meanwhile
         if live is None:
             try:
-                live = builder._from_record(rec, store)
+                live = builder.rebuild(rec, store)
             except Exception as exc:
                 await _alert_unbuildable(store, rec, exc)
                 return None
-            builder._live[workflow_id] = live
             return live  # its cut attempt, if any, the engine marks when it first drives it
     if live.is_running or live.status.is_terminal:
         return None
@@ -115,12 +114,12 @@ def _parkable(
     flight, a timer armed in an earlier run that still waits after the rebase, and an
     ``on_restart`` that changes nothing (resume, or a rollback with nothing run). None: it takes
     the Workflow path (rebuilt, its on_restart applied, ``settle_timer``)."""
-    if rec.status is not WorkflowStatus.ACTIVE or rec.id in builder._live:
+    if rec.status is not WorkflowStatus.ACTIVE or builder.live(rec.id) is not None:
         return None
-    definition = builder._by_hash.get(rec.definition_hash)
-    if definition is None:
+    known = builder.known_plan(rec.definition_hash)
+    if known is None:
         return None
-    plan = builder._plan_for(definition)
+    definition, plan = known
     try:
         progress = saga.Progress.from_json(rec.progress)
     except Exception:
@@ -215,17 +214,16 @@ async def _rebuild_page(
     rebuilt: list[Workflow] = []
     failed: list[tuple[InstanceRecord, Exception]] = []
     for _, rec in page:
-        live = builder._live.get(rec.id)
+        live = builder.live(rec.id)
         if live is not None and live.store is store:
             if not live.is_running and not live.status.is_terminal:
                 workflows.append(live)
             continue
         try:
-            wf = builder._from_record(rec, store)
+            wf = builder.rebuild(rec, store)
         except Exception as exc:
             failed.append((rec, exc))
             continue
-        builder._live[rec.id] = wf
         workflows.append(wf)
         rebuilt.append(wf)
     stale = await _changed(store, page) if rebuilt else set()
@@ -234,8 +232,7 @@ async def _rebuild_page(
         workflows.remove(wf)
         if wf.is_running or wf.status.is_terminal:
             continue  # a command took this object during the check: it drives it, or it is done
-        if builder._live.get(wf.id) is wf:
-            del builder._live[wf.id]
+        builder.release(wf)
         again = await _reload(builder, store, wf.id)
         if again is not None:
             workflows.append(again)

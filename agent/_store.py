@@ -617,6 +617,29 @@ class SQLiteStore(GroupWriter):
 
         return await self.query(fn)
 
+    #: The most ids one ``load_instances`` takes (one statement's bound parameters).
+    LOAD_INSTANCES_MAX = 500
+
+    async def load_instances(self, workflow_ids: Iterable[str]) -> dict[str, InstanceRecord]:
+        """The instances ``workflow_ids`` with their definition snapshots, by id, read with one
+        query on the reader connection; an id with no instance is left out. At most
+        ``LOAD_INSTANCES_MAX`` ids: a caller with more reads them a page at a time."""
+        ids = list(dict.fromkeys(workflow_ids))
+        if len(ids) > self.LOAD_INSTANCES_MAX:
+            raise ValueError(
+                f"At most {self.LOAD_INSTANCES_MAX} instances are loaded at once; got {len(ids)} "
+                "ids. Load them a page at a time."
+            )
+        if not ids:
+            return {}
+        sql = (
+            f"SELECT {self._COLUMNS}, d.body FROM instances i JOIN definitions d "
+            f"ON d.hash = i.definition_hash WHERE i.id IN ({','.join('?' * len(ids))})"
+        )
+        return await self.query(
+            lambda conn: {row[0]: self._record(row, row[10]) for row in conn.execute(sql, ids)}
+        )
+
     async def list_page(
         self,
         *,

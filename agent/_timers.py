@@ -26,7 +26,6 @@ from agent._status import WorkflowStatus
 
 if TYPE_CHECKING:
     from agent._engine import Workflow, WorkflowBuilder
-    from agent._records import InstanceRecord
     from agent._store import SQLiteStore
 
 log = logging.getLogger("edgesaga.timers")
@@ -35,18 +34,6 @@ log = logging.getLogger("edgesaga.timers")
 SYNC_POLL = 10.0
 #: Due workflows loaded with one query when many timers fall due at once.
 FIRE_PAGE = 256
-
-
-async def _load_many(store: SQLiteStore, ids: list[str]) -> dict[str, InstanceRecord]:
-    """The instances ``ids`` with their definition snapshots, by id (one read)."""
-    marks = ",".join("?" * len(ids))
-    sql = (
-        f"SELECT {store._COLUMNS}, d.body FROM instances i "
-        f"JOIN definitions d ON d.hash = i.definition_hash WHERE i.id IN ({marks})"
-    )
-    return await store.query(
-        lambda conn: {row[0]: store._record(row, row[10]) for row in conn.execute(sql, ids)}
-    )
 
 
 class TimerService:
@@ -195,7 +182,7 @@ class TimerService:
         for start in range(0, len(due), FIRE_PAGE):
             ids = due[start : start + FIRE_PAGE]
             try:
-                records = await _load_many(store, ids)
+                records = await store.load_instances(ids)
             except Exception:
                 log.exception("%d due timer(s): their workflows cannot be loaded", len(ids))
                 continue
@@ -206,11 +193,10 @@ class TimerService:
                     if rec is None:
                         continue  # gone (pruned) meanwhile
                     try:
-                        wf = builder._from_record(rec, store)
+                        wf = builder.rebuild(rec, store)
                     except Exception:
                         log.exception("workflow %s: its timer is due but it cannot be loaded", wid)
                         continue
-                    builder._live[wid] = wf
                 self._hand_over(wf)
 
     def _hand_over(self, wf: Workflow) -> None:

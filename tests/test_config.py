@@ -327,3 +327,58 @@ def test_a_definitions_path_that_is_not_a_directory_or_does_not_load_still_stops
     assert line.startswith(f"edgesaga: error: {path}")
     assert problem in line
     assert "Traceback" not in result.stderr
+
+
+HA_NEEDS_MQTT = (
+    "homeassistant: homeassistant.enabled needs the MQTT link, which is off (no mqtt section, or "
+    "mqtt.enabled: false); add an mqtt section naming the broker, or set homeassistant.enabled to "
+    "false."
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "homeassistant: {enabled: true}\n",  # no mqtt section: the link is off by default
+        "mqtt: {host: broker, enabled: false}\nhomeassistant: {enabled: true}\n",
+    ],
+)
+def test_home_assistant_without_mqtt_is_refused_at_load(tmp_path: Path, text: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert str(err.value) == f"{path}: {HA_NEEDS_MQTT}"
+
+
+def test_home_assistant_with_mqtt_loads_and_mqtt_turned_off_by_the_environment_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = _write(tmp_path, "mqtt: {host: broker}\nhomeassistant: {enabled: true}\n")
+    cfg = load_config(path, environ={})
+    assert (cfg.mqtt.enabled, cfg.homeassistant.enabled) == (True, True)
+    # Home Assistant off, MQTT off: nothing asked for that cannot be done.
+    off = _write(tmp_path, "homeassistant: {enabled: false}\n", name="off.yaml")
+    cfg = load_config(off, environ={})
+    assert (cfg.mqtt.enabled, cfg.homeassistant.enabled) == (False, False)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={"EDGESAGA_MQTT__ENABLED": "false"})
+    assert str(err.value) == f"{path}: {HA_NEEDS_MQTT}"
+
+
+def test_an_invalid_mqtt_section_is_reported_before_home_assistant(tmp_path: Path) -> None:
+    path = _write(tmp_path, "mqtt: {port: 0}\nhomeassistant: {enabled: true}\n")
+    with pytest.raises(ConfigError, match=r"agent\.yaml: mqtt\.port: "):
+        load_config(path, environ={})
+
+
+def test_run_stops_with_the_sentence_when_home_assistant_has_no_mqtt(tmp_path: Path) -> None:
+    config = _write(
+        tmp_path,
+        f"database: {tmp_path / 'edgesaga.db'}\ninclude_bundled: false\n"
+        "homeassistant: {enabled: true}\n",
+    )
+    result = cli(config, "run")
+    assert result.returncode == 2, result
+    assert f"edgesaga: error: {config}: {HA_NEEDS_MQTT}" in result.stderr.splitlines()
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "edgesaga.db").exists()  # refused before anything was opened
