@@ -14,6 +14,7 @@ import binascii
 import heapq
 import itertools
 import json
+import logging
 import math
 import sqlite3
 import time
@@ -81,6 +82,8 @@ _LAST_FIRE = (
     "LEFT JOIN instances i ON i.id = f.workflow_id "
     "WHERE f.schedule = ? ORDER BY f.slot DESC LIMIT 1"
 )
+
+log = logging.getLogger("edgesaga.store")
 
 
 class LastFire(NamedTuple):
@@ -970,8 +973,14 @@ class SQLiteStore(GroupWriter):
         auto-checkpoint, four slices' worth would be copied and flushed inside whichever commit
         crosses the threshold, often a running workflow's (measured in bench/history.py: the
         longest commit wait of a 100k prune 48-68 ms this way, 26-27 ms with a fold after each
-        slice). A passive checkpoint never waits for readers."""
-        await self.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        slice). A passive checkpoint never waits for readers. One that fails (a full disk) loses
+        nothing: the pages stay in the WAL for the next checkpoint, so the prune goes on."""
+        try:
+            await self.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        except StoreError as exc:
+            log.debug(
+                "folding the WAL after a slice failed (left for the next checkpoint): %s", exc
+            )
 
     async def checkpoint(self) -> None:
         """Fold the WAL back into the database file (after a prune, say)."""

@@ -18,6 +18,7 @@ from _engine_fixtures import step, write_definition
 from test_query_plans import new, populate, started, transition
 
 from agent import MemoryStore, SQLiteStore, WorkflowBuilder, WorkflowStatus, _schema
+from agent._errors import DiskFull
 from agent._status import RESUMABLE
 from agent._store import _MIGRATIONS, JOURNAL_SPAN, SCHEMA_VERSION, JournalEnd
 
@@ -322,6 +323,23 @@ async def test_a_large_prune_folds_the_wal_between_its_slices(tmp_path: Path) ->
         assert wal_size(db) < 1500 * frames, wal_size(db) // frames
         await store.reclaim(max_pages=500)
         assert wal_size(db) == 0  # reclaim ends with a truncating checkpoint
+
+
+async def test_a_fold_that_fails_does_not_stop_the_prune(store: SQLiteStore, db: Path) -> None:
+    await _finished(store, 300)
+    read, folds = store.read, []
+
+    async def failing_fold(fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if "PRAGMA wal_checkpoint(PASSIVE)" in fn.__code__.co_consts:  # the fold's statement
+            folds.append(fn)
+            raise DiskFull(f"The disk holding {db} is full; free space on it first.")
+        return await read(fn)
+
+    store.read = failing_fold  # type: ignore[method-assign]
+    pruned = await store.prune(max_finished=0, slice_rows=100)
+    assert len(pruned) == 300
+    assert len(folds) == 3  # one a slice, each failed
+    assert rows(db, "SELECT count(*) FROM instances") == [(0,)]
 
 
 async def test_reclaim_goes_in_bounded_slices(store: SQLiteStore, db: Path) -> None:
