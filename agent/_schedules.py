@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cronsim import CronSim, CronSimError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -109,6 +108,8 @@ class ScheduleConfig(BaseModel):
     @field_validator("cron")
     @classmethod
     def _valid_cron(cls, value: str, info: ValidationInfo) -> str:
+        from cronsim import CronSim, CronSimError  # here: an agent without schedules never loads it
+
         who = _schedule_name(info)
         try:
             next(CronSim(value, _REFERENCE))
@@ -177,6 +178,8 @@ def next_fire(schedule: ScheduleConfig, after: datetime) -> datetime | None:
     gap do not exist and slots in the repeated hour fire in both its passes."""
     if after.tzinfo is None:
         raise ValueError("next_fire needs an aware datetime; give it a time zone.")
+    from cronsim import CronSim  # see _valid_cron
+
     floor = after.timestamp()
     slots = CronSim(schedule.cron, after.astimezone(schedule.zone))
     for _ in range(_MAX_FOLD_STEPS):

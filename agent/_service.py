@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent._clock import SystemClock
 from agent._config import AgentConfig
@@ -28,7 +28,6 @@ from agent._errors import DiskFull
 from agent._messages import Alert, alert, error_reply
 from agent._recovery import Feeder, mark_interrupted_attempts
 from agent._runner import Runner
-from agent._scheduler import Scheduler
 from agent._sdnotify import Notifier, watchdog_loop
 from agent._socket import ControlServer
 from agent._startup import resume_gc
@@ -36,6 +35,9 @@ from agent._status import RESUMABLE, WorkflowStatus
 from agent._store import SQLiteStore, iso
 from agent._validate import load_definitions
 from workflows import DIRECTORY as BUNDLED  # the service hands it down to the loader
+
+if TYPE_CHECKING:
+    from agent._scheduler import Scheduler
 
 log = logging.getLogger("edgesaga.agent")
 
@@ -184,6 +186,8 @@ class Agent:
             ]
             tasks.extend(self._approve_buttons(tg))
             if cfg.schedules:
+                from agent._scheduler import Scheduler  # only an agent with schedules loads it
+
                 assert self.store is not None
                 assert self.control is not None
                 self.scheduler = Scheduler(
