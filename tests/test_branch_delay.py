@@ -466,3 +466,26 @@ async def test_without_a_timer_service_a_branch_delay_waits_in_process(tmp_path:
         wf = await builder.start_workflow("BranchSoak", {}, store=db)
         assert wf.status is S.COMPLETED
         assert wf.progress.completed[-3:] == ("Soak", "P", "After")
+
+
+# ------------------------------------------------------------------------------------------------
+# Load-time rules
+
+
+def test_a_branch_delay_loads_and_a_delay_needs_no_undo_before_the_pivot(tmp_path: Path) -> None:
+    from agent import load_definition
+
+    path = write(tmp_path, {"duration": 1, "on_late": "fail"})
+    body = yaml.safe_load(path.read_text())
+    body["steps"][2]["pivot"] = True  # After: everything before it must be undoable
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    loaded = load_definition(path)
+    assert loaded.step("Soak").spec.type == "DELAY"
+
+
+def test_a_branch_delay_takes_no_max_lateness(tmp_path: Path) -> None:
+    from agent import DefinitionError, load_definition
+
+    path = write(tmp_path, {"duration": 1, "max_lateness": 5})
+    with pytest.raises(DefinitionError, match="runs in list order and takes no 'max_lateness'"):
+        load_definition(path)
