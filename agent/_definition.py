@@ -118,7 +118,8 @@ class StepDefinition(BaseModel):
         None, min_length=1, description="HUMAN_INPUT: a button/input device whose press resumes it."
     )
     branches: list[list["StepDefinition"]] | None = Field(
-        None, description="PARALLEL: lists of STANDARD steps; the lists run concurrently."
+        None,
+        description="PARALLEL: lists of STANDARD or DELAY steps; the lists run concurrently.",
     )
     pivot: bool = Field(False, description="The point of no return of a saga (see the docs).")
     duration: float | None = Field(
@@ -420,6 +421,10 @@ STEP_KEYS: dict[str, frozenset[str]] = {
 }
 #: What a step in a PARALLEL's branch takes: a STANDARD step's keys less the ones of the path.
 BRANCH_STEP_KEYS = STEP_KEYS["STANDARD"] - {"next", "pivot", "max_lateness"}
+#: What a DELAY in a PARALLEL's branch takes: a DELAY's keys less the ones of the path.
+BRANCH_DELAY_KEYS = STEP_KEYS["DELAY"] - {"next", "max_lateness"}
+#: The step types a PARALLEL's branch holds.
+BRANCH_STEP_TYPES = frozenset({"STANDARD", "DELAY"})
 
 
 class _Where:
@@ -441,10 +446,10 @@ class _Where:
 
 def _check_keys(step: StepDefinition, where: _Where, in_branch: bool) -> None:
     """Refuse a key the step's type does not take, and a missing one it needs."""
-    if in_branch and step.type != "STANDARD":
+    if in_branch and step.type not in BRANCH_STEP_TYPES:
         raise where.error(
-            f"a PARALLEL's branch holds STANDARD steps only, not a {step.type} step; move it out "
-            "of the branch.",
+            f"a PARALLEL's branch holds STANDARD and DELAY steps only, not a {step.type} step; "
+            "move it out of the branch.",
             "type",
         )
     if in_branch and "pivot" in step.model_fields_set:
@@ -453,9 +458,12 @@ def _check_keys(step: StepDefinition, where: _Where, in_branch: bool) -> None:
             "pivot instead.",
             "pivot",
         )
-    allowed = BRANCH_STEP_KEYS if in_branch else STEP_KEYS[step.type]
+    if in_branch:
+        allowed = BRANCH_DELAY_KEYS if step.type == "DELAY" else BRANCH_STEP_KEYS
+    else:
+        allowed = STEP_KEYS[step.type]
     for key in sorted(step.model_fields_set - allowed):
-        if in_branch:
+        if in_branch and key in STEP_KEYS[step.type]:
             why = "a step in a PARALLEL's branch runs in list order"
             raise where.error(f"{why} and takes no {key!r}; remove it.", key)
         raise where.error(f"a {step.type} step takes no {key!r}; remove it.", key)
@@ -712,6 +720,8 @@ def _check_pivot(
         ):
             continue
         for inner, w in _with_branches(step, where):
+            if inner.spec.type == "DELAY":
+                continue  # it changes nothing to undo, and `retry` makes it wait again
             if step.name in before and inner.compensate is None:
                 raise w.error(
                     f"step runs before the pivot {pivot!r} but has no compensate_function; every "

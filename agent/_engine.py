@@ -14,7 +14,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ValidationError
@@ -120,6 +120,27 @@ def _plan(definition: LoadedDefinition) -> saga.Plan:
     return saga.Plan(steps, inner)
 
 
+class _BranchTimers(NamedTuple):
+    """What a PARALLEL's branch timers say (``Workflow._branch_timers``)."""
+
+    moved: bool  # a branch DELAY finished: the progress changed, decide again
+    ready: tuple[str, ...] = ()  # branch steps that can begin now
+    wait: float | None = None  # seconds until the earliest branch timer (None: none waits)
+    on_sync: bool = False  # a branch timer waits (also) for the clock's sync
+
+    @property
+    def idle(self) -> bool:
+        """No branch timer waits."""
+        return self.wait is None and not self.on_sync
+
+    @property
+    def sleep(self) -> float:
+        """How long a drive without the timer service waits before it decides again."""
+        if self.wait is None:
+            return _clock.SYNC_RECHECK
+        return min(self.wait, _clock.SYNC_RECHECK) if self.on_sync else self.wait
+
+
 class _Pending:
     """Journal rows and events waiting for the next commit."""
 
@@ -178,7 +199,8 @@ class Workflow:
             self._finished.set()
         #: The drive left it waiting in a DELAY, with the builder's timer service.
         self._parked = False
-        self._timed = "DELAY" in self._plan.special.values()
+        #: It can wait on the timer service: a DELAY, or a PARALLEL (a branch DELAY or back-off).
+        self._timed = not {"DELAY", "PARALLEL"}.isdisjoint(self._plan.special.values())
 
     # -- public attributes -------------------------------------------------------------------------
     @property
@@ -218,14 +240,15 @@ class Workflow:
     @property
     def in_delay(self) -> bool:
         """True while its DELAY step is due or waits (armed or not yet: an ``until:`` before
-        the clock's sync)."""
+        the clock's sync), or its PARALLEL only waits: on branch DELAYs or retry back-offs,
+        with no branch attempt running (``saga.branch_waiting``)."""
         p = self._progress
-        return (
-            p.status is WorkflowStatus.ACTIVE
-            and p.inflight is None
-            and p.next_step is not None
-            and self._plan.special.get(p.next_step) == "DELAY"
-        )
+        if p.status is not WorkflowStatus.ACTIVE or p.inflight is not None or p.next_step is None:
+            return False
+        kind = self._plan.special.get(p.next_step)
+        if kind == "PARALLEL":
+            return saga.branch_waiting(self._plan, p)
+        return kind == "DELAY"
 
     @property
     def is_running(self) -> bool:
@@ -469,10 +492,18 @@ class Workflow:
                 return True
             pending = _Pending()
             now = time.time()
-            go = await self._delay(pending, now)
-            if pending.journal or pending.events:
+            p = self._progress
+            if self._plan.special.get(p.next_step or "") != "PARALLEL":
+                go = await self._delay(pending, now)
+                if pending.journal or pending.events:
+                    await self._commit(pending, now)
+                return go
+            timing = self._branch_timers(pending, saga.branch_actions(self._plan, p), now)
+            if self._progress is not p:  # armed, rebased or finished: committed before it waits
                 await self._commit(pending, now)
-            return go
+            if timing.moved or timing.ready:
+                return True
+            return not self._park_branches(timing)
 
     def request_stop(self) -> None:
         """Ask the driving coroutine to stop at the next checkpoint (after the running attempt is
@@ -585,7 +616,7 @@ class Workflow:
             while (attempt := await self._next_attempt(pending)) is not None:
                 if isinstance(attempt, str):  # a PARALLEL step: its branches run side by side
                     await self._run_parallel(pending, attempt)
-                    if single and not self._plan.get(attempt).automate_next:
+                    if self._parked or (single and not self._plan.get(attempt).automate_next):
                         break
                     continue
                 step, before = attempt
@@ -697,27 +728,33 @@ class Workflow:
                 if p.cancelled or p.failed_step is not None:
                     self._stop_branches(tasks)
                 actions = () if self._stop.is_set() else saga.branch_actions(self._plan, p)
-                ready = [a for a in actions if a.not_before is None or a.not_before <= now]
-                for action in ready:
-                    change = saga.branch_begin(self._plan, self._progress, action.step)
+                timing = self._branch_timers(pending, actions, now)
+                timed = self._progress is not p  # a branch timer was armed, rebased or finished
+                if timing.moved:  # a branch DELAY ended: decide again from the new progress
+                    await self._commit(pending, now)
+                    continue
+                for ready in timing.ready:
+                    change = saga.branch_begin(self._plan, self._progress, ready)
                     fl = change.progress.running[-1]
                     pending.journal.append(
                         JournalStart(fl.seq, fl.step, "forward", fl.attempt, now)
                     )
                     self._apply(pending, change, now)
-                if ready or pending.journal or pending.events:
+                if timed or pending.journal or pending.events:
                     await self._commit(pending, now)  # "started" before the side effects
-                for action in ready:
-                    step = self.definition.step(action.step)
-                    fl = next(f for f in self._progress.running if f.step == action.step)
+                for ready in timing.ready:
+                    step = self.definition.step(ready)
+                    fl = next(f for f in self._progress.running if f.step == ready)
                     task = asyncio.ensure_future(_invoke.execute_branch(self, step, fl))
                     tasks[task] = (step, fl)
                 if not tasks:
                     if not actions:
                         break  # stopped (shutdown), or nothing left that can run
-                    await self._sleep_until(min(a.not_before or now for a in actions))
+                    if self._park_branches(timing):
+                        return  # only timers wait: the timer service wakes it, no task holds it
+                    await self._sleep_for(timing.sleep)
                     continue
-                await self._wait_branches(tasks)
+                await self._wait_branches(tasks, None if timing.idle else timing.sleep)
                 for done in [t for t in tasks if t.done()]:
                     step, fl = tasks.pop(done)
                     if done.cancelled():  # stopped before its first line ran: no effect taken
@@ -731,15 +768,74 @@ class Workflow:
             for left in tasks:  # only when this driver itself is cancelled (shutdown)
                 left.cancel()
 
-    async def _wait_branches(self, tasks: Iterable[asyncio.Future[Any]]) -> None:
-        """Until a branch attempt ends, or a cancel comes."""
+    def _branch_timers(
+        self, pending: _Pending, actions: Iterable[saga.Run | saga.Delay], now: float
+    ) -> _BranchTimers:
+        """Arm, rebase (onto this agent run) and decide the timers of the branch positions
+        ``actions``: a branch DELAY's, a branch step's retry back-off. A DELAY that is due (or
+        late) is finished at once, and then nothing else is decided (``moved``: the progress
+        changed); otherwise the steps that can begin now and what the others wait for."""
+        reading = _clock.read_clock(self._builder.clock)
+        ready: list[str] = []
+        wait: float | None = None
+        on_sync = False
+        for action in actions:
+            step = action.step
+            mark = self._progress.waits.get(step)
+            if mark is None:
+                if isinstance(action, saga.Run):
+                    ready.append(step)
+                    continue
+                armed = self._arm_delay(reading, step)
+                if isinstance(armed, _clock.NeedsSync):
+                    on_sync = True  # an `until:` before the clock's sync
+                    continue
+                change = saga.branch_delay_armed(self._plan, self._progress, step, armed)
+                self._apply(pending, change, now)
+                mark = armed
+            elif self._builder.needs_rebase(mark, reading):
+                mark = _clock.rebase(mark, reading)
+                self._apply(pending, saga.branch_timer_rebased(self._progress, step, mark), now)
+            decision = _clock.decide(mark, reading)
+            if isinstance(decision, _clock.Wait):
+                wait = decision.seconds if wait is None else min(wait, decision.seconds)
+                on_sync = on_sync or _clock.waits_on_sync(mark, reading)
+            elif isinstance(decision, _clock.NeedsSync):
+                on_sync = True
+            elif isinstance(action, saga.Run):
+                ready.append(step)  # its back-off is over
+            else:
+                late = decision.by if isinstance(decision, _clock.Late) else None
+                change = saga.branch_delay_finished(self._plan, self._progress, step, late_by=late)
+                self._apply(pending, change, now)
+                return _BranchTimers(moved=True)
+        return _BranchTimers(False, tuple(ready), wait, on_sync)
+
+    def _park_branches(self, timing: _BranchTimers) -> bool:
+        """Hand the PARALLEL's wait (nothing runs: only branch timers wait) to the timer
+        service, as an outer DELAY's; False without one (the CLI: the drive sleeps)."""
+        timers = self._builder.timers
+        if timers is None or (timing.wait is None and not timing.on_sync):
+            return False
+        if timing.wait is None:
+            timers.watch_sync(self.id)
+        else:
+            timers.watch(self.id, timing.wait, on_sync=timing.on_sync)
+        self._parked = True
+        return True
+
+    async def _wait_branches(
+        self, tasks: Iterable[asyncio.Future[Any]], wake_in: float | None = None
+    ) -> None:
+        """Until a branch attempt ends, a cancel comes, or ``wake_in`` seconds (a branch timer)
+        pass."""
         watch: set[asyncio.Future[Any]] = set(tasks)
         cancelled = None
         if not self._progress.cancelled:  # a cancel already applied must not wake this again
             cancelled = asyncio.ensure_future(self._cancel.wait())
             watch.add(cancelled)
         try:
-            await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(watch, timeout=wake_in, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if cancelled is not None:
                 cancelled.cancel()
@@ -785,7 +881,10 @@ class Workflow:
             )
         else:
             pending.journal.append(JournalEnd(fl.seq, "failed", now, error))
-            change = saga.branch_failed(self._plan, self._progress, fl.step, error, now=now)
+            reading = _clock.read_clock(self._builder.clock)
+            change = saga.branch_failed(
+                self._plan, self._progress, fl.step, error, now=now, clock=reading
+            )
             self._apply(pending, change, now)
         log.warning(
             "workflow %s branch step %s attempt %d failed: %s", self.id, fl.step, fl.attempt, error
@@ -872,7 +971,7 @@ class Workflow:
             mark = self._progress.timer
             decision: _clock.Decision
             if mark is None:
-                armed = self._arm_delay(reading)
+                armed = self._arm_delay(reading, self._progress.next_step or "")
                 if isinstance(armed, _clock.TimerMark):
                     self._apply(pending, saga.delay_armed(self._plan, self._progress, armed), now)
                     await self._commit(pending, now)
@@ -942,15 +1041,14 @@ class Workflow:
         )
         return True
 
-    def _arm_delay(self, reading: _clock.ClockReading) -> _clock.TimerMark | _clock.NeedsSync:
-        spec = self.definition.step(self._progress.next_step or "").spec
+    def _arm_delay(
+        self, reading: _clock.ClockReading, step: str
+    ) -> _clock.TimerMark | _clock.NeedsSync:
+        spec = self.definition.step(step).spec
         if spec.until is None:
             return _clock.arm(reading, spec.duration or 0.0)
         tz = _clock.local_zone() if spec.timezone is None else ZoneInfo(spec.timezone)
         return _clock.arm_until(reading, spec.until, tz)
-
-    async def _sleep_until(self, when: float) -> None:
-        await self._sleep_for(when - time.time())
 
     async def _sleep_for(self, seconds: float) -> None:
         delay = max(0.0, seconds)

@@ -15,7 +15,8 @@ A position is a step *name*, not an index. The plan is a graph: :meth:`Plan.afte
 (:func:`decided`), a HUMAN_INPUT pauses (:func:`pause`, :func:`resume`, :func:`pause_timed_out`) and
 a PARALLEL runs its branches' steps side by side (:func:`branch_actions`, :func:`branch_begin`,
 :func:`branch_succeeded`, :func:`branch_failed`, :func:`branch_cancelled`,
-:func:`branch_interrupted`). ``completed`` is the path actually taken, in completion order (branch
+:func:`branch_interrupted`; a branch's DELAY: :func:`branch_delay_armed`,
+:func:`branch_timer_rebased`, :func:`branch_delay_finished`). ``completed`` is the path actually taken, in completion order (branch
 steps included), and a rollback undoes exactly its compensable steps, newest first.
 """
 
@@ -196,7 +197,8 @@ class Progress(NamedTuple):
     not_before: float | None = None
     routes: Mapping[str, str] = MappingProxyType({})  # DECISION step -> the route key it chose
     running: tuple[Inflight, ...] = ()  # the PARALLEL's branch attempts in flight
-    waits: Mapping[str, float] = MappingProxyType({})  # branch step -> retry backoff until
+    # branch step -> its durable timer: a branch DELAY's, or a branch step's retry back-off
+    waits: Mapping[str, TimerMark] = MappingProxyType({})
     undo_first: tuple[str, ...] = ()  # branch steps cut short: their own compensation runs first
     timer: TimerMark | None = None  # the durable timer of the DELAY step due (see delay_armed)
     done_at: Stamp | None = None  # when the last forward step completed (plans with stamps only)
@@ -247,7 +249,7 @@ class Progress(NamedTuple):
         if self.running:
             out["running"] = [list(fl) for fl in self.running]
         if self.waits:
-            out["waits"] = dict(self.waits)
+            out["waits"] = {step: mark._asdict() for step, mark in self.waits.items()}
         if self.undo_first:
             out["undo_first"] = list(self.undo_first)
         if self.timer is not None:
@@ -270,6 +272,8 @@ class Progress(NamedTuple):
             d["undo_first"] = tuple(d["undo_first"])
         if d.get("timer") is not None:
             d["timer"] = TimerMark(**d["timer"])
+        if d.get("waits"):
+            d["waits"] = {step: _wait_mark(v) for step, v in d["waits"].items()}
         if d.get("done_at") is not None:
             d["done_at"] = Stamp(*d["done_at"])
         return cls(**{k: v for k, v in d.items() if k in cls._fields})
@@ -287,6 +291,26 @@ class Progress(NamedTuple):
 
 
 _replace = Progress._replace
+_NO_WAITS: Mapping[str, TimerMark] = MappingProxyType({})
+
+
+def _wait_mark(value: Any) -> TimerMark:
+    """A stored branch wait: a timer mark, or (stored before branch waits were durable timers)
+    a retry back-off's wall-clock time, which keeps its wall-clock rule: the mark counts as
+    armed on a synchronized clock in an unknown boot, so it is rebased and the wall deadline
+    rules while the clock is synchronized (without the sync nothing is left of it to wait for)."""
+    if isinstance(value, Mapping):
+        return TimerMark(**value)
+    wall = float(value)
+    return TimerMark(
+        wall_deadline=wall,
+        synchronized=True,
+        boot_id="",
+        boottime_deadline=0.0,
+        remaining=0.0,
+        since=0.0,
+        rebooted=True,
+    )
 
 
 def _key(phase: Phase, step: str) -> str:
@@ -650,7 +674,7 @@ def cancel(plan: Plan, progress: Progress, *, reason: str = "cancelled on reques
     """
     if not can_cancel(progress.status):
         raise ValueError(f"A {progress.status.value} workflow cannot be cancelled: {CANCEL_RULE}.")
-    marked = _replace(progress, cancelled=True, error=reason, timer=None)
+    marked = _replace(progress, cancelled=True, error=reason, timer=None, waits=_NO_WAITS)
     if progress.inflight is not None or progress.running:
         after = marked  # the runner stops the attempts and records them
     elif not progress.saga:
@@ -688,7 +712,13 @@ def internal_error(progress: Progress, error: str) -> Change:
     # Their "started" records are committed; their outcomes never will be.
     events = tuple(Event(_FAILED[fl.phase], fl.step, fl.attempt, error) for fl in flights)
     after = _replace(
-        progress, inflight=None, not_before=None, running=(), undo_first=(), timer=None
+        progress,
+        inflight=None,
+        not_before=None,
+        running=(),
+        undo_first=(),
+        timer=None,
+        waits=_NO_WAITS,
     )
     if progress.status is WorkflowStatus.ACTIVE:  # next_step is also the step in flight, if any
         after = _replace(
@@ -725,7 +755,7 @@ def retry(plan: Plan, progress: Progress) -> Change:
             interrupts={k: v for k, v in progress.interrupts.items() if k not in keys},
             not_before=None,
             timer=None,
-            waits=MappingProxyType({}),
+            waits=_NO_WAITS,
         )
     elif progress.status is WorkflowStatus.COMPENSATION_FAILED:
         keys = {_key("compensate", s) for s in progress.compensation_failed}
@@ -851,25 +881,84 @@ def _halting(progress: Progress) -> bool:
     return progress.cancelled or progress.failed_step is not None
 
 
-def branch_actions(plan: Plan, progress: Progress) -> tuple[Run, ...]:
-    """The branch steps of the due PARALLEL that can begin now (one per branch not running and not
-    finished); ``not_before`` carries a retry's backoff."""
+def branch_actions(plan: Plan, progress: Progress) -> tuple[Run | Delay, ...]:
+    """The branch positions of the due PARALLEL (one per branch not running and not finished):
+    a :class:`Run` for a step that can begin (once its retry back-off, ``progress.waits[step]``,
+    is due: a durable timer, decided with the clock rules), a :class:`Delay` for a branch DELAY
+    (arm its timer with :func:`branch_delay_armed` when ``progress.waits`` has none, then wait
+    for it and :func:`branch_delay_finished`)."""
     step = progress.next_step
     if progress.status is not WorkflowStatus.ACTIVE or step is None or _halting(progress):
         return ()
     done = set(progress.completed)
     busy = {fl.step for fl in progress.running}
-    out: list[Run] = []
+    out: list[Run | Delay] = []
     for branch in plan.get(step).branches:
         pos = next((s for s in branch if s not in done), None)
         if pos is not None and pos not in busy:
-            out.append(Run(pos, "forward", progress.waits.get(pos)))
+            out.append(Delay(pos) if plan.get(pos).kind == "DELAY" else Run(pos, "forward"))
     return tuple(out)
 
 
+def branch_waiting(plan: Plan, progress: Progress) -> bool:
+    """Whether the due PARALLEL only waits: no branch attempt runs and every unfinished branch
+    stands at a DELAY or at a step whose retry back-off is pending. Nothing then holds a task
+    for it; the timer service wakes it (as an outer DELAY)."""
+    if progress.running or progress.inflight is not None:
+        return False
+    actions = branch_actions(plan, progress)
+    return bool(actions) and all(isinstance(a, Delay) or a.step in progress.waits for a in actions)
+
+
+def _branch_delay(plan: Plan, progress: Progress, step: str) -> None:
+    if Delay(step) not in branch_actions(plan, progress):
+        raise ValueError(f"Branch step {step!r} is not a DELAY that is due now.")
+
+
+def branch_delay_armed(plan: Plan, progress: Progress, step: str, mark: TimerMark) -> Change:
+    """The branch DELAY ``step`` begins: its timer ``mark`` commits with this change (the other
+    branches go on)."""
+    _branch_delay(plan, progress, step)
+    if step in progress.waits:
+        raise ValueError(f"The timer of DELAY step {step!r} is armed already.")
+    after = _replace(progress, waits={**progress.waits, step: mark})
+    return Change(after, (Event("step_started", step),))
+
+
+def branch_timer_rebased(progress: Progress, step: str, mark: TimerMark) -> Change:
+    """A branch's timer (a DELAY's, or a retry back-off) as this agent run first sees it
+    (``_clock.rebase``)."""
+    if step not in progress.waits:
+        raise ValueError(f"No timer of branch step {step!r} is armed.")
+    return Change(_replace(progress, waits={**progress.waits, step: mark}))
+
+
+def branch_delay_finished(
+    plan: Plan, progress: Progress, step: str, *, late_by: float | None = None
+) -> Change:
+    """The branch DELAY's timer is due (``late_by`` None) or was due ``late_by`` seconds before
+    the agent saw it again (it was down): the step joins the path and its branch goes on,
+    unless it is late and its ``on_late`` is ``fail``: then it fails and the PARALLEL halts
+    (saga rules, as for a branch step whose retries are used up)."""
+    _branch_delay(plan, progress, step)
+    if step not in progress.waits:
+        raise ValueError(f"The timer of DELAY step {step!r} is not armed.")
+    base = _replace(progress, waits={k: v for k, v in progress.waits.items() if k != step})
+    if late_by is not None and plan.get(step).on_late == "fail":
+        error = (
+            f"DELAY step {step!r} ended {late_by:.0f} s late, while the agent was down, and its "
+            "on_late is fail; it did not go on"
+        )
+        base = _replace(base, failed_step=step, error=error)
+        return _settle(plan, progress, base, Event("step_failed", step, None, error))
+    base = _replace(base, completed=(*base.completed, step))
+    return _settle(plan, progress, base, Event("step_completed", step))
+
+
 def branch_begin(plan: Plan, progress: Progress, step: str) -> Change:
-    """A branch step's attempt is about to run; its "started" record commits with this change."""
-    if step not in {r.step for r in branch_actions(plan, progress)}:
+    """A branch step's attempt is about to run; its "started" record commits with this change
+    (the runner waits for its back-off timer, if any, first)."""
+    if Run(step, "forward") not in branch_actions(plan, progress):
         raise ValueError(f"Branch step {step!r} is not one that can begin now.")
     key = _key("forward", step)
     executions = _bump(progress.executions, key)
@@ -908,10 +997,18 @@ def branch_succeeded(plan: Plan, progress: Progress, step: str) -> Change:
 
 
 def branch_failed(
-    plan: Plan, progress: Progress, step: str, error: str, *, now: float = 0.0
+    plan: Plan,
+    progress: Progress,
+    step: str,
+    error: str,
+    *,
+    now: float = 0.0,
+    clock: ClockReading | None = None,
 ) -> Change:
-    """A branch step's attempt failed: retried per its policy, unless the PARALLEL is halting;
-    once its retries are used up the PARALLEL halts (the runner stops the other branches)."""
+    """A branch step's attempt failed: retried per its policy, unless the PARALLEL is halting
+    (a back-off is a durable timer in ``waits``, armed at ``clock``, so a restart never retries
+    early; without ``clock`` it counts from ``now`` in an unknown boot); once its retries are
+    used up the PARALLEL halts (the runner stops the other branches)."""
     fl, base = _take(progress, step)
     event = Event("step_failed", step, fl.attempt, error)
     key = _key("forward", step)
@@ -921,7 +1018,8 @@ def branch_failed(
     if failures[key] < spec.max_attempts and not _halting(base):
         wait = _delay(spec.retry_delays, failures[key])
         if wait > 0:
-            base = _replace(base, waits={**base.waits, step: now + wait})
+            reading = ClockReading(now, 0.0, "", False) if clock is None else clock
+            base = _replace(base, waits={**base.waits, step: arm(reading, wait)})
         return _change(progress, base, event)
     if base.failed_step is None and not base.cancelled:
         base = _replace(base, failed_step=step, error=error)
@@ -961,6 +1059,8 @@ def _settle(plan: Plan, before: Progress, progress: Progress, event: Event) -> C
         return _change(before, progress, event)
     parallel = progress.next_step
     assert parallel is not None
+    if (progress.cancelled or progress.failed_step is not None) and progress.waits:
+        progress = _replace(progress, waits=_NO_WAITS)  # a waiting branch DELAY just stops
     if progress.cancelled:
         if not progress.saga:
             after = _replace(
@@ -1104,6 +1204,11 @@ def restarted(
     if not progress.completed and cut is None:
         return None  # nothing ran yet (it waited for a lease, say): nothing to be wrong about
     base = _replace(
-        progress, failed_step=progress.next_step, error=RESTARTED, timer=None, not_before=None
+        progress,
+        failed_step=progress.next_step,
+        error=RESTARTED,
+        timer=None,
+        not_before=None,
+        waits=_NO_WAITS,
     )
     return _forward_gave_up(plan, progress, base, None, cut)

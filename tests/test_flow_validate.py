@@ -128,7 +128,7 @@ CASES = [
 """,
         "X",
         "type",
-        "STANDARD steps only, not a HUMAN_INPUT step",
+        "STANDARD and DELAY steps only, not a HUMAN_INPUT step",
     ),
     (
         """  - name: Both
@@ -298,13 +298,28 @@ CASES = [
     type: PARALLEL
     branches:
       - - name: X
-          type: DELAY  # <-- error
+          type: DELAY
           duration: 1
+          next: END  # <-- error
       - [{name: Y, function: $S.do}]
 """,
         "X",
-        "type",
-        "a PARALLEL's branch holds STANDARD steps only, not a DELAY step",
+        "next",
+        "a step in a PARALLEL's branch runs in list order and takes no 'next'",
+    ),
+    (
+        """  - name: P
+    type: PARALLEL
+    branches:
+      - - name: X
+          type: DELAY
+          duration: 1
+          function: $S.do  # <-- error
+      - [{name: Y, function: $S.do}]
+""",
+        "X",
+        "function",
+        "a DELAY step takes no 'function'",
     ),
     (
         """  - name: Pick  # <-- error
