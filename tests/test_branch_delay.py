@@ -6,18 +6,17 @@ cancel). The SIGKILL of a real agent is in tests/test_branch_delay_agent.py."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from _engine_fixtures import ROOT  # noqa: F401  (puts the repository on sys.path)
+from _timer_agent import Agent, recover
 
-from agent import SQLiteStore, WorkflowBuilder, WorkflowStatus, _recovery
+from agent import SQLiteStore, WorkflowBuilder, WorkflowStatus
 from agent import _saga as saga
 from agent._clock import Due, FakeClock, Late, TimerMark, Wait, arm, decide, read_clock, rebase
-from agent._engine import Workflow
 
 S = WorkflowStatus
 STEPS = "tests.flows.core.steps"
@@ -267,41 +266,6 @@ def write(
     }
     path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
     return path
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with SQLiteStore(tmp_path / "edgesaga.db") as s:
-        yield s
-
-
-class Agent:
-    """One agent run: a builder with the fake clock and its timer service, whose due workflows
-    are collected (the test drives them) instead of run."""
-
-    def __init__(self, definition: Path, clock: FakeClock) -> None:
-        self.builder = WorkflowBuilder([definition], clock=clock)
-        self.submitted: list[Workflow] = []
-
-    async def start(self, store: SQLiteStore) -> Agent:
-        await self.builder.start_timers(store, self.submitted.append)
-        return self
-
-    @property
-    def timers(self) -> Any:
-        assert self.builder.timers is not None
-        return self.builder.timers
-
-    async def stop(self) -> None:
-        await self.builder.stop_timers()
-
-
-async def recover(agent: Agent, store: SQLiteStore) -> list[Workflow]:
-    await _recovery.mark_interrupted_attempts(store)
-    out: list[Workflow] = []
-    async for page in _recovery.pages(agent.builder, store):
-        out.extend(page)
-    return out
 
 
 async def stored(store: SQLiteStore, wid: str) -> saga.Progress:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,12 +30,6 @@ def builder() -> WorkflowBuilder:
 
 def payment(fail_step: str | None) -> dict[str, Any]:
     return {**PAYMENT_DATA, **({"fail_step": fail_step} if fail_step else {})}
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with SQLiteStore(tmp_path / "edgesaga.db") as s:
-        yield s
 
 
 async def commits_of_start_workflow(

@@ -4,7 +4,6 @@ definition snapshot stored with each instance keeps old instances on their versi
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -134,12 +133,6 @@ def test_unknown_workflow_type(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Definition snapshots
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with SQLiteStore(tmp_path / "edgesaga.db") as s:
-        yield s
 
 
 async def test_snapshot_and_hash_are_stored_with_the_instance(

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,12 +48,6 @@ EVENT_KEYS = {
     "error",
 }
 QUICK_RETRY = {"max_attempts": 3, "initial_delay": 0.01, "multiplier": 1.0, "max_delay": 0.01}
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with SQLiteStore(tmp_path / "edgesaga.db") as s:
-        yield s
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ run concurrently, and nothing after the pivot is rolled back."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +49,6 @@ def write(tmp_path: Path, steps: list[dict[str, Any]], *, saga_mode: bool = True
     }
     path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
     return path
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with SQLiteStore(tmp_path / "edgesaga.db") as s:
-        yield s
 
 
 @pytest.fixture(autouse=True)

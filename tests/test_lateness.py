@@ -4,7 +4,6 @@ apply; the time is measured by the clock rules, and an unknowable one counts as 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +42,6 @@ def write(tmp_path: Path, *, lateness: float | None = 900, steps: list[Any] | No
     path = tmp_path / "late.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
     return path
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with SQLiteStore(tmp_path / "edgesaga.db") as s:
-        yield s
 
 
 async def first_step_then_restart(

@@ -6,7 +6,6 @@ the service no wake-ups of their own."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +43,6 @@ def write(tmp_path: Path, on_timeout: str = "fail") -> Path:
     path = tmp_path / "ask.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
     return path
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with SQLiteStore(tmp_path / "edgesaga.db") as s:
-        yield s
 
 
 async def paused(tmp_path: Path, store: SQLiteStore, clock: FakeClock) -> str:

@@ -7,21 +7,12 @@ payment example's ``fail_step`` field instead of uncommenting a ``raise``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 from _engine_fixtures import PAYMENT_DATA, PAYMENT_DIR, PAYMENT_STEPS
 
 from agent import SQLiteStore, Workflow, WorkflowBuilder, WorkflowStatus
 
 FLAGS = ("order_created", "payment_charged", "inventory_reserved", "shipment_created")
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with SQLiteStore(tmp_path / "edgesaga.db") as s:
-        yield s
 
 
 @pytest.fixture
