@@ -93,7 +93,7 @@ def test_a_branch_delay_cut_by_sigkill_completes_once_and_keeps_its_deadline(
     armed = wait_for(lambda: soak_timer(agent, wid), 10, "Soak_A's timer")
     # Only the soak waits: the workflow holds no worker slot (parked with the timer service).
     wait_for(lambda: (s := agent.ask("status")) is not None and s.get("running") == 0, 10, "idle")
-    killed = agent.kill()
+    agent.kill()
     assert stamps(files["CLOSE_A"]) == []  # killed inside the soak
     env = None
     if wall == "a day ahead":
@@ -111,7 +111,6 @@ def test_a_branch_delay_cut_by_sigkill_completes_once_and_keeps_its_deadline(
     assert [len(stamps(files[n])) for n in ("OPEN_A", "OPEN_B", "CLOSE_A", "AFTER")] == [1] * 4
     closed = stamps(files["CLOSE_A"])[0]
     assert closed - opened >= SOAK  # never early, wall clock a day ahead or not
-    assert closed - killed >= SOAK - (killed - opened)
     steps = sorted(j["step"] for j in done["journal"] if j["outcome"] == "completed")
     assert steps == ["After", "Close_A", "Open_A", "Open_B"]
     # The restart rebased the same timer (same boot: the same boot-time deadline); a timer
