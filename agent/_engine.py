@@ -1355,6 +1355,9 @@ class WorkflowBuilder:
     board handed to steps as ``context.hardware``.
     """
 
+    #: PAUSED workflows read per query by :meth:`rearm_pauses` at start-up.
+    paused_page = 500
+
     def __init__(
         self,
         definitions: Iterable[str | Path] = (),
@@ -1678,26 +1681,37 @@ class WorkflowBuilder:
         """At start: note every PAUSED workflow (for :meth:`paused_waiting_on`), re-take the
         device leases it held, and re-arm each step timeout: its durable timer is rebased onto
         this run (committed) and waits what it has left by the clock rules (a pause stored
-        without one waits its full timeout again)."""
-        records = await store.list_instances(status=[WorkflowStatus.PAUSED.value], limit=1_000_000)
+        without one waits its full timeout again). The PAUSED ones are read a page at a time,
+        however many there are."""
         out = []
-        for rec in sorted(records, key=lambda r: (r.updated_at, r.id)):
-            try:
-                wf = await self.load_workflow(rec.id, store)
-            except Exception:
-                log.exception("workflow %s: cannot load the PAUSED workflow", rec.id)
-                continue
-            resources = wf.definition.spec.resources
-            if resources and all(self.leases.holder(n) in (None, wf.id) for n in resources):
-                await self.leases.acquire(wf.id, resources)
-            elif resources:
-                log.warning(
-                    "workflow %s is PAUSED but %s is held by another workflow", wf.id, resources
-                )
-            await wf.rebase_pause_timer()
-            self._arm_pause(wf, at=rec.updated_at)
-            out.append(wf)
-        return out
+        cursor: str | None = None
+        while True:
+            records, cursor = await store.list_page(
+                status=WorkflowStatus.PAUSED.value, limit=self.paused_page, cursor=cursor
+            )
+            for rec in records:
+                wf = await self._rearm_pause(rec, store)
+                if wf is not None:
+                    out.append(wf)
+            if cursor is None:
+                return out
+
+    async def _rearm_pause(self, rec: InstanceRecord, store: SQLiteStore) -> Workflow | None:
+        try:
+            wf = await self.load_workflow(rec.id, store)
+        except Exception:
+            log.exception("workflow %s: cannot load the PAUSED workflow", rec.id)
+            return None
+        resources = wf.definition.spec.resources
+        if resources and all(self.leases.holder(n) in (None, wf.id) for n in resources):
+            await self.leases.acquire(wf.id, resources)
+        elif resources:
+            log.warning(
+                "workflow %s is PAUSED but %s is held by another workflow", wf.id, resources
+            )
+        await wf.rebase_pause_timer()
+        self._arm_pause(wf, at=rec.updated_at)
+        return wf
 
     def _arm_pause(self, wf: Workflow, *, at: float | None = None) -> None:
         """Note a PAUSED workflow and arm its step's timeout (a plain loop timer)."""

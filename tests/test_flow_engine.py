@@ -228,6 +228,20 @@ async def test_paused_workflow_reloaded_by_a_new_builder_resumes(
     assert again.state.ledger == ["Before", "After"]
 
 
+async def test_every_paused_workflow_is_rearmed_page_after_page(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
+    path = approval_flow(tmp_path, approve_with="approve_button", timeout=3600)
+    first = WorkflowBuilder([path])
+    ids = [(await first.start_workflow("Flow", {}, store=store)).id for _ in range(5)]
+    fresh = WorkflowBuilder([path])
+    fresh.paused_page = 2  # three pages: 2, 2 and 1
+    rearmed = await fresh.rearm_pauses(store)
+    assert sorted(w.id for w in rearmed) == sorted(ids)
+    assert fresh.paused_waiting_on("approve_button") == ids  # oldest pause first
+    assert all(wid in fresh._pause_timers for wid in ids)
+
+
 async def test_pause_timeout_fail_rolls_back(tmp_path: Path, store: SQLiteStore) -> None:
     builder = WorkflowBuilder([approval_flow(tmp_path, timeout=0.05, on_timeout="fail")])
     wf = await builder.start_workflow("Flow", {}, store=store)
