@@ -35,7 +35,10 @@ DEFAULT_MAX_PAYLOAD = 64 * 1024
 
 
 class _Command(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # defer_build: a model's validator is built when it first validates, not at import. An idle
+    # agent answers `status` (a health check, the CLI) and so imports this module, but builds only
+    # the commands it is sent (~0.2 MB of RSS for the others; docs/benchmarks.md, Footprint).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)
 
     request_id: RequestId
     reply_to: Topic | None = None
