@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests._faketime import FakeTime, faketime_lib
-from tests.test_time_agent import STEPS, AgentProcess, stamps, wait_for
+from tests.test_time_agent import STEPS, AgentProcess, ended, stamps, wait_for
 
 __all__ = ["faketime_lib"]  # the fixture, imported for pytest
 
@@ -101,11 +101,7 @@ def test_a_branch_delay_cut_by_sigkill_completes_once_and_keeps_its_deadline(
         fake.set(datetime.now(UTC) + timedelta(days=1))
         env = fake.env()
     agent.start(env)
-    done = wait_for(
-        lambda: (w := agent.workflow(wid))["status"] not in ("ACTIVE", "COMPENSATING") and w,
-        30,
-        "the run to end",
-    )
+    done = ended(agent, wid)
     assert done["status"] == "COMPLETED", done
     # Each step ran once: nothing before the cut ran again, and the soak ended once.
     assert [len(stamps(files[n])) for n in ("OPEN_A", "OPEN_B", "CLOSE_A", "AFTER")] == [1] * 4

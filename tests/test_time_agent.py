@@ -161,6 +161,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, agent: Any
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def ended(agent: Any, wid: str) -> dict[str, Any]:
+    """The workflow ``wid`` as the agent shows it once its run has ended (within 30 s)."""
+    done: dict[str, Any] = wait_for(
+        lambda: (w := agent.workflow(wid))["status"] not in ("ACTIVE", "COMPENSATING") and w,
+        30,
+        "the run to end",
+    )
+    return done
+
+
 def stamps(path: Path) -> list[float]:
     return [float(x) for x in path.read_text().split()] if path.exists() else []
 
@@ -197,11 +207,7 @@ def _interrupted_delay(
     killed = agent.kill()
     assert stamps(after) == []  # killed inside the DELAY
     agent.start(restart_env)
-    done = wait_for(
-        lambda: (w := agent.workflow(wid))["status"] not in ("ACTIVE", "COMPENSATING") and w,
-        30,
-        "the run to end",
-    )
+    done = ended(agent, wid)
     assert done["status"] == "COMPLETED", done
     fired = stamps(after)
     assert len(fired) == 1  # After ran once
