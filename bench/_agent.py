@@ -3,6 +3,7 @@ returned once it sent READY=1, stopped with SIGTERM (the benchmarks measure whol
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +67,29 @@ class AgentProcess:
         for close in self.closers:
             close()
         return self.proc.returncode
+
+
+def offline_config(
+    directory: Path, db: Path, *, device_id: str, definitions: Path, **more: Any
+) -> Path:
+    """Write ``directory/agent.yaml`` for a benchmark agent: its database, control socket and
+    definitions (nothing bundled), 32 workflows at a time, no MQTT, only warnings logged; ``more``
+    adds top-level sections (``retention``, say). Returns its path."""
+    config: dict[str, Any] = {
+        "device_id": device_id,
+        "database": str(db),
+        "control_socket": str(directory / "control.sock"),
+        "definitions": [str(definitions)],
+        "python_path": [str(Path(__file__).resolve().parents[1])],
+        "include_bundled": False,
+        "max_concurrent": 32,
+        "logging": {"level": "WARNING"},
+        "mqtt": {"enabled": False},
+        **more,
+    }
+    path = directory / "agent.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    return path
 
 
 def start_agent(config: Path, directory: Path, *, label: str, within: float) -> AgentProcess:

@@ -72,7 +72,7 @@ from agent._schema import JOURNAL_SPAN  # noqa: E402
 from agent._service import RECLAIM_SLICE_PAGES  # noqa: E402
 from agent._socket import request  # noqa: E402
 from agent._store import COMMAND_HASH  # noqa: E402
-from bench._agent import AgentProcess  # noqa: E402
+from bench._agent import AgentProcess, offline_config  # noqa: E402
 from bench._agent import start_agent as start_agent_process  # noqa: E402
 from bench.throughput import capture, renamed, saga_run  # noqa: E402
 
@@ -280,28 +280,10 @@ def _what_is_left(path: Path) -> dict[str, float]:
 # b), c): a real `edgesaga run`
 
 
-def write_config(directory: Path, db: Path, retention: dict[str, Any] | None) -> Path:
-    config: dict[str, Any] = {
-        "device_id": "history",
-        "database": str(db),
-        "control_socket": str(directory / "control.sock"),
-        "definitions": [str(ROOT / "bench")],
-        "python_path": [str(ROOT)],
-        "include_bundled": False,
-        "max_concurrent": 32,
-        "logging": {"level": "WARNING"},
-        "mqtt": {"enabled": False},
-    }
-    if retention is not None:
-        config["retention"] = retention
-    path = directory / "agent.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    return path
-
-
 def start_agent(directory: Path, db: Path, retention: dict[str, Any] | None = None) -> AgentProcess:
     """``edgesaga run``: time from exec to READY=1, VmRSS at READY."""
-    config = write_config(directory, db, retention)
+    extra = {} if retention is None else {"retention": retention}
+    config = offline_config(directory, db, device_id="history", definitions=ROOT / "bench", **extra)
     return start_agent_process(config, directory, label="history", within=600)
 
 

@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from agent import SQLiteStore, WorkflowBuilder  # noqa: E402
 from agent._schema import JOURNAL_SPAN  # noqa: E402
 from agent._socket import request  # noqa: E402
-from bench._agent import AgentProcess, _proc_status  # noqa: E402
+from bench._agent import AgentProcess, _proc_status, offline_config  # noqa: E402
 from bench._agent import start_agent as start_agent_process  # noqa: E402
 
 WORKFLOW = "TimerWait"
@@ -209,26 +209,10 @@ def build(
 # The agent
 
 
-def write_config(directory: Path, db: Path) -> Path:
-    config: dict[str, Any] = {
-        "device_id": "timers",
-        "database": str(db),
-        "control_socket": str(directory / "control.sock"),
-        "definitions": [str(directory / "defs")],
-        "python_path": [str(ROOT)],
-        "include_bundled": False,
-        "max_concurrent": 32,
-        "logging": {"level": "WARNING"},
-        "mqtt": {"enabled": False},
-    }
-    path = directory / "agent.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    return path
-
-
 def start_agent(directory: Path, db: Path) -> AgentProcess:
     """``edgesaga run`` with this script as its NOTIFY_SOCKET; returns at READY=1."""
-    return start_agent_process(write_config(directory, db), directory, label="timers", within=300)
+    config = offline_config(directory, db, device_id="timers", definitions=directory / "defs")
+    return start_agent_process(config, directory, label="timers", within=300)
 
 
 def timer_count(status: dict[str, Any]) -> int | None:
